@@ -1,0 +1,3 @@
+from distbert.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The backend contract every worker-side inference engine implements.
+
+A backend is created from a :class:`BackendSpec` (plain data, part of the run config), then
+``load()`` (read the model, bind the device) and ``warmup()`` are called once before the worker says
+ready. ``run()`` is then called once per batch, from one thread.
+
+Inputs are int arrays ``[B, L]`` already trimmed by the worker to the longest real length of the
+batch (L <= 384; a backend that needs a fixed length pads internally and slices the outputs back).
+The output is ``(start_logits, end_logits)``, each float32 ``[B, L]``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """What a worker needs to build its backend. Plain data: travels in the run config."""
+
+    name: str                      # registry name: "null", "oracle", "sim", "onnxruntime", "torch", ...
+    model: str | None = None       # model file or directory (backend-specific), None for harness backends
+    device: str = "cpu"            # "cpu", "cuda", "cuda:1", "rocm"
+    precision: str = "fp32"        # "fp32", "fp16", "bf16", "int8"
+    threads: int | None = None     # intra-op threads; None = the cores of this worker's core set
+    options: tuple[tuple[str, str], ...] = ()   # backend-specific key/values, e.g. ("sim_latency", "0.002+1e-6*tokens")
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """One batch as the backend sees it. ``indices`` are QSL indices (only harness backends use them)."""
+
+    indices: np.ndarray       # int64 [B]
+    input_ids: np.ndarray     # int32 or int64 [B, L]
+    input_mask: np.ndarray    # same dtype/shape
+    segment_ids: np.ndarray   # same dtype/shape
+    lengths: np.ndarray       # int32 [B], real (unpadded) length of each row
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.input_ids.shape  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchHint:
+    """The backend's preferred batching, used by the coordinator unless the user overrides it."""
+
+    max_batch: int = 64
+    token_budget: int | None = None   # max sum of (batch rows x trimmed length); None = by batch size
+
+
+class Backend(abc.ABC):
+    """Base class of every backend (harness fakes included: they subclass this too)."""
+
+    #: registry name
+    name: str = "base"
+    #: True when the backend needs the feature store (the oracle reads gold spans by QSL index)
+    needs_features: bool = False
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the model onto the device. Raise :class:`distbert.errors.UserError` on bad input."""
+
+    def attach_features(self, features: Any) -> None:
+        """Give the backend the worker's feature store (only called when ``needs_features``)."""
+
+    def warmup(self) -> None:
+        """Run a few representative batches so the first timed batch is not slow. Default: one batch."""
+        ids = np.zeros((1, 128), dtype=np.int32)
+        ids[0, 0] = 101
+        self.run(ModelInputs(np.zeros(1, np.int64), ids, np.ones_like(ids), np.zeros_like(ids),
+                             np.full(1, 128, np.int32)))
+
+    @abc.abstractmethod
+    def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(start_logits, end_logits)``, float32 ``[B, L]`` each."""
+
+    def batch_hint(self) -> BatchHint:
+        return BatchHint()
+
+    def info(self) -> dict[str, Any]:
+        """What the backend really uses (provider, device, precision, model), for ``run.json``."""
+        return {"backend": self.name, "device": self.spec.device, "precision": self.spec.precision,
+                "model": self.spec.model}
+
+    def close(self) -> None:
+        """Release device memory. Safe to call twice."""

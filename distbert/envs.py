@@ -1,0 +1,43 @@
+"""Every ``DISTBERT_*`` environment variable, read in one place.
+
+Command line beats environment beats default: callers pass the CLI value first and fall back to
+these accessors. Launcher variables (``OMPI_*``, ``PMI_*``, ``SLURM_*`` ...) are *not* read here;
+they belong to :mod:`distbert.topology`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """``DISTBERT_CACHE``: feature cache, downloads, generated models (default ``~/.cache/distbert``)."""
+    value = os.environ.get("DISTBERT_CACHE")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "distbert"
+
+
+def data_dir() -> Path:
+    """``DISTBERT_DATA_DIR``: local data (``squad/dev-v1.1.json``, ``bert/vocab.txt``).
+
+    Default: ``../shared/data`` next to the repository root, where the team keeps the official files.
+    """
+    value = os.environ.get("DISTBERT_DATA_DIR")
+    return Path(value).expanduser() if value else REPO_ROOT.parent / "shared" / "data"
+
+
+def session_key() -> str | None:
+    """``DISTBERT_SESSION_KEY``: shared secret a ``distbert worker --connect`` presents to rank 0."""
+    return os.environ.get("DISTBERT_SESSION_KEY") or None
+
+
+def log_level() -> str:
+    """``DISTBERT_LOG_LEVEL``: Python logging level name (default ``INFO``)."""
+    return os.environ.get("DISTBERT_LOG_LEVEL", "INFO").upper()
+
+
+def no_progress() -> bool:
+    """``DISTBERT_NO_PROGRESS=1`` hides progress bars (they are also hidden when stderr is not a TTY)."""
+    return os.environ.get("DISTBERT_NO_PROGRESS", "") not in ("", "0")

@@ -1,0 +1,68 @@
+"""The transport contract: how rank 0 and its workers exchange :mod:`distbert.messages`.
+
+Two halves, named alike (STYLE §7):
+
+* :class:`CoordinatorTransport` lives on rank 0. ``send(worker, msg)`` and ``recv(timeout)`` are
+  called from **one** thread only (the coordinator's I/O loop). ``wake()`` may be called from any
+  thread (LoadGen callbacks) and makes a blocked ``recv`` return ``None`` promptly.
+* :class:`WorkerTransport` lives on each worker. Same rule: ``send``/``recv`` from one thread,
+  ``wake`` from any thread.
+
+Workers are identified by an ``int`` id: the MPI rank under a launcher, ``1..K`` in single-node
+mode. A transport does not interpret messages except ``Hello``, from which it learns a worker's id.
+Every implementation passes the same conformance tests (``tests/test_transport.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+from distbert.messages import Message
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where workers connect. ``address`` is e.g. ``tcp://10.0.0.5:41234``, ``ipc:///tmp/x``,
+    ``mpi://`` or ``inproc://name``; ``key`` authenticates workers (never put it on a command line)."""
+
+    address: str
+    key: str
+
+
+class CoordinatorTransport(abc.ABC):
+    endpoint: Endpoint
+
+    @abc.abstractmethod
+    def send(self, worker: int, msg: Message) -> None:
+        """Queue ``msg`` for ``worker``. Never blocks for long; raises ``KeyError`` for an unknown worker."""
+
+    @abc.abstractmethod
+    def recv(self, timeout: float | None) -> tuple[int, Message] | None:
+        """Next ``(worker, message)`` from any worker, or ``None`` on timeout or ``wake()``.
+
+        The first message of every worker is its ``Hello``; a ``Hello`` whose key does not match is
+        dropped by the transport (and logged), never returned.
+        """
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Make a concurrent or the next ``recv`` return ``None``. Thread-safe."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sockets. Safe to call twice."""
+
+
+class WorkerTransport(abc.ABC):
+    @abc.abstractmethod
+    def send(self, msg: Message) -> None: ...
+
+    @abc.abstractmethod
+    def recv(self, timeout: float | None) -> Message | None: ...
+
+    @abc.abstractmethod
+    def wake(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
