@@ -63,6 +63,9 @@ class Backend(abc.ABC):
     name: str = "base"
     #: True when the backend needs the feature store (the oracle reads gold spans by QSL index)
     needs_features: bool = False
+    #: False for harness backends that only look at the batch shape: the worker then skips the
+    #: gather (zero-copy placeholder arrays of the right shape), which matters at 100k+ samples/s
+    needs_tokens: bool = True
 
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec

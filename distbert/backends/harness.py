@@ -1,0 +1,140 @@
+"""Harness backends: they measure and prove the harness, not a model.
+
+* ``null``   - zeros, instantly: the ceiling of the harness itself.
+* ``oracle`` - logits that point at each feature's gold answer span (from the feature cache), so an
+  accuracy run proves every response reached the right sample: its F1 must equal the F1 of the same
+  logits scored directly.
+* ``sim``    - sleeps per batch by a latency model ``a + b*tokens + c*rows`` (seconds), to study
+  scaling without hardware. ``tokens`` = rows x trimmed length of the batch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
+from distbert.errors import UserError
+
+
+class NullBackend(Backend):
+    name = "null"
+    needs_tokens = False
+
+    def load(self) -> None:
+        pass
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        zeros = np.zeros(inputs.input_ids.shape, dtype=np.float32)
+        return zeros, zeros
+
+    def batch_hint(self) -> BatchHint:
+        return BatchHint(max_batch=1024, token_budget=None)
+
+
+class OracleBackend(Backend):
+    name = "oracle"
+    needs_features = True
+    needs_tokens = False
+
+    HIGH = 10.0
+    LOW = -10.0
+
+    def __init__(self, spec: BackendSpec) -> None:
+        super().__init__(spec)
+        self._start: np.ndarray | None = None
+        self._end: np.ndarray | None = None
+
+    def load(self) -> None:
+        pass
+
+    def attach_features(self, features: Any) -> None:
+        self._start = np.asarray(features.oracle_start)
+        self._end = np.asarray(features.oracle_end)
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        if self._start is None or self._end is None:
+            raise RuntimeError("oracle backend used before attach_features()")
+        return oracle_logits(inputs.indices, inputs.input_ids.shape[1], self._start, self._end)
+
+    def batch_hint(self) -> BatchHint:
+        return BatchHint(max_batch=1024, token_budget=None)
+
+
+def oracle_logits(indices: np.ndarray, length: int, gold_start: np.ndarray,
+                  gold_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[B, length]`` peaking at the gold start/end token of each feature.
+
+    A feature without the answer in its window (gold position -1) peaks at position 0 ([CLS]),
+    which post-processing rejects, exactly as a real model that "sees no answer here" would.
+    """
+    rows = np.arange(len(indices))
+    start = np.full((len(indices), length), OracleBackend.LOW, dtype=np.float32)
+    end = start.copy()
+    s = np.clip(gold_start[indices], 0, length - 1)
+    e = np.clip(gold_end[indices], 0, length - 1)
+    start[rows, s] = OracleBackend.HIGH
+    end[rows, e] = OracleBackend.HIGH
+    return start, end
+
+
+_TERM = re.compile(r"^\s*([0-9.eE+-]+)\s*(?:\*\s*(tokens|rows))?\s*$")
+
+
+def parse_latency_model(text: str) -> tuple[float, float, float]:
+    """``"0.002 + 6e-7*tokens + 1e-5*rows"`` -> ``(a, b, c)``; terms in any order, each optional."""
+    a = b = c = 0.0
+    # split on '+' that is not part of an exponent (1e+3)
+    for term in re.split(r"(?<![eE])\+", text):
+        match = _TERM.match(term)
+        if not match:
+            raise UserError(f"--sim-latency {text!r}: cannot read term {term.strip()!r}; "
+                            "write e.g. '0.002 + 6e-7*tokens + 1e-5*rows' (seconds)")
+        value, unit = float(match.group(1)), match.group(2)
+        if unit == "tokens":
+            b += value
+        elif unit == "rows":
+            c += value
+        else:
+            a += value
+    if min(a, b, c) < 0:
+        raise UserError(f"--sim-latency {text!r}: terms must not be negative")
+    return a, b, c
+
+
+class SimBackend(Backend):
+    name = "sim"
+    needs_tokens = False
+
+    def __init__(self, spec: BackendSpec) -> None:
+        super().__init__(spec)
+        self.a, self.b, self.c = parse_latency_model(spec.option("sim_latency", "0.001 + 1e-6*tokens") or "")
+        self.max_batch = int(spec.option("sim_max_batch", "256") or 256)
+
+    def load(self) -> None:
+        pass
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        rows, length = inputs.input_ids.shape
+        # sleep, never spin: scaling studies run dozens of sim workers on a few cores
+        time.sleep(self.a + self.b * rows * length + self.c * rows)
+        zeros = np.zeros((rows, length), dtype=np.float32)
+        return zeros, zeros
+
+    def batch_hint(self) -> BatchHint:
+        return BatchHint(max_batch=self.max_batch, token_budget=None)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "latency_model_s": {"a": self.a, "b_per_token": self.b, "c_per_row": self.c}}

@@ -1,0 +1,207 @@
+"""ONNX Runtime backend (``--backend onnxruntime``): CPU, CUDA, TensorRT, ROCm and OpenVINO EPs.
+
+The execution provider comes from ``spec.device`` (``cpu`` -> CPU, ``cuda[:N]`` -> CUDA,
+``rocm[:N]`` -> ROCm) unless ``spec.option("ort_provider")`` names one (CPU, CUDA, TensorRT, ROCm,
+OpenVINO). A provider this onnxruntime build lacks is a :class:`UserError`, and so is a session
+whose first provider is not the requested one: ORT silently falls back to CPU when a GPU provider
+fails to initialise, and a CPU run reported as a GPU run is worse than no run.
+
+Inputs and outputs are matched by name (see :mod:`distbert.backends.onnx_io`); inputs are cast to
+the graph's integer type; a graph with a static sequence length gets padded inputs and sliced
+outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from distbert.backends import onnx_io
+from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
+from distbert.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# --ort_provider short names -> onnxruntime provider names
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
+
+CPU_HINT = BatchHint(max_batch=32, token_budget=4096)
+GPU_HINT = BatchHint(max_batch=256, token_budget=49152)
+
+
+def device_index(device: str) -> int:
+    """``cuda:1`` -> 1; ``cuda``/``cpu`` -> 0."""
+    _, _, idx = device.partition(":")
+    if not idx:
+        return 0
+    if not idx.isdigit():
+        raise UserError(f"--device {device}: the device index must be a number, e.g. cuda:0")
+    return int(idx)
+
+
+def requested_provider(spec: BackendSpec) -> str:
+    """The ORT provider name for this spec (option ``ort_provider`` beats ``device``)."""
+    forced = spec.option("ort_provider")
+    if forced:
+        key = forced.lower().removesuffix("executionprovider")
+        if key not in PROVIDERS:
+            raise UserError(f"option ort_provider={forced}: choose one of CPU, CUDA, TensorRT, ROCm, OpenVINO")
+        return PROVIDERS[key]
+    kind = spec.device.partition(":")[0].lower()
+    if kind not in ("cpu", "cuda", "rocm"):
+        raise UserError(f"--device {spec.device}: onnxruntime takes cpu, cuda[:N] or rocm[:N]")
+    return PROVIDERS[kind]
+
+
+def _ort_dtype(type_str: str) -> str:
+    # "tensor(int64)" -> "int64"; ORT says "float" for float32, "double" for float64
+    inner = type_str.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64", "float16": "float16"}.get(inner, inner)
+
+
+def _descs(args: Sequence[Any]) -> list[onnx_io.TensorDesc]:
+    return [onnx_io.TensorDesc(a.name, _ort_dtype(a.type), tuple(a.shape)) for a in args]
+
+
+class OnnxRuntimeBackend(Backend):
+    """One ``InferenceSession``; ``run`` is called from one thread."""
+
+    name = "onnxruntime"
+
+    def __init__(self, spec: BackendSpec) -> None:
+        super().__init__(spec)
+        self._session: ort.InferenceSession | None = None
+        self._io: onnx_io.IoMap | None = None
+        self._provider = ""
+        self._path: Path | None = None
+        self._threads = 0
+        self._binding = False
+
+    # ---------------------------------------------------------------------------------- load
+    def load(self) -> None:
+        path = onnx_io.resolve_model_file(self.spec.model, self.name)
+        provider = requested_provider(self.spec)
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise UserError(f"onnxruntime {ort.__version__} has no {provider} (available: "
+                            f"{', '.join(available)}): install the matching onnxruntime package "
+                            "(e.g. onnxruntime-gpu for CUDA) or choose another --device/ort_provider")
+        self._check_precision(provider)
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._threads = self.spec.threads or onnx_io.usable_cores()
+        opts.intra_op_num_threads = self._threads
+        # one batch at a time from one thread: parallelism lives inside the ops
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3          # shape-merge warnings are noise for BERT graphs
+
+        providers: list[Any] = [(provider, self._provider_options(provider))]
+        if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
+            providers.append(("CUDAExecutionProvider", {"device_id": device_index(self.spec.device)}))
+        if provider != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")   # per-node fallback for ops the EP lacks
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT raises its own pybind exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--model {path}: onnxruntime cannot load it ({first[:300]})") from exc
+        active = session.get_providers()
+        if not active or active[0] != provider:
+            raise UserError(f"onnxruntime created the session on {active[:1]} instead of {provider} "
+                            "(the provider failed to initialise: check the driver/CUDA libraries) "
+                            "for --model " + str(path))
+        self._io = onnx_io.resolve_io(_descs(session.get_inputs()), _descs(session.get_outputs()), str(path))
+        self._session, self._provider, self._path = session, provider, path
+        self._binding = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        if self._io.fixed_len:
+            log.warning("%s has a static sequence length %d: batches are padded to it, so trimming "
+                        "saves no compute with this model", path, self._io.fixed_len)
+        log.info("onnxruntime %s: %s on %s, %d intra-op threads, inputs %s", ort.__version__, path.name,
+                 provider, self._threads, (self._io.ids, self._io.mask, self._io.segments))
+
+    def _check_precision(self, provider: str) -> None:
+        # ORT runs the precision stored in the model file; only TensorRT can lower fp32 to fp16.
+        precision = self.spec.precision
+        if precision == "fp16" and provider != "TensorrtExecutionProvider":
+            raise UserError("--precision fp16 with onnxruntime needs ort_provider=TensorRT "
+                            "(other providers run the model file's own precision: use fp32, or int8 with the int8 model)")
+        if precision not in ("fp32", "int8", "fp16"):
+            raise UserError(f"--precision {precision} is not supported by onnxruntime: use fp32, int8 "
+                            "(the int8 model file) or --backend torch for bf16")
+
+    def _provider_options(self, provider: str) -> dict[str, Any]:
+        idx = device_index(self.spec.device)
+        if provider in ("CUDAExecutionProvider", "ROCMExecutionProvider"):
+            return {"device_id": idx}
+        if provider == "TensorrtExecutionProvider":
+            return {"device_id": idx, "trt_fp16_enable": self.spec.precision == "fp16",
+                    "trt_int8_enable": False}
+        if provider == "OpenVINOExecutionProvider":
+            return {"device_type": "CPU"}
+        return {}
+
+    # ----------------------------------------------------------------------------------- run
+    def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
+        if self._session is None or self._io is None:
+            raise RuntimeError("OnnxRuntimeBackend.run() before load()")
+        run_fn = self._run_bound if self._binding else self._run_plain
+        return onnx_io.run_graph(self._io, inputs, run_fn)
+
+    def _run_plain(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert self._session is not None and self._io is not None
+        return self._session.run(self._io.output_names, feed)
+
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # I/O binding: outputs stay on the GPU until one copy back, and ORT skips its own staging.
+        assert self._session is not None and self._io is not None
+        binding = self._session.io_binding()
+        for name, arr in feed.items():
+            binding.bind_cpu_input(name, arr)
+        for name in self._io.output_names:
+            binding.bind_output(name, "cuda", device_index(self.spec.device))
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def warmup(self) -> None:
+        super().warmup()
+        if self._provider in _GPU_PROVIDERS:
+            # GPU kernels are picked per shape: touch the common ones before the timed run
+            for batch, length in ((8, 128), (32, 256), (8, 384)):
+                self.run(_dummy(batch, length))
+
+    # ---------------------------------------------------------------------------------- meta
+    def batch_hint(self) -> BatchHint:
+        return GPU_HINT if self._provider in _GPU_PROVIDERS else CPU_HINT
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out.update({"runtime": f"onnxruntime {ort.__version__}", "provider": self._provider,
+                    "providers": self._session.get_providers() if self._session else [],
+                    "model_file": str(self._path) if self._path else None,
+                    "intra_op_threads": self._threads,
+                    "inputs": [self._io.ids, self._io.mask, self._io.segments] if self._io else None,
+                    "static_seq_len": self._io.fixed_len if self._io else None})
+        return out
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _dummy(batch: int, length: int) -> ModelInputs:
+    ids = np.full((batch, length), 1000, np.int64)
+    ids[:, 0] = 101
+    return ModelInputs(np.arange(batch, dtype=np.int64), ids, np.ones_like(ids), np.zeros_like(ids),
+                       np.full(batch, length, np.int32))

@@ -1,0 +1,109 @@
+"""The run configuration: one frozen tree, built once from the command line.
+
+Every process parses the same command line (under ``mpirun``) or receives this tree as JSON in the
+``Setup`` message (single-node workers, ``distbert worker --connect``), so all ranks agree on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from distbert.backends.base import BackendSpec
+from distbert.errors import UserError
+
+SCENARIOS = ("Offline", "Server", "SingleStream")
+MODES = ("performance", "accuracy", "both")
+TRANSPORTS = ("zmq", "mpi")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadGenConfig:
+    """What goes into LoadGen's ``TestSettings``, on top of the embedded mlperf.conf."""
+
+    scenario: str = "Offline"
+    mode: str = "performance"             # performance | accuracy | both
+    execution_mode: str = "test"          # test: short run (min duration lowered); valid: mlperf.conf rules
+    user_conf: str | None = None
+    target_qps: float | None = None       # Offline expected qps / Server target qps
+    target_latency_ms: float | None = None  # SingleStream expected latency / Server latency bound
+    test_query_count: int | None = None   # test mode: number of queries (Server/SingleStream) or samples (Offline)
+    min_duration_ms: int | None = None    # override (test mode default 0)
+    max_duration_ms: int | None = None
+    audit_conf: str | None = None         # compliance (TEST01) audit.config
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """Batching overrides; ``None`` means the backend's own hint (see ``Backend.batch_hint``)."""
+
+    max_batch: int | None = None
+    token_budget: int | None = None
+    max_wait_ms: float = 2.0
+    credits: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    loadgen: LoadGenConfig
+    backend: BackendSpec
+    batch: BatchConfig
+    dataset: str | None = None       # resolved by rank 0 before workers see the config
+    vocab: str | None = None
+    features_path: str | None = None  # feature cache dir, set by rank 0
+    workers: int | None = None       # single-node fallback: local worker processes
+    listen: str | None = None        # zmq bind address for the coordinator (default: ipc locally, tcp under MPI)
+    expect_workers: int = 0          # external workers (`distbert worker --connect`) to wait for
+    max_examples: int | None = None  # QSL = the first N features only (quick runs)
+    transport: str = "zmq"
+    coordinator_hosts_worker: bool = False   # under a launcher, rank 0 also runs a worker
+    output: str | None = None
+    bind_host: str | None = None     # zmq: address workers reach rank 0 at (default: this host's IP)
+    heartbeat_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    ready_timeout_s: float = 600.0
+    worker_threads: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        raw: dict[str, Any] = json.loads(text)
+        spec = raw.pop("backend")
+        spec["options"] = tuple(tuple(kv) for kv in spec.get("options", ()))
+        return cls(loadgen=LoadGenConfig(**raw.pop("loadgen")), backend=BackendSpec(**spec),
+                   batch=BatchConfig(**raw.pop("batch")), **raw)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    lg = cfg.loadgen
+    if lg.scenario == "MultiStream":
+        raise UserError("--scenario MultiStream is not defined for BERT in MLPerf Inference: "
+                        "use Offline, Server or SingleStream")
+    if lg.scenario not in SCENARIOS:
+        raise UserError(f"unknown --scenario {lg.scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    if lg.mode not in MODES:
+        raise UserError(f"unknown --mode {lg.mode!r}: choose one of {', '.join(MODES)}")
+    if lg.execution_mode not in ("test", "valid"):
+        raise UserError(f"unknown --execution-mode {lg.execution_mode!r}: choose test or valid")
+    if cfg.transport not in TRANSPORTS:
+        raise UserError(f"unknown --transport {cfg.transport!r}: choose zmq or mpi")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UserError("--workers must be 0 or more")
+    if cfg.workers == 0 and cfg.expect_workers < 1:
+        raise UserError("--workers 0 needs --expect-workers N (workers that join with `distbert worker --connect`)")
+    if lg.target_qps is not None and lg.target_qps <= 0:
+        raise UserError("--target-qps must be positive")
+    b = cfg.batch
+    if b.max_batch is not None and b.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
+    if b.credits < 1:
+        raise UserError("--credits must be at least 1")
+    if b.token_budget is not None and b.token_budget < 384:
+        raise UserError("--token-budget must be at least 384 (one full-length sample)")
+    return cfg

@@ -1,0 +1,358 @@
+"""Rank 0: LoadGen's SUT and QSL, and the I/O driver that feeds the dispatcher.
+
+Threads (STYLE §5):
+
+* **LoadGen's threads** call ``_issue``/``_flush``; they only append to the inbox and wake the driver.
+* **The driver thread** owns the transport and the :class:`~distbert.dispatcher.Dispatcher` from
+  the first Hello to the last Bye: it hands out ``Setup``, collects ``Ready``, turns LoadGen samples
+  and worker results into dispatcher events, sends batches, watches heartbeats and child processes.
+* **The completion thread** turns finished batches into ``QuerySamplesComplete`` calls, one call per
+  batch (the call releases the GIL and is wait-free in LoadGen).
+* **The main thread** runs the LoadGen tests one after another and waits on events.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from distbert import messages as m
+from distbert.config import RunConfig
+from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, SendBatch
+from distbert.errors import UserError
+from distbert.transport.base import CoordinatorTransport
+
+log = logging.getLogger(__name__)
+
+_FLUSH = object()
+
+
+class RunFailed(Exception):
+    """A worker failed or every worker was lost; the message names the rank and the cause."""
+
+
+@dataclass
+class WorkerHandle:
+    """Rank 0's live view of one worker (its spec is the config it was sent)."""
+
+    worker: int
+    host: str = "?"
+    pid: int = 0
+    ready: bool = False
+    lost: bool = False
+    device: str = "?"
+    backend: str = "?"
+    max_batch: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
+    stats: dict[str, Any] | None = None
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, transport: CoordinatorTransport, lengths: np.ndarray,
+                 expected_workers: set[int], is_alive: Callable[[int], bool] | None = None,
+                 external_workers: int = 0) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.lengths = lengths
+        self.expected = set(expected_workers)
+        self.is_alive = is_alive
+        self.external_workers = external_workers  # unknown ids that may join (distbert worker --connect)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.dispatcher: Dispatcher | None = None
+        self.failure: str | None = None
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._completions: queue.SimpleQueue[tuple[np.ndarray, np.ndarray | None] | None] = queue.SimpleQueue()
+        self._results: dict[int, m.Result] = {}
+        self._stop = threading.Event()
+        self._all_ready = threading.Event()
+        self._all_bye = threading.Event()
+        self._shutting_down = False
+        self._driver: threading.Thread | None = None
+        self._completer: threading.Thread | None = None
+        self._want_logits = False
+
+    # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
+
+    def start(self) -> None:
+        self._driver = threading.Thread(target=self._drive, name="distbert-driver", daemon=True)
+        self._driver.start()
+        deadline = self.cfg.ready_timeout_s
+        if not self._all_ready.wait(timeout=deadline):
+            if self.failure:
+                raise RunFailed(self.failure)
+            missing = sorted(w for w in self.expected if not self.workers.get(w, WorkerHandle(w)).ready)
+            raise RunFailed(f"workers {missing} not ready within {deadline:.0f} s "
+                            "(model load too slow? raise --ready-timeout; unreachable? check --bind-host)")
+        if self.failure:
+            raise RunFailed(self.failure)
+
+    def _policy(self) -> BatchPolicy:
+        hints = [h.info.get("token_budget") for h in self.workers.values() if h.ready]
+        budget = self.cfg.batch.token_budget
+        if budget is None:
+            known = [h for h in hints if h]
+            budget = min(known) if known else None
+        max_batch = self.cfg.batch.max_batch or max(h.max_batch for h in self.workers.values() if h.ready)
+        return BatchPolicy(max_batch=max_batch, token_budget=budget,
+                           max_wait_s=self.cfg.batch.max_wait_ms / 1000.0, credits=self.cfg.batch.credits)
+
+    # --- LoadGen callbacks: enqueue only --------------------------------------------------------
+
+    def issue(self, ids: list[int], indices: list[int]) -> None:
+        self._inbox.append((ids, indices))
+        self.transport.wake()
+
+    def flush(self) -> None:
+        self._inbox.append(_FLUSH)
+        self.transport.wake()
+
+    # --- one LoadGen test -----------------------------------------------------------------------
+
+    def begin_test(self, scenario: str, want_logits: bool) -> None:
+        """Fresh dispatcher for a test; the driver picks it up through the inbox."""
+        ready = [h for h in self.workers.values() if h.ready and not h.lost]
+        if not ready:
+            raise RunFailed("no worker is ready")
+        self._want_logits = want_logits
+        dispatcher = Dispatcher(scenario, self._policy(), self.lengths, want_logits)
+        done = threading.Event()
+        self._inbox.append(("begin", dispatcher, done))
+        self.transport.wake()
+        done.wait()
+        if self._completer is None:
+            self._completer = threading.Thread(target=self._complete_loop, name="distbert-complete", daemon=True)
+            self._completer.start()
+
+    def policy(self) -> BatchPolicy | None:
+        return self.dispatcher.policy if self.dispatcher else None
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def stop(self, reason: str = "run complete", deadline_s: float = 10.0) -> None:
+        """Tell workers to stop, wait for their Bye (bounded), stop our threads. Safe to call twice."""
+        if self._driver is None or self._stop.is_set():
+            return
+        self._inbox.append(("shutdown", reason))
+        self.transport.wake()
+        self._all_bye.wait(timeout=deadline_s)
+        self._stop.set()
+        self.transport.wake()
+        self._driver.join(timeout=deadline_s)
+        if self._completer is not None:
+            self._completions.put(None)
+            self._completer.join(timeout=deadline_s)
+
+    # --- the driver loop ------------------------------------------------------------------------
+
+    def _drive(self) -> None:
+        try:
+            self._drive_loop()
+        except Exception as exc:  # a bug here must not hang LoadGen: record and abort
+            log.exception("driver crashed")
+            self._fail(f"rank 0 driver crashed: {type(exc).__name__}: {exc}")
+            self._abort_outstanding()
+            self._all_ready.set()
+
+    def _drive_loop(self) -> None:
+        cfg = self.cfg
+        next_beat = time.monotonic() + cfg.heartbeat_s
+        transport = self.transport
+        while not self._stop.is_set():
+            now = time.monotonic()
+            timeout = next_beat - now
+            if self.dispatcher is not None:
+                deadline = self.dispatcher.next_deadline()
+                if deadline is not None:
+                    timeout = min(timeout, deadline - now)
+            got = transport.recv(timeout=max(timeout, 0.0))
+            # handle everything that is already there before looking at timers (batching)
+            n = 0
+            while got is not None:
+                self._on_message(*got)
+                n += 1
+                if n >= 256:
+                    break
+                got = transport.recv(timeout=0)
+            self._drain_inbox()
+            now = time.monotonic()
+            if self.dispatcher is not None:
+                deadline = self.dispatcher.next_deadline()
+                if deadline is not None and deadline <= now:
+                    self._execute(self.dispatcher.on_tick(now))
+            if now >= next_beat:
+                next_beat = now + cfg.heartbeat_s
+                self._beat(now)
+
+    def _beat(self, now: float) -> None:
+        for handle in self.workers.values():
+            if handle.lost or handle.stats is not None:
+                continue
+            alive = self.is_alive(handle.worker) if self.is_alive else True
+            if not alive or (handle.last_seen and now - handle.last_seen > self.cfg.heartbeat_timeout_s):
+                why = "process exited" if not alive else f"silent for {now - handle.last_seen:.1f} s"
+                self._lose(handle, why)
+                continue
+            try:
+                self.transport.send(handle.worker, m.Heartbeat(rank=0, sent_at=time.time()))
+            except KeyError:
+                pass
+        if not self._all_ready.is_set() and self.is_alive:
+            for w in self.expected:
+                if w not in self.workers and not self.is_alive(w):
+                    self._fail(f"worker {w} exited before saying hello (see its log above)")
+                    self._all_ready.set()
+
+    def _lose(self, handle: WorkerHandle, why: str) -> None:
+        if handle.lost:
+            return
+        handle.lost = True
+        if self._shutting_down:
+            self._check_all_bye()
+            return
+        log.warning("lost worker %d on %s: %s; requeueing its batches", handle.worker, handle.host, why)
+        if not handle.ready and not self._all_ready.is_set():
+            self._fail(f"worker {handle.worker} on {handle.host} lost during start-up: {why}")
+            self._all_ready.set()
+        if self.dispatcher is not None and handle.ready:
+            self._execute(self.dispatcher.remove_worker(handle.worker, time.monotonic()))
+
+    def _on_message(self, worker: int, msg: m.Message) -> None:
+        now = time.monotonic()
+        handle = self.workers.get(worker)
+        if handle is not None:
+            handle.last_seen = now
+        if isinstance(msg, m.Result):
+            if self.dispatcher is None:
+                return
+            self._results[msg.batch_id] = msg
+            self._execute(self.dispatcher.on_result(worker, msg.batch_id, now))
+            self._results.pop(msg.batch_id, None)
+        elif isinstance(msg, m.Heartbeat):
+            pass
+        elif isinstance(msg, m.Hello):
+            if handle is None:
+                handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, pid=msg.pid, last_seen=now)
+            log.info("hello from worker %d (%s, pid %d)", worker, msg.host, msg.pid)
+            self.transport.send(worker, m.Setup(config_json=self.cfg.to_json()))
+        elif isinstance(msg, m.Ready):
+            if handle is None:
+                handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, last_seen=now)
+            handle.ready, handle.device, handle.backend = True, msg.device, msg.backend
+            handle.max_batch = msg.max_batch
+            handle.info = json.loads(msg.info_json) if msg.info_json else {}
+            log.info("worker %d ready: %s on %s, %s", worker, msg.backend, msg.host, msg.device)
+            if self.dispatcher is not None:  # a late joiner during a test
+                self._execute(self.dispatcher.add_worker(worker, now, msg.max_batch))
+            ready = {w for w, h in self.workers.items() if h.ready}
+            if self.expected <= ready and len(ready - self.expected) >= self.external_workers:
+                self._all_ready.set()
+        elif isinstance(msg, m.Failure):
+            where = f"worker {msg.rank} on {msg.host}"
+            batch = f" in batch {msg.batch_id}" if msg.batch_id >= 0 else ""
+            self._fail(f"{where} failed{batch}: {msg.exc_type}: {msg.text}")
+            log.error("%s traceback:\n%s", where, msg.traceback)
+            if not self._all_ready.is_set():
+                self._all_ready.set()
+            self._abort_outstanding()
+        elif isinstance(msg, m.Bye):
+            if handle is None:
+                handle = self.workers[worker] = WorkerHandle(worker)
+            handle.stats = json.loads(msg.stats_json) if msg.stats_json else {}
+            self._check_all_bye()
+
+    def _check_all_bye(self) -> None:
+        if self._shutting_down and all(h.stats is not None or h.lost for h in self.workers.values()):
+            self._all_bye.set()
+
+    def _drain_inbox(self) -> None:
+        now = None
+        while self._inbox:
+            item = self._inbox.popleft()
+            now = now or time.monotonic()
+            if item is _FLUSH:
+                if self.dispatcher is not None and self.failure is None:
+                    self._execute(self.dispatcher.on_flush(now))
+            elif isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], str):
+                ids, indices = item
+                if self.failure is not None or self.dispatcher is None:
+                    self._completions.put((np.asarray(ids, np.uint64), None))
+                    continue
+                self._execute(self.dispatcher.on_samples(np.asarray(ids, np.uint64),
+                                                         np.asarray(indices, np.int64), now))
+            elif item[0] == "begin":
+                _, dispatcher, done = item
+                self.dispatcher = dispatcher
+                for handle in sorted(self.workers.values(), key=lambda h: h.worker):
+                    if handle.ready and not handle.lost:
+                        self._execute(dispatcher.add_worker(handle.worker, now, handle.max_batch))
+                done.set()
+            elif item[0] == "shutdown":
+                self._shutting_down = True
+                for handle in self.workers.values():
+                    if not handle.lost:
+                        try:
+                            self.transport.send(handle.worker, m.Shutdown(reason=item[1]))
+                        except KeyError:
+                            pass
+                self._check_all_bye()
+
+    def _execute(self, instructions: list[Any]) -> None:
+        for ins in instructions:
+            if isinstance(ins, SendBatch):
+                try:
+                    self.transport.send(ins.worker, m.Batch(batch_id=ins.batch_id, want_logits=ins.want_logits,
+                                                            ids=ins.ids, indices=ins.indices))
+                except KeyError:
+                    self._lose(self.workers[ins.worker], "transport does not know it")
+            elif isinstance(ins, Complete):
+                result = self._results.get(ins.batch_id)
+                logits = result.logits if (result is not None and self._want_logits) else None
+                self._completions.put((ins.ids, logits))
+            elif isinstance(ins, NoWorkers):
+                self._fail(f"every worker is lost; {ins.pending} samples cannot be processed")
+                self._abort_outstanding()
+
+    def _fail(self, text: str) -> None:
+        if self.failure is None:  # the first failure is the one reported (STYLE §8)
+            self.failure = text
+            log.error("%s", text)
+
+    def _abort_outstanding(self) -> None:
+        """After a failure LoadGen still needs every id completed to return: complete them empty."""
+        if self.dispatcher is None:
+            return
+        ids = self.dispatcher.abort()
+        if len(ids):
+            self._completions.put((np.asarray(ids, np.uint64), None))
+
+    # --- completion thread ----------------------------------------------------------------------
+
+    def _complete_loop(self) -> None:
+        import mlperf_loadgen as lg  # noqa: PLC0415
+
+        Response = lg.QuerySampleResponse
+        complete = lg.QuerySamplesComplete
+        while True:
+            item = self._completions.get()
+            if item is None:
+                return
+            ids, logits = item
+            if logits is None or logits.size == 0:
+                responses = [Response(i, 0, 0) for i in ids.tolist()]
+            else:
+                logits = np.ascontiguousarray(logits, dtype=np.float32)
+                base = logits.ctypes.data
+                stride = logits.strides[0]
+                responses = [Response(i, base + k * stride, stride) for k, i in enumerate(ids.tolist())]
+            # `logits` stays referenced until this call returns: LoadGen copies what it logs.
+            complete(responses)

@@ -1,0 +1,455 @@
+"""The coordinator's brain: a pure scheduling state machine (STYLE §3).
+
+Events go in (a worker joined or was lost, LoadGen issued samples or flushed, a worker returned a
+batch, a timer fired) and each returns the list of instructions the driver must execute, **in
+order**: :class:`SendBatch`, :class:`Complete`, :class:`NoWorkers`. Nothing here touches a socket,
+a thread, a clock or LoadGen; time is passed in as ``now`` (seconds, any monotonic origin), so the
+tests drive it with an injected clock.
+
+Scheduling (DESIGN.md "Scheduling"):
+
+* **Offline** -- each ``on_samples`` call is sorted by real length, longest first (stable, so equal
+  lengths keep issue order), and cut into batches of at most ``cap`` rows and, with a token budget,
+  at most ``token_budget`` padded tokens (rows x longest row; the longest row of a batch is its
+  first). A single sample longer than the budget goes out alone. ``cap`` is
+  ``min(policy.max_batch, largest max_batch among live workers)``.
+* **Server** -- samples accumulate in one *open* batch. It leaves (a) at once when it is full
+  (``cap`` rows); (b) at once when some worker has **nothing in flight** (work-conserving: an idle
+  worker is never kept waiting for a batch to fill, which is what keeps latency low at low load);
+  (c) when its oldest sample has waited ``max_wait_s`` and a worker has a free credit. So batching
+  only happens while every worker is busy, and ``max_wait_s`` is an upper bound on the wait for a
+  free credit to be *used*, not a fixed delay. When the wait has passed but no worker has a free
+  credit, the open batch is not cut: it keeps growing (up to ``cap``) and leaves the moment a
+  credit frees, as one larger batch. Full batches that find no free credit wait in a FIFO queue.
+* **SingleStream** -- every sample is its own batch, sent at once to the least-loaded worker.
+
+Choosing a worker (all scenarios): pull-based credits. A worker holds at most ``policy.credits``
+batches in flight; a batch goes to the worker with the fewest in flight (= most free credits), ties
+to the lowest worker id. A result frees a credit, which the queue refills at once, so faster
+workers are fed more. A batch larger than the chosen worker's own ``max_batch`` is split: the head
+goes, the tail goes back to the front of the queue.
+
+Exactly once (STYLE §2): every sample is in exactly one place -- the open batch, the queue, or one
+in-flight batch. Batch ids are allocated at *send* time from a counter and never reused. When a
+worker is lost, its in-flight batches go back to the front of the queue (oldest first) and their ids
+are **retired**; when re-sent they get new ids. A result for a retired id (a late reply from a lost
+worker, or a second reply) is therefore a duplicate and is dropped, as are results for ids never
+sent and results from a worker other than the one the batch was sent to. Response ids are opaque:
+the dispatcher never keys on them (LoadGen does not promise they are unique across a whole run).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+SCENARIOS = ("Offline", "Server", "SingleStream")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch: int = 64              # max samples per batch
+    token_budget: int | None = None  # Offline: max (rows x longest real length); None = by max_batch only
+    max_wait_s: float = 0.002        # Server: upper bound on how long the oldest open sample waits for a free credit
+    credits: int = 2                 # max batches in flight per worker
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"BatchPolicy.max_batch must be >= 1, got {self.max_batch}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"BatchPolicy.token_budget must be >= 1 or None, got {self.token_budget}")
+        if not self.max_wait_s >= 0.0:
+            raise ValueError(f"BatchPolicy.max_wait_s must be >= 0, got {self.max_wait_s}")
+        if self.credits < 1:
+            raise ValueError(f"BatchPolicy.credits must be >= 1, got {self.credits}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Instructions
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    """Send these samples to ``worker`` as batch ``batch_id``. Arrays are read-only and contiguous."""
+
+    worker: int
+    batch_id: int
+    ids: np.ndarray        # uint64 LoadGen response ids
+    indices: np.ndarray    # int64 QSL indices, same order
+    want_logits: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Complete ``ids`` with LoadGen using the logits of the result of ``batch_id`` that the driver holds."""
+
+    batch_id: int
+    worker: int
+    ids: np.ndarray        # uint64, the same array (same order) as in the SendBatch
+
+
+@dataclass(frozen=True, slots=True)
+class NoWorkers:
+    """Work is pending and no worker is left: the driver aborts the run with a clear error."""
+
+    pending: int
+
+
+Instr = Union[SendBatch, Complete, NoWorkers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Internal state
+
+
+class _Worker:
+    __slots__ = ("id", "cap", "inflight", "batches_sent", "samples_sent", "batches_completed",
+                 "samples_completed", "requeued_batches")
+
+    def __init__(self, worker: int, cap: int) -> None:
+        self.id = worker
+        self.cap = cap
+        self.inflight: dict[int, None] = {}   # batch ids, in send order
+        self.batches_sent = 0
+        self.samples_sent = 0
+        self.batches_completed = 0
+        self.samples_completed = 0
+        self.requeued_batches = 0
+
+    def counts(self, alive: bool) -> dict:
+        return {"alive": alive, "max_batch": self.cap, "in_flight": len(self.inflight),
+                "batches_sent": self.batches_sent, "samples_sent": self.samples_sent,
+                "batches_completed": self.batches_completed, "samples_completed": self.samples_completed,
+                "requeued_batches": self.requeued_batches}
+
+
+class _Flight:
+    __slots__ = ("worker", "ids", "indices")
+
+    def __init__(self, worker: int, ids: np.ndarray, indices: np.ndarray) -> None:
+        self.worker = worker
+        self.ids = ids
+        self.indices = indices
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+class Dispatcher:
+    """See the module docstring. Not thread-safe: one loop owns it (STYLE §5)."""
+
+    def __init__(self, scenario: str, policy: BatchPolicy, lengths: np.ndarray, want_logits: bool) -> None:
+        if scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+        self.scenario = scenario
+        self.policy = policy
+        self.want_logits = bool(want_logits)
+        self._lengths = np.asarray(lengths)
+        if self._lengths.ndim != 1:
+            raise ValueError("lengths must be a 1-D array (real token count per QSL index)")
+        self._offline = scenario == "Offline"
+        self._credits = policy.credits
+        self._max_wait = float(policy.max_wait_s)
+        # Workers sorted by id, so the first of equally loaded workers is the lowest id.
+        self._workers: dict[int, _Worker] = {}
+        self._gone: dict[int, _Worker] = {}          # removed workers, for stats
+        self._ever_had_worker = False
+        self._no_workers_sent = False
+        # Counters kept so the per-sample path never scans the workers.
+        self._free_total = 0                          # sum of free credits over live workers
+        self._idle_count = 0                          # live workers with nothing in flight
+        self._cap = 1 if scenario == "SingleStream" else policy.max_batch
+        # Closed batches waiting for a credit: (ids, indices) arrays. Requeued work goes to the front.
+        self._queue: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
+        self._queued_samples = 0
+        # Server open batch: plain lists; arrays are built only when it is cut.
+        self._open_ids: list[int] = []
+        self._open_idx: list[int] = []
+        self._open_deadline = 0.0                     # arrival of its oldest sample + max_wait_s
+        self._open_due = False                        # its wait has passed; it leaves at the next free credit
+        self._flights: dict[int, _Flight] = {}
+        self._next_batch_id = 0
+        self._issued = 0
+        self._completed = 0
+        self._requeued_batches = 0
+        self._requeued_samples = 0
+        self._dup_dropped = 0
+        self._unknown_dropped = 0
+        self._wrong_worker_dropped = 0
+
+    # -----------------------------------------------------------------------------------------
+    # Events
+
+    def add_worker(self, worker: int, now: float, max_batch: int | None = None) -> list[Instr]:
+        """A worker said Ready. ``max_batch`` (its own limit) caps every batch sent to it."""
+        if worker in self._workers:
+            raise ValueError(f"worker {worker} is already registered")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"worker {worker}: max_batch must be >= 1, got {max_batch}")
+        cap = self.policy.max_batch if max_batch is None else min(max_batch, self.policy.max_batch)
+        w = _Worker(worker, cap)
+        old = self._gone.pop(worker, None)
+        if old is not None:                           # a rejoin keeps its counters
+            for name in ("batches_sent", "samples_sent", "batches_completed", "samples_completed",
+                         "requeued_batches"):
+                setattr(w, name, getattr(old, name))
+        self._workers[worker] = w
+        self._workers = dict(sorted(self._workers.items()))
+        self._ever_had_worker = True
+        self._no_workers_sent = False                 # a new episode without workers may warn again
+        self._free_total += self._credits
+        self._idle_count += 1
+        self._update_cap()
+        out: list[Instr] = []
+        self._pump(now, out)
+        return out
+
+    def remove_worker(self, worker: int, now: float) -> list[Instr]:
+        """A worker is lost. Its in-flight batches go to the front of the queue with their ids retired."""
+        w = self._workers.pop(worker, None)
+        if w is None:
+            return []
+        self._gone[worker] = w
+        n = len(w.inflight)
+        self._free_total -= self._credits - n
+        if n == 0:
+            self._idle_count -= 1
+        # Oldest first at the front: appendleft in reverse send order.
+        for bid in reversed(list(w.inflight)):
+            f = self._flights.pop(bid)
+            self._queue.appendleft((f.ids, f.indices))
+            self._queued_samples += len(f.ids)
+            self._requeued_batches += 1
+            self._requeued_samples += len(f.ids)
+            w.requeued_batches += 1
+        w.inflight.clear()
+        self._update_cap()
+        out: list[Instr] = []
+        self._pump(now, out)
+        return out
+
+    def on_samples(self, ids: np.ndarray, indices: np.ndarray, now: float) -> list[Instr]:
+        """LoadGen issued these samples (uint64 response ids, int64 QSL indices)."""
+        n = len(ids)
+        if n != len(indices):
+            raise ValueError(f"on_samples: {n} ids but {len(indices)} indices")
+        self._issued += n
+        if n == 1 and not self._offline:
+            # Server hot path: one sample per call. While every worker is busy and the open batch
+            # is neither full nor due, this is two list appends and a few compares.
+            oid = self._open_ids
+            if not oid:
+                self._open_deadline = now + self._max_wait
+            oid.append(ids.item())
+            self._open_idx.append(indices.item())
+            if (len(oid) < self._cap and not self._idle_count and now < self._open_deadline
+                    and self._workers):
+                return []
+        elif self._offline:
+            if n:
+                self._cut_offline(np.asarray(ids, dtype=np.uint64), np.asarray(indices, dtype=np.int64))
+        else:
+            oid, oix, cap = self._open_ids, self._open_idx, self._cap
+            for i, x in zip(ids.tolist(), indices.tolist()):
+                if not oid:
+                    self._open_deadline = now + self._max_wait
+                oid.append(i)
+                oix.append(x)
+                if len(oid) >= cap:
+                    self._close_open()
+                    oid, oix = self._open_ids, self._open_idx
+        out: list[Instr] = []
+        self._pump(now, out)
+        return out
+
+    def on_flush(self, now: float) -> list[Instr]:
+        """LoadGen flush: the open batch leaves now (or at the first free credit)."""
+        if self._open_ids:
+            self._close_open()
+        out: list[Instr] = []
+        self._pump(now, out)
+        return out
+
+    def on_result(self, worker: int, batch_id: int, now: float) -> list[Instr]:
+        """``worker`` returned ``batch_id``: ``Complete`` first, then whatever the freed credit sends."""
+        f = self._flights.get(batch_id)
+        if f is None:
+            if 0 <= batch_id < self._next_batch_id:
+                self._dup_dropped += 1                # completed already, or retired by a requeue
+            else:
+                self._unknown_dropped += 1
+            return []
+        if f.worker != worker:
+            self._wrong_worker_dropped += 1           # the batch stays in flight on its own worker
+            return []
+        del self._flights[batch_id]
+        w = self._workers[worker]                     # present: removal retires all its flights
+        del w.inflight[batch_id]
+        self._free_total += 1
+        if not w.inflight:
+            self._idle_count += 1
+        k = len(f.ids)
+        w.batches_completed += 1
+        w.samples_completed += k
+        self._completed += k
+        out: list[Instr] = [Complete(batch_id, worker, f.ids)]
+        self._pump(now, out)
+        return out
+
+    def on_tick(self, now: float) -> list[Instr]:
+        """Timers: the Server open batch whose oldest sample has waited ``max_wait_s``."""
+        out: list[Instr] = []
+        self._pump(now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When the driver must call ``on_tick`` next; ``None`` = no timer armed.
+
+        Once the open batch is due but no credit is free, no timer is armed: it leaves on the event
+        that frees a credit (a result, a new worker), so the driver never spins on a past deadline.
+        """
+        if self._open_ids and not self._open_due:
+            return self._open_deadline
+        return None
+
+    # -----------------------------------------------------------------------------------------
+    # Queries
+
+    def idle(self) -> bool:
+        return not self._flights and not self._queue and not self._open_ids
+
+    def in_flight(self, worker: int | None = None) -> int:
+        if worker is None:
+            return len(self._flights)
+        w = self._workers.get(worker)
+        return 0 if w is None else len(w.inflight)
+
+    def pending_samples(self) -> int:
+        """Samples issued and not yet sent (queued or in the open batch)."""
+        return self._queued_samples + len(self._open_ids)
+
+    def workers(self) -> list[int]:
+        """Live worker ids, sorted."""
+        return list(self._workers)
+
+    @property
+    def stats(self) -> dict:
+        per = {wid: w.counts(False) for wid, w in self._gone.items()}
+        per.update({wid: w.counts(True) for wid, w in self._workers.items()})
+        return {
+            "scenario": self.scenario,
+            "samples_issued": self._issued,
+            "samples_completed": self._completed,
+            "samples_pending": self.pending_samples(),
+            "batches_in_flight": len(self._flights),
+            "batches_sent": sum(w["batches_sent"] for w in per.values()),
+            "batches_completed": sum(w["batches_completed"] for w in per.values()),
+            "requeued_batches": self._requeued_batches,
+            "requeued_samples": self._requeued_samples,
+            "duplicates_dropped": self._dup_dropped,
+            "unknown_dropped": self._unknown_dropped,
+            "wrong_worker_dropped": self._wrong_worker_dropped,
+            "workers": dict(sorted(per.items())),
+        }
+
+    # -----------------------------------------------------------------------------------------
+    # Internals
+
+    def _update_cap(self) -> None:
+        if self.scenario == "SingleStream":
+            return
+        self._cap = max((w.cap for w in self._workers.values()), default=self.policy.max_batch)
+
+    def _close_open(self) -> None:
+        ids = np.array(self._open_ids, dtype=np.uint64)
+        idx = np.array(self._open_idx, dtype=np.int64)
+        ids.flags.writeable = False
+        idx.flags.writeable = False
+        self._queue.append((ids, idx))
+        self._queued_samples += len(ids)
+        self._open_ids = []
+        self._open_idx = []
+        self._open_due = False
+
+    def _cut_offline(self, ids: np.ndarray, indices: np.ndarray) -> None:
+        lens = self._lengths[indices]
+        hi = int(lens.max())
+        if hi < 32768 and int(lens.min()) >= 0:
+            # numpy's stable sort of int16 keys is a radix sort: O(n).
+            order = np.argsort((hi - lens).astype(np.int16), kind="stable")
+        else:
+            order = np.argsort(-lens.astype(np.int64), kind="stable")
+        ids = _frozen(ids[order])
+        indices = _frozen(indices[order])
+        n, cap, budget = len(ids), self._cap, self.policy.token_budget
+        if budget is None:
+            for k in range(0, n, cap):
+                self._queue.append((ids[k:k + cap], indices[k:k + cap]))
+        else:
+            slens = lens[order]
+            k = 0
+            while k < n:
+                rows = min(cap, max(1, budget // max(1, int(slens[k]))), n - k)   # row k is the batch's longest
+                self._queue.append((ids[k:k + rows], indices[k:k + rows]))
+                k += rows
+        self._queued_samples += n
+
+    def _pick(self) -> _Worker | None:
+        """Least in flight among workers with a free credit; ties to the lowest id (dict is sorted)."""
+        best, bn = None, self._credits
+        for w in self._workers.values():
+            k = len(w.inflight)
+            if k < bn:
+                best, bn = w, k
+                if k == 0:
+                    break
+        return best
+
+    def _send(self, w: _Worker, ids: np.ndarray, idx: np.ndarray, out: list[Instr]) -> None:
+        if len(ids) > w.cap:                          # the tail waits at the front of the queue
+            self._queue.appendleft((ids[w.cap:], idx[w.cap:]))
+            self._queued_samples += len(ids) - w.cap
+            ids, idx = ids[:w.cap], idx[:w.cap]
+        bid = self._next_batch_id
+        self._next_batch_id = bid + 1
+        if not w.inflight:
+            self._idle_count -= 1
+        w.inflight[bid] = None
+        self._free_total -= 1
+        self._flights[bid] = _Flight(w.id, ids, idx)
+        w.batches_sent += 1
+        w.samples_sent += len(ids)
+        out.append(SendBatch(w.id, bid, ids, idx, self.want_logits))
+
+    def _pump(self, now: float, out: list[Instr]) -> None:
+        """Send what may be sent now. After it: queue non-empty => no free credit, and an open batch
+        that is due (or that an idle worker could take) has left unless no credit is free."""
+        queue = self._queue
+        while True:
+            while queue and self._free_total:
+                ids, idx = queue.popleft()
+                self._queued_samples -= len(ids)
+                self._send(self._pick(), ids, idx, out)
+            if not self._open_ids:
+                break
+            if len(self._open_ids) >= self._cap:      # the cap shrank: a worker left
+                self._close_open()
+                continue
+            # Work-conserving: an idle worker takes the open batch at once; otherwise it waits to
+            # fill until its oldest sample has waited max_wait_s.
+            if self._idle_count or self._open_due or now >= self._open_deadline:
+                if self._free_total:                  # (so the queue is empty)
+                    self._close_open()
+                    continue
+                self._open_due = True                 # leaves at the next free credit; no timer
+            break
+        if not self._workers and self._ever_had_worker and not self._no_workers_sent:
+            pending = self.pending_samples()
+            if pending:
+                self._no_workers_sent = True
+                out.append(NoWorkers(pending))

@@ -1,0 +1,116 @@
+"""LoadGen ``TestSettings`` for bert: embedded mlperf.conf, then one user.conf, then CLI overrides.
+
+LoadGen must see exactly one ``FromConfig`` call (a second one logs an ERROR that fails the
+submission checker). distbert therefore writes the user.conf it actually used into the run
+directory: the user's ``--user-conf`` verbatim plus the CLI overrides as ``bert.<Scenario>.<key>``
+lines (later lines win in LoadGen's parser), and loads that one file. The same file goes into a
+submission as ``user.conf``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from distbert.config import LoadGenConfig
+from distbert.errors import UserError
+
+MODEL_KEY = "bert"
+FULL_SET = 10833
+
+# defaults for --execution-mode test (short runs; never a valid MLPerf result)
+TEST_QUERY_COUNT = {"Offline": FULL_SET, "Server": 2000, "SingleStream": 100}
+
+
+def write_user_conf(cfg: LoadGenConfig, path: Path) -> Path:
+    lines: list[str] = []
+    if cfg.user_conf:
+        src = Path(cfg.user_conf)
+        if not src.is_file():
+            raise UserError(f"--user-conf {src}: no such file")
+        lines.append(f"# from {src}")
+        lines.extend(src.read_text().splitlines())
+        lines.append("# distbert command-line overrides")
+    sc = cfg.scenario
+    if cfg.target_qps is not None:
+        key = {"Offline": "target_qps", "Server": "target_qps"}.get(sc)
+        if key:
+            lines.append(f"{MODEL_KEY}.{sc}.{key} = {cfg.target_qps:g}")
+    if cfg.target_latency_ms is not None:
+        if sc in ("SingleStream", "Server"):
+            lines.append(f"{MODEL_KEY}.{sc}.target_latency = {cfg.target_latency_ms:g}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int) -> Any:
+    """Build TestSettings for ``mode`` in {"performance", "accuracy"}."""
+    import mlperf_loadgen as lg  # noqa: PLC0415 - heavy, rank 0 only
+
+    settings = lg.TestSettings()
+    rc = settings.FromConfig(str(user_conf), MODEL_KEY, cfg.scenario)
+    if rc != 0:
+        raise UserError(f"LoadGen rejected {user_conf} (code {rc}): check its 'bert.<Scenario>.<key> = value' lines")
+    settings.scenario = getattr(lg.TestScenario, cfg.scenario)
+    settings.mode = lg.TestMode.AccuracyOnly if mode == "accuracy" else lg.TestMode.PerformanceOnly
+    if cfg.execution_mode == "test":
+        count = cfg.test_query_count or TEST_QUERY_COUNT[cfg.scenario]
+        settings.min_duration_ms = cfg.min_duration_ms if cfg.min_duration_ms is not None else 0
+        if cfg.scenario == "Offline":
+            settings.min_query_count = min(count, qsl_size) if qsl_size < FULL_SET else count
+        else:
+            settings.min_query_count = count
+            settings.max_query_count = count
+        if cfg.scenario == "Server" and cfg.target_qps is None:
+            settings.server_target_qps = 1000.0
+    else:
+        if cfg.min_duration_ms is not None:
+            settings.min_duration_ms = cfg.min_duration_ms
+    if cfg.max_duration_ms is not None:
+        settings.max_duration_ms = cfg.max_duration_ms
+    if qsl_size < FULL_SET:
+        settings.performance_sample_count_override = qsl_size
+    return settings
+
+
+_MLLOG = re.compile(r":::MLLOG (\{.*\})\s*$")
+
+
+def read_detail(path: Path) -> dict[str, Any]:
+    """``mlperf_log_detail.txt`` -> {key: value} (last value wins); errors collected under ``"_errors"``."""
+    out: dict[str, Any] = {"_errors": []}
+    if not path.is_file():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        match = _MLLOG.search(line)
+        if not match:
+            continue
+        try:
+            entry = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        key = entry.get("key")
+        if key == "error":
+            out["_errors"].append(entry.get("value"))
+        elif key:
+            out[key] = entry.get("value")
+    return out
+
+
+def headline(detail: dict[str, Any], scenario: str) -> dict[str, Any]:
+    """The figures a person wants after a run."""
+    keys = {
+        "Offline": ["result_samples_per_second"],
+        "Server": ["result_completed_samples_per_sec", "result_scheduled_samples_per_sec",
+                   "result_99.00_percentile_latency_ns"],
+        "SingleStream": ["result_90.00_percentile_latency_ns", "early_stopping_latency_ss",
+                         "result_samples_per_second"],
+    }[scenario]
+    out = {k: detail.get(k) for k in keys + ["result_validity", "result_mean_latency_ns",
+                                            "result_99.00_percentile_latency_ns",
+                                            "result_perf_constraints_met", "result_min_duration_met",
+                                            "result_min_queries_met", "early_stopping_met"] if k in detail}
+    out["loadgen_errors"] = len(detail.get("_errors", []))
+    return out

@@ -1,0 +1,380 @@
+"""SQuAD v1.1 -> BERT features, exactly as MLPerf's reference (``create_squad_data.py``, eval mode).
+
+Contract (MLPERF.md section 2): each context is split into words on `` \\t\\r\\n\\u202f``; *each word
+is tokenized alone* with the uncased BERT tokenizer (basic tokenization then WordPiece); the question
+is tokenized whole and cut to ``max_query_length``; the doc tokens are cut into windows of
+``max_seq_length - len(query) - 3`` tokens moved by ``min(length, doc_stride)``; each window becomes
+``[CLS] query [SEP] window [SEP]`` zero-padded to ``max_seq_length``. Feature *i* is QSL index *i*.
+
+Tokenization uses the Hugging Face ``tokenizers`` library (BertNormalizer + BertPreTokenizer +
+WordPiece) in a few big batched calls: every distinct context word, question and answer is tokenized
+once. Pieces are joined by a separator that the basic tokenizer treats as whitespace and split back
+by character offsets; since basic tokenization never crosses whitespace, this equals tokenizing each
+piece alone (``tests/test_squad_features.py`` checks it against the slow pure-Python tokenizer on
+every word of the dev set).
+
+Public API: :class:`FeatureParams`, :class:`FeatureStore`, :func:`load_features`,
+:func:`build_features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordPiece
+
+from distbert import envs
+from distbert.errors import UserError
+from distbert.progress import Progress
+from distbert.squad.cache import FeatureParams, FeatureStore, SquadMeta, cache_key, load_or_build
+
+__all__ = ["FeatureParams", "FeatureStore", "load_features", "build_features", "read_squad",
+           "read_vocab", "make_tokenizer", "tokenize_pieces", "SquadData"]
+
+log = logging.getLogger(__name__)
+
+# The reference's read_squad_examples splits contexts on exactly these characters.
+_WORD_RE = re.compile(r"[^ \t\r\n\u202f]+")
+REQUIRED_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+MIN_VOCAB_LINES = 1000
+_CHUNK_CHARS = 50_000  # tokenizers gets slow on very long strings and per-call overhead hurts short ones
+
+
+@dataclasses.dataclass
+class SquadData:
+    """A parsed SQuAD v1.x file, in file order (questions = the reference's ``examples``)."""
+
+    version: str
+    context_words: list[list[str]]   # whitespace words of each context (the reference's doc_tokens)
+    word_starts: list[list[int]]     # character offset of each word in its context
+    qas_ids: list[str]
+    questions: list[str]
+    example_context: np.ndarray      # int32 [E]: context of each question
+    answers: list[list[str]]
+    answer_starts: list[list[int]]
+
+
+def read_squad(path: Path) -> SquadData:
+    """Parse and validate a SQuAD v1.1-shaped JSON file; any problem is a one-line UserError."""
+    path = Path(path)
+    fix = "pass the SQuAD v1.1 dev set (dev-v1.1.json) with --dataset, or run `distbert download squad`"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read dataset {path} ({exc.strerror}): {fix}") from None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"dataset {path} is not JSON ({str(exc).splitlines()[0]}): {fix}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise UserError(f"dataset {path} is not SQuAD-shaped (no top-level \"data\" list): {fix}")
+    version = str(doc.get("version", ""))
+    if version != "1.1":
+        log.warning("dataset %s has version %r; the MLPerf accuracy target is defined on SQuAD v1.1",
+                    path, version)
+    data = SquadData(version, [], [], [], [], np.zeros(0, np.int32), [], [])
+    example_context: list[int] = []
+    where = "data"
+    try:
+        for a, article in enumerate(doc["data"]):
+            for p, paragraph in enumerate(article["paragraphs"]):
+                where = f"data[{a}].paragraphs[{p}]"
+                context = paragraph["context"]
+                if not isinstance(context, str):
+                    raise TypeError("context is not a string")
+                matches = list(_WORD_RE.finditer(context))
+                data.context_words.append([m.group() for m in matches])
+                data.word_starts.append([m.start() for m in matches])
+                for q, qa in enumerate(paragraph["qas"]):
+                    where = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                    if not isinstance(qa["question"], str) or not isinstance(qa["id"], str):
+                        raise TypeError("question or id is not a string")
+                    texts = [str(ans["text"]) for ans in qa["answers"]]
+                    starts = [int(ans["answer_start"]) for ans in qa["answers"]]
+                    data.qas_ids.append(qa["id"])
+                    data.questions.append(qa["question"])
+                    data.answers.append(texts)
+                    data.answer_starts.append(starts)
+                    example_context.append(len(data.context_words) - 1)
+    except KeyError as exc:
+        raise UserError(f"dataset {path} is not SQuAD-shaped: {where} lacks key {exc}: {fix}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"dataset {path} is not SQuAD-shaped at {where} ({exc}): {fix}") from None
+    if not data.qas_ids:
+        raise UserError(f"dataset {path} holds no questions: {fix}")
+    data.example_context = np.asarray(example_context, dtype=np.int32)
+    return data
+
+
+def read_vocab(path: Path) -> list[str]:
+    """The BERT WordPiece vocabulary, one token per line (id = line number), validated."""
+    path = Path(path)
+    fix = "pass the BERT uncased vocab.txt (30522 lines) with --vocab, or run `distbert download squad`"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read vocab {path} ({exc.strerror}): {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"vocab {path} is not UTF-8 text: {fix}") from None
+    # Like the reference's load_vocab: one token per line, surrounding whitespace stripped.
+    tokens = [line.strip() for line in text.split("\n")]
+    if tokens and tokens[-1] == "":
+        tokens.pop()
+    if len(tokens) < MIN_VOCAB_LINES:
+        raise UserError(f"vocab {path} has {len(tokens)} lines, too few for a BERT vocab: {fix}")
+    missing = [t for t in REQUIRED_SPECIALS if t not in tokens]
+    if missing:
+        raise UserError(f"vocab {path} is not a BERT vocab (lacks {', '.join(missing)}): {fix}")
+    return tokens
+
+
+def make_tokenizer(vocab: list[str]) -> Tokenizer:
+    """Uncased BERT tokenizer: clean text, CJK split, strip accents, lowercase, punctuation split, WordPiece."""
+    ids: dict[str, int] = {}
+    for i, token in enumerate(vocab):
+        ids[token] = i  # a repeated token keeps its last id, as in the reference's load_vocab
+    tok = Tokenizer(WordPiece(vocab=ids, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def tokenize_pieces(tok: Tokenizer, pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize each string of ``pieces`` on its own; returns (ids int32 [T], ptr int64 [len+1]).
+
+    The ids of ``pieces[k]`` are ``ids[ptr[k]:ptr[k+1]]`` (possibly empty).
+    """
+    chunks: list[str] = []
+    chunk_starts: list[np.ndarray] = []   # character start of each piece inside its chunk
+    chunk_first: list[int] = []           # index of the chunk's first piece
+    i = 0
+    while i < len(pieces):
+        j, size = i, 0
+        while j < len(pieces) and (j == i or size + len(pieces[j]) < _CHUNK_CHARS):
+            size += len(pieces[j]) + 1
+            j += 1
+        lens = np.fromiter((len(p) + 1 for p in pieces[i:j]), np.int64, j - i)
+        starts = np.zeros(j - i, dtype=np.int64)
+        np.cumsum(lens[:-1], out=starts[1:])
+        # "\n" is whitespace to the basic tokenizer, so no token can span two pieces.
+        chunks.append("\n".join(pieces[i:j]))
+        chunk_starts.append(starts)
+        chunk_first.append(i)
+        i = j
+    encodings = tok.encode_batch(chunks, add_special_tokens=False)
+    all_ids: list[np.ndarray] = []
+    owners: list[np.ndarray] = []
+    for enc, starts, first in zip(encodings, chunk_starts, chunk_first):
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        if ids.size == 0:
+            continue
+        tok_starts = np.asarray(enc.offsets, dtype=np.int64)[:, 0]
+        owners.append(np.searchsorted(starts, tok_starts, side="right") - 1 + first)
+        all_ids.append(ids)
+    ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int32)
+    owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    if owner.size and np.any(np.diff(owner) < 0):
+        raise AssertionError("tokenizer offsets are not monotonic")  # would break the piece split
+    ptr = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=len(pieces)), out=ptr[1:])
+    return ids, ptr
+
+
+def _unique_ptr(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize the distinct ``texts`` once: (ids, ptr over distinct texts, distinct index of each text)."""
+    index: dict[str, int] = {}
+    which = np.fromiter((index.setdefault(t, len(index)) for t in texts), np.int64, len(texts))
+    ids, ptr = tokenize_pieces(tok, list(index))
+    return ids, ptr, which
+
+
+def _segments(ptr: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in a flat array of the concatenation of segments ``which``; and their lengths."""
+    lens = ptr[which + 1] - ptr[which]
+    total = int(lens.sum())
+    out_starts = np.cumsum(lens) - lens
+    pos = np.arange(total, dtype=np.int64) - np.repeat(out_starts - ptr[which], lens)
+    return pos, lens
+
+
+def _max_context(spans: list[tuple[int, int]], n_tokens: int) -> list[np.ndarray]:
+    """token_is_max_context per window: a token belongs to the window where min(left, right) context
+    + 0.01 * window length is highest, the first such window on ties (reference _check_is_max_context)."""
+    if len(spans) == 1:
+        return [np.ones(spans[0][1], dtype=np.uint8)]
+    pos = np.arange(n_tokens, dtype=np.float64)
+    scores = np.full((len(spans), n_tokens), -np.inf)
+    for j, (start, length) in enumerate(spans):
+        end = start + length - 1
+        p = pos[start:end + 1]
+        scores[j, start:end + 1] = np.minimum(p - start, end - p) + 0.01 * length
+    best = np.argmax(scores, axis=0)  # first maximum, as the reference's strict ">" keeps the first
+    return [(best[s:s + n] == j).astype(np.uint8) for j, (s, n) in enumerate(spans)]
+
+
+def _gold_token_span(data: SquadData, e: int, doc_ids: np.ndarray, word_tok_start: np.ndarray,
+                     answer_ids: np.ndarray) -> tuple[int, int] | None:
+    """The first gold answer as context token positions, as the reference computes in training mode.
+
+    None when the answer text cannot be recovered from the context words (the reference skips such
+    examples in training).
+    """
+    if not data.answers[e]:
+        return None
+    text, offset = data.answers[e][0], data.answer_starts[e][0]
+    ctx = int(data.example_context[e])
+    words, starts = data.context_words[ctx], data.word_starts[ctx]
+    if not words or not text or offset < 0:
+        return None
+    # char_to_word_offset[c] = the last word starting at or before character c
+    first = int(np.searchsorted(starts, offset, side="right")) - 1
+    last = int(np.searchsorted(starts, offset + len(text) - 1, side="right")) - 1
+    if first < 0 or last < first:
+        return None
+    if " ".join(words[first:last + 1]).find(" ".join(text.split())) == -1:
+        return None
+    tok_start = int(word_tok_start[first])
+    tok_end = int(word_tok_start[last + 1]) - 1 if last + 1 < len(words) else len(doc_ids) - 1
+    if tok_start > tok_end:
+        return None
+    # _improve_answer_span: the tightest sub-span whose tokens equal the answer's own tokens
+    n = answer_ids.size
+    if 0 < n <= tok_end - tok_start + 1:
+        for new_start in range(tok_start, tok_end - n + 2):
+            if np.array_equal(doc_ids[new_start:new_start + n], answer_ids):
+                # the reference scans ends from the right; with equal token lists only length n fits
+                return new_start, new_start + n - 1
+    return tok_start, tok_end
+
+
+def build_features(dataset: Path, vocab: Path, params: FeatureParams = FeatureParams()) -> FeatureStore:
+    """Featurize ``dataset`` with ``vocab`` in memory (no cache); returns a store with ``path=None``."""
+    t0 = time.perf_counter()
+    data = read_squad(dataset)
+    vocab_tokens = read_vocab(vocab)
+    tok = make_tokenizer(vocab_tokens)
+    cls_id, sep_id = vocab_tokens.index("[CLS]"), vocab_tokens.index("[SEP]")
+    msl, stride = params.max_seq_length, params.doc_stride
+
+    # Every context word, question and first answer, tokenized once in big batches.
+    n_ctx = len(data.context_words)
+    words_flat = [w for words in data.context_words for w in words]
+    w_ids, w_ptr, w_which = _unique_ptr(tok, words_flat)
+    q_ids, q_ptr, q_which = _unique_ptr(tok, data.questions)
+    a_ids, a_ptr, a_which = _unique_ptr(tok, [a[0] if a else "" for a in data.answers])
+
+    # Per context: all_doc_tokens (ids), tok_to_orig_index, orig_to_tok_index.
+    pos, w_lens = _segments(w_ptr, w_which)
+    ctx_ids_flat = w_ids[pos]
+    n_words = np.fromiter((len(w) for w in data.context_words), np.int64, n_ctx)
+    word_ptr = np.zeros(n_ctx + 1, dtype=np.int64)
+    np.cumsum(n_words, out=word_ptr[1:])
+    word_in_ctx = np.arange(len(words_flat), dtype=np.int64) - np.repeat(word_ptr[:-1], n_words)
+    tok_to_orig = np.repeat(word_in_ctx, w_lens).astype(np.int32)
+    tok_before_word = np.zeros(len(words_flat) + 1, dtype=np.int64)
+    np.cumsum(w_lens, out=tok_before_word[1:])
+    tok_ptr = tok_before_word[word_ptr]  # first token of each context in ctx_ids_flat
+    word_tok_start_flat = tok_before_word[:-1]  # global token offset of each word
+
+    feat_rows: list[tuple[int, int, int, int, int, int, int]] = []  # e, span_idx, lq, start, len, os, oe
+    max_ctx_parts: list[np.ndarray] = []
+    with Progress("featurizing SQuAD", total=len(data.qas_ids), unit="questions") as progress:
+        for e in range(len(data.qas_ids)):
+            ctx = int(data.example_context[e])
+            t_lo, t_hi = int(tok_ptr[ctx]), int(tok_ptr[ctx + 1])
+            n_tok = t_hi - t_lo
+            qw = int(q_which[e])
+            lq = min(int(q_ptr[qw + 1] - q_ptr[qw]), params.max_query_length)
+            max_doc = msl - lq - 3
+            spans: list[tuple[int, int]] = []
+            start = 0
+            while start < n_tok:
+                length = min(n_tok - start, max_doc)
+                spans.append((start, length))
+                if start + length == n_tok:
+                    break
+                start += min(length, stride)
+            if not spans:
+                continue  # an empty context yields no feature, as in the reference
+            aw = int(a_which[e])
+            gold = _gold_token_span(
+                data, e, ctx_ids_flat[t_lo:t_hi],
+                word_tok_start_flat[word_ptr[ctx]:word_ptr[ctx + 1]] - t_lo,
+                a_ids[a_ptr[aw]:a_ptr[aw + 1]])
+            max_ctx_parts.extend(_max_context(spans, n_tok))
+            for j, (s, n) in enumerate(spans):
+                os_ = oe = -1
+                if gold is not None and gold[0] >= s and gold[1] <= s + n - 1:
+                    os_, oe = gold[0] - s + lq + 2, gold[1] - s + lq + 2
+                feat_rows.append((e, j, lq, s, n, os_, oe))
+            if e % 1000 == 999:
+                progress.update(1000)
+        progress.update(len(data.qas_ids) % 1000)
+    if not feat_rows:
+        raise UserError(f"dataset {dataset} yields no features (every context is empty): "
+                        f"pass the SQuAD v1.1 dev set with --dataset")
+
+    rows = np.asarray(feat_rows, dtype=np.int64)
+    n_feat = rows.shape[0]
+    example_index, span_index, lq_arr, span_start, span_len = (rows[:, k] for k in range(5))
+    lengths = lq_arr + span_len + 3
+    input_ids = np.zeros((n_feat, msl), dtype=np.int32)
+    q_start = q_ptr[q_which]
+    for f in range(n_feat):
+        e, lq, s, n = int(example_index[f]), int(lq_arr[f]), int(span_start[f]), int(span_len[f])
+        row = input_ids[f]
+        row[0] = cls_id
+        qs = int(q_start[e])
+        row[1:1 + lq] = q_ids[qs:qs + lq]
+        row[1 + lq] = sep_id
+        base = int(tok_ptr[data.example_context[e]]) + s
+        row[2 + lq:2 + lq + n] = ctx_ids_flat[base:base + n]
+        row[2 + lq + n] = sep_id
+    col = np.arange(msl, dtype=np.int64)[None, :]
+    input_mask = (col < lengths[:, None]).astype(np.int32)
+    segment_ids = ((col >= (lq_arr + 2)[:, None]) & (col < lengths[:, None])).astype(np.int32)
+
+    meta = SquadMeta(
+        vocab=vocab_tokens, qas_ids=data.qas_ids, questions=data.questions, answers=data.answers,
+        doc_words=data.context_words, dataset_version=data.version,
+        example_index=example_index.astype(np.int32), doc_span_index=span_index.astype(np.int32),
+        doc_offset=(lq_arr + 2).astype(np.int32), span_start=span_start.astype(np.int32),
+        span_len=span_len.astype(np.int32), max_context=np.concatenate(max_ctx_parts),
+        example_context=data.example_context, tok_to_orig=tok_to_orig, tok_ptr=tok_ptr)
+    arrays = {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
+              "lengths": lengths.astype(np.int32), "oracle_start": rows[:, 5].astype(np.int32),
+              "oracle_end": rows[:, 6].astype(np.int32)}
+    log.info("featurized %s: %d questions -> %d features in %.2f s", dataset, len(data.qas_ids),
+             n_feat, time.perf_counter() - t0)
+    return FeatureStore(None, params, arrays, meta=meta)
+
+
+def _sha256(path: Path, what: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror}): pass an existing file with "
+                        f"--{what}, or run `distbert download squad`") from None
+
+
+def load_features(dataset: Path, vocab: Path, params: FeatureParams = FeatureParams(),
+                  cache_dir: Path | None = None) -> FeatureStore:
+    """The features of ``dataset``/``vocab``, memory-mapped from the cache; built (and cached) if
+    missing or corrupt. The cache lives in ``<cache_dir or envs.cache_dir()>/features/<key>/``."""
+    dataset, vocab = Path(dataset), Path(vocab)
+    root = Path(cache_dir) if cache_dir is not None else envs.cache_dir()
+    d_sha, v_sha = _sha256(dataset, "dataset"), _sha256(vocab, "vocab")
+    key = cache_key(d_sha, v_sha, params)
+    extra = {"dataset": {"path": str(dataset.resolve()), "sha256": d_sha},
+             "vocab": {"path": str(vocab.resolve()), "sha256": v_sha}}
+    return load_or_build(root, key, lambda: build_features(dataset, vocab, params), extra)

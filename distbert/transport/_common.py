@@ -1,0 +1,101 @@
+"""Pieces the three transports share: the wake-able inbox, key checks, bounded drop logging."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import time
+from typing import Any
+
+
+class TransportClosed(RuntimeError):
+    """``send``/``recv`` on a transport after its ``close()``: a bug in the caller's shutdown order."""
+
+
+def keys_match(given: str, expected: str) -> bool:
+    """Constant-time comparison, so response timing does not leak how much of a key was right."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (``time.monotonic()`` based), ``None`` = forever, never negative."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+
+class DropLog:
+    """Logs dropped traffic without letting a misbehaving peer flood the log.
+
+    The first ``burst`` drops of each kind are logged at WARNING, then one line per ``every`` drops.
+    """
+
+    __slots__ = ("_log", "_counts", "_burst", "_every")
+
+    def __init__(self, log: logging.Logger, burst: int = 10, every: int = 1000) -> None:
+        self._log = log
+        self._counts: dict[str, int] = {}
+        self._burst = burst
+        self._every = every
+
+    def drop(self, kind: str, text: str, *args: Any) -> None:
+        n = self._counts.get(kind, 0) + 1
+        self._counts[kind] = n
+        if n <= self._burst or n % self._every == 0:
+            suffix = f" ({kind}: {n} dropped so far)" if n > 1 else ""
+            self._log.warning("dropped " + text + suffix, *args)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+
+_WAKE = object()
+
+
+class Inbox:
+    """A FIFO whose ``get`` also returns ``None`` on ``wake()``; blocking, never busy-waiting.
+
+    ``wake()`` may be called from any thread. It sets a flag and posts a sentinel: the flag makes
+    the *next* ``get`` return ``None`` even when items are queued (the contract of
+    ``Transport.wake``); the sentinel only unblocks a ``get`` already waiting. A sentinel found with
+    the flag already consumed is stale and skipped, so one ``wake`` yields exactly one ``None``.
+    """
+
+    __slots__ = ("_q", "_woken")
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._woken = False
+
+    def put(self, item: Any) -> None:
+        self._q.put(item)
+
+    def wake(self) -> None:
+        # Flag before sentinel: a getter that sees the sentinel must also see the flag.
+        self._woken = True
+        self._q.put(_WAKE)
+
+    def get(self, deadline: float | None) -> Any | None:
+        """Next item, or ``None`` on wake or when ``deadline`` (monotonic) has passed."""
+        q = self._q
+        while True:
+            if self._woken:
+                self._woken = False
+                return None
+            try:
+                if deadline is None:
+                    item = q.get()
+                else:
+                    left = deadline - time.monotonic()
+                    item = q.get(timeout=left) if left > 0 else q.get_nowait()
+            except queue.Empty:
+                return None
+            if item is _WAKE:
+                continue  # the loop head returns None if this wake is still pending
+            return item

@@ -1,0 +1,169 @@
+"""In-process transport: rank 0 and its workers as threads of one process (tests, STYLE §11).
+
+Semantics match the ZeroMQ transport: workers are identified by their ``Hello``, a wrong key is
+dropped and logged, traffic from a peer without a good ``Hello`` is dropped undecoded, nothing
+ever blocks on send, ``wake`` makes the next ``recv`` return ``None``.
+
+Every message still goes through :func:`~distbert.messages.encode` / ``decode`` so tests exercise
+the codec; the frames are handed over as they are, so arrays are not copied (the receiver's arrays
+are read-only views of the sender's buffers, exactly as with zero-copy ZeroMQ).
+
+Usage::
+
+    hub = InprocHub(key="secret")
+    coord = hub.coordinator                      # a CoordinatorTransport
+    worker = hub.connect(rank=1)                 # a WorkerTransport; it has sent its Hello
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
+from distbert.transport._common import DropLog, Inbox, TransportClosed, deadline_after, keys_match
+from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
+
+log = logging.getLogger(__name__)
+
+_hub_names = itertools.count(1)
+
+
+class InprocHub:
+    """One coordinator side (``.coordinator``) and any number of worker sides (``.connect``)."""
+
+    def __init__(self, key: str = "", name: str | None = None) -> None:
+        self.key = key
+        address = f"inproc://{name or f'hub-{next(_hub_names)}'}"
+        self.coordinator = InprocCoordinatorTransport(Endpoint(address, key))
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.coordinator.endpoint
+
+    def connect(self, rank: int, key: str | None = None, *, host: str = "inproc", pid: int = 0) -> InprocWorkerTransport:
+        """A worker side for ``rank`` that has already sent ``Hello(rank, host, pid, key)``.
+
+        ``key`` defaults to the hub's key; pass another to test refusal.
+        """
+        worker = InprocWorkerTransport(self.coordinator, rank)
+        worker.send(Hello(rank, host, pid, self.key if key is None else key))
+        return worker
+
+    def close(self) -> None:
+        self.coordinator.close()
+
+
+class InprocCoordinatorTransport(CoordinatorTransport):
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._inbox = Inbox()  # items: (sending InprocWorkerTransport, frames)
+        self._worker_of: dict[InprocWorkerTransport, int] = {}  # worker side -> worker id, after a good Hello
+        self._side_of: dict[int, InprocWorkerTransport] = {}  # worker id -> worker side
+        self._drops = DropLog(log)
+        self.closed = False
+
+    # Called by worker sides, from their threads.
+    def _deliver(self, sender: InprocWorkerTransport, frames: list[Any]) -> None:
+        if not self.closed:
+            self._inbox.put((sender, frames))
+
+    def send(self, worker: int, msg: Message) -> None:
+        if self.closed:
+            raise TransportClosed("send() on a closed in-process transport")
+        side = self._side_of.get(worker)
+        if side is None:
+            raise KeyError(f"worker {worker} has not said Hello on this transport")
+        frames = encode(msg)
+        if side.closed:
+            self._drops.drop("unreachable", "%s for worker %d: it has closed", type(msg).__name__, worker)
+            return
+        side._inbox.put(frames)
+
+    def recv(self, timeout: float | None) -> tuple[int, Message] | None:
+        if self.closed:
+            raise TransportClosed("recv() on a closed in-process transport")
+        deadline = deadline_after(timeout)
+        while True:
+            item = self._inbox.get(deadline)
+            if item is None:
+                return None
+            got = self._accept(*item)
+            if got is not None:
+                return got
+
+    def _accept(self, sender: InprocWorkerTransport, frames: list[Any]) -> tuple[int, Message] | None:
+        worker = self._worker_of.get(sender)
+        is_hello = bool(frames) and peek_tag(frames[0]) == Hello.TAG
+        if worker is not None and not is_hello:
+            try:
+                return worker, decode(frames)
+            except MessageError as exc:
+                self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
+                return None
+        if not is_hello:
+            self._drops.drop("unknown-peer", "message from an in-process peer that has not said Hello")
+            return None
+        try:
+            hello = decode(frames)
+        except MessageError as exc:
+            self._drops.drop("bad-hello", "bad Hello: %s", exc)
+            return None
+        assert isinstance(hello, Hello)
+        if not keys_match(hello.key, self.endpoint.key):
+            self._drops.drop("bad-key", "Hello from rank %d (%s, pid %d): wrong key", hello.rank, hello.host, hello.pid)
+            return None
+        if worker is not None and worker != hello.rank:
+            self._drops.drop("rank-change", "Hello for rank %d from the peer already known as worker %d", hello.rank, worker)
+            return None
+        old = self._side_of.get(hello.rank)
+        if old is not None and old is not sender:
+            log.warning("worker %d said Hello again from a new connection: it replaces the old one", hello.rank)
+            self._worker_of.pop(old, None)
+        self._worker_of[sender] = hello.rank
+        self._side_of[hello.rank] = sender
+        return hello.rank, hello
+
+    def wake(self) -> None:
+        self._inbox.wake()
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def drops(self) -> dict[str, int]:
+        return self._drops.counts
+
+
+class InprocWorkerTransport(WorkerTransport):
+    def __init__(self, coordinator: InprocCoordinatorTransport, rank: int) -> None:
+        self.rank = rank
+        self._coordinator = coordinator
+        self._inbox = Inbox()  # items: frames from the coordinator
+        self._drops = DropLog(log)
+        self.closed = False
+
+    def send(self, msg: Message) -> None:
+        if self.closed:
+            raise TransportClosed("send() on a closed in-process transport")
+        self._coordinator._deliver(self, encode(msg))
+
+    def recv(self, timeout: float | None) -> Message | None:
+        if self.closed:
+            raise TransportClosed("recv() on a closed in-process transport")
+        deadline = deadline_after(timeout)
+        while True:
+            frames = self._inbox.get(deadline)
+            if frames is None:
+                return None
+            try:
+                return decode(frames)
+            except MessageError as exc:
+                self._drops.drop("malformed", "malformed message from the coordinator: %s", exc)
+
+    def wake(self) -> None:
+        self._inbox.wake()
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,243 @@
+"""A worker rank: load a backend, then turn ``Batch`` messages into ``Result`` messages.
+
+Two threads, so the transport is only ever touched by one of them (STYLE §5):
+
+* the **I/O thread** (the caller of :func:`worker_run`) owns the transport: it receives batches and
+  control messages, sends results, heartbeats and failures;
+* the **compute thread** gathers each batch's rows from the memory-mapped feature cache, trims them
+  to the longest real length, runs the backend and hands the result back through a deque, waking
+  the I/O thread.
+
+A worker exits when rank 0 says ``Shutdown``, when rank 0 has been silent for the heartbeat
+timeout, or (single-node mode) when its parent process is gone - so no run leaves orphans.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from distbert import messages as m
+from distbert.backends import create
+from distbert.backends.base import Backend, ModelInputs
+from distbert.config import RunConfig
+from distbert.errors import UserError
+from distbert.topology import DeviceBinding, bind_worker
+from distbert.transport.base import WorkerTransport
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _failure(rank: int, batch_id: int, exc: BaseException) -> m.Failure:
+    return m.Failure(rank=rank, host=socket.gethostname(), batch_id=batch_id, exc_type=type(exc).__name__,
+                     text=str(exc), traceback="".join(traceback.format_exception(exc)))
+
+
+class Worker:
+    """The worker's state; :func:`worker_run` drives it."""
+
+    def __init__(self, transport: WorkerTransport, rank: int, local_index: int, local_count: int,
+                 parent_pid: int | None = None) -> None:
+        self.transport = transport
+        self.rank = rank
+        self.local_index = local_index
+        self.local_count = local_count
+        self.parent_pid = parent_pid
+        self.cfg: RunConfig | None = None
+        self.backend: Backend | None = None
+        self.store: Any = None
+        self.binding: DeviceBinding | None = None
+        self._todo: queue.SimpleQueue[m.Batch | None] = queue.SimpleQueue()
+        self._done: collections.deque[m.Result | m.Failure] = collections.deque()
+        self._last_heard = time.monotonic()
+        self.batches = 0
+        self.samples = 0
+        self.compute_s = 0.0
+
+    # --- start-up ------------------------------------------------------------------------------
+
+    def _await_setup(self, deadline_s: float) -> RunConfig:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"rank {self.rank}: no Setup from rank 0 within {deadline_s:.0f} s")
+            msg = self.transport.recv(timeout=min(left, 1.0))
+            self._check_parent()
+            if isinstance(msg, m.Setup):
+                return RunConfig.from_json(msg.config_json)
+            if isinstance(msg, m.Shutdown):
+                raise _Stop(msg.reason)
+
+    def setup(self, setup_timeout_s: float = 600.0) -> None:
+        cfg = self.cfg = self._await_setup(setup_timeout_s)
+        spec = cfg.backend
+        self.binding = bind_worker(spec.device, self.local_index, self.local_count)
+        threads = spec.threads or cfg.worker_threads or len(self.binding.cores)
+        import dataclasses  # noqa: PLC0415
+
+        spec = dataclasses.replace(spec, device=self.binding.device if spec.device != "cpu" else "cpu",
+                                   threads=threads)
+        log.info("device %s, cores %s, %d threads, backend %s", self.binding.device,
+                 _ranges(self.binding.cores), threads, spec.name)
+        from distbert.squad.features import FeatureStore  # noqa: PLC0415 - heavy import after setup
+
+        if cfg.features_path is None:
+            raise UserError("run config has no feature cache path (rank 0 must set it)")
+        self.store = FeatureStore.open(cfg.features_path)
+        backend = self.backend = create(spec)
+        backend.load()
+        if backend.needs_features:
+            backend.attach_features(self.store)
+        backend.warmup()
+        hint = backend.batch_hint()
+        info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid()}
+        # Ready only now: rank 0 must not start LoadGen's clock before every model is warm.
+        self.transport.send(m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device,
+                                    backend=spec.name, max_batch=hint.max_batch,
+                                    info_json=json.dumps(info | {"token_budget": hint.token_budget})))
+
+    # --- compute thread ------------------------------------------------------------------------
+
+    def _inputs(self, batch: m.Batch) -> ModelInputs:
+        indices = np.asarray(batch.indices, dtype=np.int64)
+        assert self.backend is not None
+        if self.backend.needs_tokens:
+            ids, mask, seg, lengths = self.store.gather(indices)
+        else:
+            lengths = self.store.lengths[indices]
+            shape = (len(indices), int(lengths.max()) if len(indices) else 0)
+            ids = mask = seg = np.broadcast_to(np.int32(0), shape)
+        return ModelInputs(indices, ids, mask, seg, lengths)
+
+    def _compute_loop(self) -> None:
+        assert self.backend is not None
+        while True:
+            batch = self._todo.get()
+            if batch is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                inputs = self._inputs(batch)
+                start, end = self.backend.run(inputs)
+                if batch.want_logits:
+                    logits = np.stack([np.asarray(start, np.float32), np.asarray(end, np.float32)], axis=-1)
+                else:
+                    logits = np.zeros((len(batch.ids), 0, 2), np.float32)
+                took = time.perf_counter() - t0
+                self.compute_s += took
+                self.batches += 1
+                self.samples += len(batch.ids)
+                self._done.append(m.Result(batch_id=batch.batch_id, ids=batch.ids, logits=logits, compute_s=took))
+            except Exception as exc:  # a failure is a message (STYLE §8)
+                log.exception("batch %d failed", batch.batch_id)
+                self._done.append(_failure(self.rank, batch.batch_id, exc))
+            self.transport.wake()
+
+    # --- I/O thread ----------------------------------------------------------------------------
+
+    def _check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            raise _Stop("parent process is gone")
+
+    def serve(self) -> str:
+        """Run until Shutdown or rank 0 is gone; returns the reason."""
+        assert self.cfg is not None
+        cfg = self.cfg
+        compute = threading.Thread(target=self._compute_loop, name="distbert-compute", daemon=True)
+        compute.start()
+        next_beat = time.monotonic() + cfg.heartbeat_s
+        reason = "?"
+        try:
+            while True:
+                while self._done:
+                    self.transport.send(self._done.popleft())
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.transport.send(m.Heartbeat(rank=self.rank, sent_at=time.time()))
+                    next_beat = now + cfg.heartbeat_s
+                    self._check_parent()
+                    if now - self._last_heard > cfg.heartbeat_timeout_s:
+                        reason = f"rank 0 silent for {now - self._last_heard:.1f} s"
+                        break
+                msg = self.transport.recv(timeout=max(0.0, next_beat - time.monotonic()))
+                if msg is None:
+                    continue
+                self._last_heard = time.monotonic()
+                if isinstance(msg, m.Batch):
+                    self._todo.put(msg)
+                elif isinstance(msg, m.Shutdown):
+                    reason = f"shutdown: {msg.reason}"
+                    break
+        except _Stop as stop:
+            reason = str(stop)
+        finally:
+            self._todo.put(None)
+        # Let an in-progress batch finish (bounded) so its result is not lost on a clean stop.
+        compute.join(timeout=5.0)
+        while self._done:
+            self.transport.send(self._done.popleft())
+        return reason
+
+    def stats(self) -> dict[str, Any]:
+        return {"rank": self.rank, "host": socket.gethostname(), "batches": self.batches, "samples": self.samples,
+                "compute_s": round(self.compute_s, 6),
+                "backend": self.backend.info() if self.backend else None}
+
+
+def worker_run(transport: WorkerTransport, rank: int, local_index: int = 0, local_count: int = 1,
+               parent_pid: int | None = None) -> int:
+    """Whole life of a worker. Returns a process exit code; never raises."""
+    worker = Worker(transport, rank, local_index, local_count, parent_pid)
+    code = 0
+    try:
+        worker.setup()
+        reason = worker.serve()
+        log.info("stopping (%s) after %d batches, %d samples", reason, worker.batches,
+                 worker.samples)
+        try:
+            transport.send(m.Bye(rank=rank, stats_json=json.dumps(worker.stats())))
+        except Exception:  # rank 0 may already be gone
+            pass
+    except _Stop as stop:
+        log.info("stopped before serving: %s", stop)
+    except BaseException as exc:  # report the first failure to rank 0, then exit non-zero
+        code = 2 if isinstance(exc, UserError) else 1
+        log.error("%s: %s", type(exc).__name__, exc)
+        try:
+            transport.send(_failure(rank, -1, exc))
+        except Exception:
+            pass
+    finally:
+        if worker.backend is not None:
+            worker.backend.close()
+        transport.close()
+    return code
+
+
+def _ranges(cores: tuple[int, ...]) -> str:
+    if not cores:
+        return "-"
+    out, start, prev = [], cores[0], cores[0]
+    for c in cores[1:] + (None,):  # type: ignore[operator]
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+        if c is not None:
+            start = prev = c
+    return ",".join(out)

@@ -1,0 +1,211 @@
+"""Real multi-process runs of the whole engine: real LoadGen, real ZeroMQ/MPI, real processes.
+
+Three launch modes: the single-node fallback (``distbert run --workers 2``), ``mpiexec -n 3``
+with the ZeroMQ transport, and ``mpiexec -n 3`` with the MPI transport; every scenario, performance
+and accuracy. Harness backends only (null: the plumbing; oracle: every response reached the right
+sample, so F1 must equal direct scoring of the same logits). After each run the process table must
+hold no distbert worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+
+PY = sys.executable
+MPIEXEC = shutil.which("mpiexec", path=str(Path(PY).parent)) or shutil.which("mpiexec")
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def env(squad_dev, vocab, session_cache) -> dict[str, str]:
+    e = dict(os.environ)
+    e["DISTBERT_CACHE"] = str(session_cache)
+    e["DISTBERT_NO_PROGRESS"] = "1"
+    e["PYTHONPATH"] = str(REPO)
+    # build the feature cache once for every run in this module
+    subprocess.run([PY, "-m", "distbert", "squad", "features", "--dataset", str(squad_dev), "--vocab", str(vocab),
+                    "--out", str(session_cache / "features.npz")], env=e, check=True, timeout=300)
+    return e
+
+
+def _workers_alive(pids_before: set[int]) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "distbert worker" in cmd or ("distbert" in cmd and "run" in cmd and p.info["pid"] not in pids_before
+                                        and p.info["pid"] != os.getpid()):
+            out.append(p)
+    return out
+
+
+def _run(args: list[str], env: dict[str, str], squad_dev: Path, vocab: Path, out: Path, launcher: list[str] | None = None,
+         timeout: int = 240) -> tuple[subprocess.CompletedProcess[str], dict]:
+    cmd = (launcher or []) + [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
+                              "--output", str(out), *args]
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # no process outlives a run
+    deadline = time.monotonic() + 10
+    while _workers_alive(before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _workers_alive(before), "worker processes outlived the run"
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    record = json.loads((out / "run.json").read_text())
+    return proc, record
+
+
+def _direct_oracle_f1(squad_dev: Path, vocab: Path, session_cache: Path, max_examples: int | None) -> float:
+    from distbert.backends.harness import oracle_logits
+    from distbert.squad.accuracy import score_logits
+    from distbert.squad.features import load_features
+
+    store = load_features(squad_dev, vocab, cache_dir=session_cache)
+    n = max_examples or len(store)
+    logits = {}
+    for i in range(n):
+        length = int(store.lengths[i])
+        s, e = oracle_logits([i], length, store.oracle_start, store.oracle_end)
+        logits[i] = __import__("numpy").stack([s[0], e[0]], axis=-1)
+    return score_logits(store, logits).f1
+
+
+LAUNCHES = {
+    "local": lambda: (None, ["--workers", "2"]),
+    "mpi-zmq": lambda: ([MPIEXEC, "-n", "3"], ["--transport", "zmq"]),
+    "mpi-mpi": lambda: ([MPIEXEC, "-n", "3"], ["--transport", "mpi"]),
+}
+
+SCENARIO_ARGS = {
+    "Offline": [],
+    "Server": ["--target-qps", "4000", "--test-query-count", "3000"],
+    "SingleStream": ["--test-query-count", "300"],
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+@pytest.mark.parametrize("scenario", list(SCENARIO_ARGS))
+def test_performance_and_accuracy(launch, scenario, env, squad_dev, vocab, session_cache, tmp_path):
+    launcher, extra = LAUNCHES[launch]()
+    if launcher is not None and MPIEXEC is None:
+        pytest.skip("mpiexec not found next to the Python interpreter (install the 'mpich' wheel)")
+    max_examples = None if scenario == "Offline" else 1500
+    args = ["--backend", "oracle", "--scenario", scenario, "--mode", "both", *extra, *SCENARIO_ARGS[scenario]]
+    if max_examples:
+        args += ["--max-examples", str(max_examples)]
+    proc, record = _run(args, env, squad_dev, vocab, tmp_path / "run", launcher)
+    perf = record["results"]["performance"]
+    acc = record["results"]["accuracy"]
+    assert perf["loadgen_errors"] == 0 and acc["loadgen_errors"] == 0
+    assert len(record["workers"]) == 2
+    assert all(w["stats"] and w["stats"]["samples"] > 0 for w in record["workers"]), record["workers"]
+    # every response reached the right sample: the distributed F1 equals direct scoring
+    assert acc["f1"] == pytest.approx(_direct_oracle_f1(squad_dev, vocab, session_cache, max_examples), abs=1e-9)
+    if max_examples is None:
+        assert acc["f1"] > 98.0
+    log = json.loads((tmp_path / "run" / "accuracy" / "mlperf_log_accuracy.json").read_text())
+    assert len({e["qsl_idx"] for e in log}) == (max_examples or 10833)
+    for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt"):
+        assert (tmp_path / "run" / "performance" / name).is_file()
+    assert (tmp_path / "run" / "accuracy" / "accuracy.txt").read_text().startswith('{"exact_match"')
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_run_work_is_requeued(env, squad_dev, vocab, tmp_path):
+    """Kill one of three local workers mid-run (sim backend keeps the run long enough): the run must
+    still complete every sample exactly once (LoadGen would log an error otherwise) and report the loss."""
+    out = tmp_path / "run"
+    cmd = [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab), "--output", str(out),
+           "--backend", "sim", "--sim-latency", "0.02 + 1e-7*tokens", "--workers", "3", "--max-batch", "32",
+           "--scenario", "Offline", "--mode", "accuracy", "--max-examples", "3000", "--heartbeat-timeout", "3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            if "--rank" in child.cmdline() and child.cmdline()[child.cmdline().index("--rank") + 1] == "2":
+                victim = child
+        time.sleep(0.2)
+    assert victim is not None, "worker 2 never started"
+    # wait until the run is underway (the accuracy log directory exists once LoadGen starts)
+    while not list(out.parent.glob(".run.partial-*/accuracy/mlperf_log_detail.txt")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    victim.send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "lost worker 2" in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["results"]["accuracy"]["loadgen_errors"] == 0
+    log = json.loads((out / "accuracy" / "mlperf_log_accuracy.json").read_text())
+    idx = [e["qsl_idx"] for e in log]
+    assert sorted(idx) == list(range(3000)), "a sample was lost or completed twice"
+    lost = [w for w in record["workers"] if w["lost"]]
+    assert [w["worker"] for w in lost] == [2]
+    assert record["results"]["accuracy"]["dispatcher"]["requeued_batches"] >= 1
+
+
+@pytest.mark.timeout(120)
+def test_multistream_is_refused_with_one_line(env, squad_dev, vocab, tmp_path):
+    proc = subprocess.run([PY, "-m", "distbert", "run", "--scenario", "MultiStream", "--backend", "null",
+                           "--output", str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "MultiStream is not defined for BERT" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.timeout(120)
+def test_failing_backend_fails_the_run_with_the_first_cause(env, squad_dev, vocab, tmp_path):
+    """A worker whose model cannot load reports why; rank 0 exits non-zero, names the rank, leaves
+    only a run directory marked .failed, and no worker survives."""
+    out = tmp_path / "run"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
+                           "--backend", "onnxruntime", "--model", str(tmp_path / "missing.onnx"), "--workers", "2",
+                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("distbert: error: run failed: worker") and "missing.onnx" in last
+    assert not out.exists() and (tmp_path / "run.failed" / "error.txt").is_file()
+    time.sleep(1)
+    assert not _workers_alive(before)
+
+
+@pytest.mark.timeout(180)
+def test_external_worker_joins_with_connect(env, squad_dev, vocab, tmp_path):
+    """A coordinator listening on TCP with no local workers is joined by `distbert worker --connect`,
+    the session key coming from the environment (never the command line)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = dict(env, DISTBERT_SESSION_KEY="test-key-123")
+    coord = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
+                              "--backend", "oracle", "--mode", "accuracy", "--max-examples", "500",
+                              "--workers", "0", "--expect-workers", "1", "--listen", f"tcp://127.0.0.1:{port}",
+                              "--output", str(tmp_path / "run")],
+                             env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    worker = subprocess.Popen([PY, "-m", "distbert", "worker", "--connect", f"tcp://127.0.0.1:{port}",
+                               "--rank", "7"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = coord.communicate(timeout=150)
+    wout, werr = worker.communicate(timeout=30)
+    assert coord.returncode == 0, err[-3000:]
+    assert worker.returncode == 0, werr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [w["worker"] for w in record["workers"]] == [7]
+    assert record["workers"][0]["stats"]["samples"] >= 500
