@@ -98,13 +98,7 @@ BERT_LARGE_CONFIG: dict[str, Any] = {
 
 
 def mirror_url() -> str | None:
-    """``DISTBERT_MIRROR``: base URL serving every artifact by file name (``<mirror>/<file name>``).
-
-    When set it replaces the official URLs (air-gapped clusters with an internal mirror, tests).
-    ``file:///path`` works too. Unset or empty: the official URLs. This belongs in
-    :mod:`distbert.envs`; it lives here until it is moved there.
-    """
-    return os.environ.get("DISTBERT_MIRROR") or None
+    return envs.mirror_url()
 
 
 def get(name: str) -> Artifact:
@@ -123,7 +117,8 @@ def model_artifact(fmt: str) -> Artifact:
 
 
 def urls_for(art: Artifact, base_url_override: str | None = None) -> list[str]:
-    """URLs to try in order: ``<base>/<file name>`` if an override or ``DISTBERT_MIRROR`` is set, else the official ones."""
+    """URLs to try in order: ``<base>/<file name>`` if an override or ``DISTBERT_MIRROR`` is set,
+    else the official ones."""
     base = base_url_override or mirror_url()
     return [base.rstrip("/") + "/" + art.filename] if base else list(art.urls)
 
@@ -131,20 +126,22 @@ def urls_for(art: Artifact, base_url_override: str | None = None) -> list[str]:
 # ---------------------------------------------------------------- checksums and the manifest
 
 def manifest_path() -> Path:
-    """``<cache>/manifest.json``: ``{"version": 1, "artifacts": {name: {file, size, sha256, md5, url, downloaded}}}``."""
+    """``<cache>/manifest.json``:
+    ``{"version": 1, "artifacts": {name: {file, size, sha256, md5, url, downloaded}}}``."""
     return envs.cache_dir() / "manifest.json"
 
 
 def _read_manifest() -> dict[str, Any]:
     path = manifest_path()
+    fix = "delete it; model checksums are recorded again at the next download"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {"version": 1, "artifacts": {}}
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}): delete it; model checksums are recorded again at the next download") from None
+        raise UserError(f"cannot read {path} ({e}): {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
-        raise UserError(f"{path} is not a distbert manifest: delete it; model checksums are recorded again at the next download")
+        raise UserError(f"{path} is not a distbert manifest: {fix}")
     return data
 
 
@@ -307,7 +304,8 @@ def _attempt(url: str, part: Path, meta_path: Path, art: Artifact) -> None:
             raise _Unreachable(str(e.reason) or type(e.reason).__name__) from None
         if isinstance(e.reason, ConnectionError):
             raise _Transient(str(e.reason)) from None
-        raise UserError(f"cannot download {url}: {e.reason}; download {art.filename} elsewhere and pass {art.flag}") from None
+        raise UserError(f"cannot download {url}: {e.reason}; "
+                        f"download {art.filename} elsewhere and pass {art.flag}") from None
     except (ConnectionError, TimeoutError, http.client.HTTPException) as e:   # raised after connecting
         raise _Transient(f"{type(e).__name__}: {e}") from None
 
@@ -317,7 +315,8 @@ def _attempt(url: str, part: Path, meta_path: Path, art: Artifact) -> None:
             start, total = _content_range(resp.headers.get("Content-Range"))
             if start != offset:
                 _discard(part, meta_path)
-                raise _Transient(f"server answered Range bytes={offset}- with {resp.headers.get('Content-Range')}; restarting")
+                raise _Transient(f"server answered Range bytes={offset}- with "
+                                 f"{resp.headers.get('Content-Range')}; restarting")
             mode = "ab"
         else:
             if offset:
@@ -409,6 +408,8 @@ def download(artifact: str | Artifact, dest_dir: Path | str | None = None, *,
         if force:
             _discard(part, meta_path)
         urls = urls_for(art, base_url_override)
+        if not urls:
+            raise UserError(f"no URL known for {art.name}: pass --mirror URL, or put {art.filename} in {target}")
         unreachable: list[tuple[str, str]] = []
         last_error: UserError | None = None
         for i, url in enumerate(urls):
@@ -436,9 +437,9 @@ def download(artifact: str | Artifact, dest_dir: Path | str | None = None, *,
         rec = _read_manifest()["artifacts"].get(art.name)
         if art.md5 is None and rec is not None and (rec["sha256"] != sha256 or rec["size"] != part.stat().st_size):
             _discard(part, meta_path)
-            raise UserError(f"sha256 mismatch for {url}: expected {rec['sha256']} (recorded in {manifest_path()} at the "
-                            f"first download), got {sha256}; the download was deleted (if the upstream file really "
-                            f"changed, delete the {art.name!r} entry of that manifest)")
+            raise UserError(f"sha256 mismatch for {url}: expected {rec['sha256']} (recorded in {manifest_path()} "
+                            f"at the first download), got {sha256}; the download was deleted (if the upstream file "
+                            f"really changed, delete the {art.name!r} entry of that manifest)")
         if rec is None or rec["sha256"] != sha256:
             _record(art, part, url, md5, sha256)
         os.replace(part, target)   # the final name appears only once the content is verified
@@ -454,7 +455,10 @@ def present(artifact: str | Artifact, dest_dir: Path | str | None = None) -> Pat
     """A local copy that verifies (or, for a model, has no recorded checksum): ``<dest_dir>/<file>``
     when ``dest_dir`` is given, else the ``DISTBERT_DATA_DIR`` copy, else the cache copy. None if none."""
     art = get(artifact) if isinstance(artifact, str) else artifact
-    candidates = [Path(dest_dir).expanduser() / art.filename] if dest_dir is not None else [art.data_path(), art.cache_path()]
+    if dest_dir is not None:
+        candidates = [Path(dest_dir).expanduser() / art.filename]
+    else:
+        candidates = [art.data_path(), art.cache_path()]
     for path in candidates:
         if path.is_file() and _check(art, path)[0] is not False:
             return path

@@ -309,6 +309,9 @@ class Coordinator:
     def _execute(self, instructions: list[Any]) -> None:
         for ins in instructions:
             if isinstance(ins, SendBatch):
+                if self.workers[ins.worker].lost:
+                    # lost earlier in this same list: the dispatcher already requeued this work
+                    continue
                 try:
                     self.transport.send(ins.worker, m.Batch(batch_id=ins.batch_id, want_logits=ins.want_logits,
                                                             ids=ins.ids, indices=ins.indices))
@@ -316,6 +319,8 @@ class Coordinator:
                     self._lose(self.workers[ins.worker], "transport does not know it")
             elif isinstance(ins, Complete):
                 result = self._results.get(ins.batch_id)
+                if result is not None and not np.array_equal(result.ids, ins.ids):
+                    self._fail(f"worker {ins.worker} answered batch {ins.batch_id} with other ids (protocol bug)")
                 logits = result.logits if (result is not None and self._want_logits) else None
                 self._completions.put((ins.ids, logits))
             elif isinstance(ins, NoWorkers):

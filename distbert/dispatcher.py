@@ -3,8 +3,9 @@
 Events go in (a worker joined or was lost, LoadGen issued samples or flushed, a worker returned a
 batch, a timer fired) and each returns the list of instructions the driver must execute, **in
 order**: :class:`SendBatch`, :class:`Complete`, :class:`NoWorkers`. Nothing here touches a socket,
-a thread, a clock or LoadGen; time is passed in as ``now`` (seconds, any monotonic origin), so the
-tests drive it with an injected clock.
+a thread, a clock or LoadGen; time is passed in as ``now`` (a Python float in seconds, any monotonic
+origin, e.g. ``time.monotonic()``; numpy scalars work but slow every call down), so the tests drive it
+with an injected clock. Design notes and measurements: ``notes/dispatcher.md``.
 
 Scheduling (DESIGN.md "Scheduling"):
 
@@ -181,6 +182,7 @@ class Dispatcher:
         self._dup_dropped = 0
         self._unknown_dropped = 0
         self._wrong_worker_dropped = 0
+        self._aborted = 0
 
     # -----------------------------------------------------------------------------------------
     # Events
@@ -317,6 +319,33 @@ class Dispatcher:
             return self._open_deadline
         return None
 
+    def abort(self) -> np.ndarray:
+        """Give up on all outstanding work after a fatal failure; return its response ids (uint64).
+
+        Every pending (queued or open) and in-flight sample is forgotten and its id returned, so the
+        driver can complete them empty and LoadGen can return. In-flight batch ids are retired: late
+        results for them are dropped as duplicates. Workers stay registered with all credits free.
+        Safe to call twice (the second call returns an empty array).
+        """
+        parts = [ids for ids, _ in self._queue]
+        parts += [f.ids for f in self._flights.values()]
+        if self._open_ids:
+            parts.append(np.array(self._open_ids, dtype=np.uint64))
+        for w in self._workers.values():
+            if w.inflight:
+                self._free_total += len(w.inflight)
+                self._idle_count += 1
+                w.inflight.clear()
+        self._flights.clear()
+        self._queue.clear()
+        self._queued_samples = 0
+        self._open_ids = []
+        self._open_idx = []
+        self._open_due = False
+        out = np.concatenate(parts).astype(np.uint64, copy=False) if parts else np.empty(0, np.uint64)
+        self._aborted += len(out)
+        return out
+
     # -----------------------------------------------------------------------------------------
     # Queries
 
@@ -354,6 +383,7 @@ class Dispatcher:
             "duplicates_dropped": self._dup_dropped,
             "unknown_dropped": self._unknown_dropped,
             "wrong_worker_dropped": self._wrong_worker_dropped,
+            "samples_aborted": self._aborted,
             "workers": dict(sorted(per.items())),
         }
 

@@ -22,7 +22,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "download", help="download the official SQuAD dev set, vocab or MLPerf BERT model",
         description="Download official MLPerf BERT artifacts (resumable, checksum-verified) into the cache "
                     "(DISTBERT_CACHE, default ~/.cache/distbert) or --dest.")
-    p.add_argument("what", choices=("squad", "model"), help="squad: dev-v1.1.json + vocab.txt; model: the --format model")
+    p.add_argument("what", choices=("squad", "model"),
+                   help="squad: dev-v1.1.json + vocab.txt; model: the --format model")
     p.add_argument("--format", choices=tuple(artifacts.MODEL_ARTIFACTS), default="onnx",
                    help="model format (default onnx: the fp32 bert-99.9 starting weights)")
     p.add_argument("--dest", type=Path, metavar="DIR", help="download into DIR instead of the cache")

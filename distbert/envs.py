@@ -41,3 +41,12 @@ def log_level() -> str:
 def no_progress() -> bool:
     """``DISTBERT_NO_PROGRESS=1`` hides progress bars (they are also hidden when stderr is not a TTY)."""
     return os.environ.get("DISTBERT_NO_PROGRESS", "") not in ("", "0")
+
+
+def mirror_url() -> str | None:
+    """``DISTBERT_MIRROR``: base URL serving every artifact by file name (``<mirror>/<file name>``).
+
+    When set it replaces the official URLs (air-gapped clusters with an internal mirror, tests);
+    ``file:///path`` works too. Unset or empty: the official URLs.
+    """
+    return os.environ.get("DISTBERT_MIRROR") or None

@@ -90,24 +90,37 @@ def _frame_of(arr: np.ndarray) -> memoryview | bytes:
     return memoryview(arr).cast("B") if arr.size else _EMPTY
 
 
-def _array_from(frame: memoryview, code: int, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _array_from(frame: Any, code: int, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A read-only view of ``frame`` as ``dtype`` with ``shape``; the frame is any contiguous buffer."""
     if code != _DTYPE_CODE[dtype]:
         got = _CODE_NAME.get(code, f"unknown dtype code {code}")
         raise MessageError(f"{what}: dtype {got} on the wire, expected {dtype.name}")
+    try:
+        # Straight from the frame object (bytes, zmq.Frame, memoryview...): no intermediate view.
+        arr = np.frombuffer(frame, dtype=dtype)
+        ok = True
+    except (TypeError, ValueError):  # not a buffer, not contiguous, or not a whole number of items
+        ok = False
     count = 1
     for dim in shape:
         count *= dim
-    expected = count * dtype.itemsize
-    if frame.nbytes != expected:
+    if not ok or arr.size != count:
         raise MessageError(
-            f"{what}: frame has {frame.nbytes} bytes, header says shape {shape} of {dtype.name} = {expected} bytes"
+            f"{what}: frame has {_nbytes(frame)} bytes, header says shape {shape} of {dtype.name}"
+            f" = {count * dtype.itemsize} bytes"
         )
-    arr = np.frombuffer(frame, dtype=dtype)
     if len(shape) != 1:
         arr = arr.reshape(shape)
     # ZeroMQ frames and MPI receive buffers are writable; the contract is read-only views.
     arr.flags.writeable = False
     return arr
+
+
+def _nbytes(frame: Any) -> str:
+    try:
+        return str(memoryview(frame).nbytes)
+    except TypeError:
+        return f"no buffer ({type(frame).__name__}), 0"
 
 
 def _arrays_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -133,12 +146,12 @@ def _utf8(value: str, what: str) -> bytes:
         raise MessageError(f"{what}: not encodable as UTF-8 text: {exc}") from None
 
 
-def _read_strings(head: memoryview, offset: int, lengths: Sequence[int], names: Sequence[str], msg: str) -> list[str]:
+def _read_strings(head: bytes | memoryview, offset: int, lengths: Sequence[int], names: Sequence[str], msg: str) -> list[str]:
     """Decode the strings that follow the fixed header; frame 0 must end exactly after them."""
     end = offset + sum(lengths)
-    if end != head.nbytes:
+    if end != len(head):
         raise MessageError(
-            f"{msg}: frame 0 has {head.nbytes} bytes, header and string lengths say {end}"
+            f"{msg}: frame 0 has {len(head)} bytes, header and string lengths say {end}"
         )
     out = []
     for length, name in zip(lengths, names):
@@ -150,9 +163,9 @@ def _read_strings(head: memoryview, offset: int, lengths: Sequence[int], names: 
     return out
 
 
-def _unpack(st: struct.Struct, head: memoryview, msg: str) -> tuple:
-    if head.nbytes < st.size:
-        raise MessageError(f"{msg}: frame 0 has {head.nbytes} bytes, shorter than its {st.size}-byte header")
+def _unpack(st: struct.Struct, head: bytes | memoryview, msg: str) -> tuple:
+    if len(head) < st.size:
+        raise MessageError(f"{msg}: frame 0 has {len(head)} bytes, shorter than its {st.size}-byte header")
     return st.unpack_from(head)
 
 
@@ -163,7 +176,7 @@ def _pack(st: struct.Struct, msg: str, *values: Any) -> bytes:
         raise MessageError(f"{msg}: a field is out of range or of the wrong type: {exc}") from None
 
 
-def _expect_frames(frames: Sequence[memoryview], n: int, msg: str) -> None:
+def _expect_frames(frames: Sequence[Any], n: int, msg: str) -> None:
     if len(frames) != n:
         raise MessageError(f"{msg}: expected {n} frame(s), got {len(frames)}")
 
@@ -194,7 +207,7 @@ class Hello:
         return [b"".join((head, host, key))]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Hello:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Hello:
         _expect_frames(frames, 1, "Hello")
         _, version, rank, pid, n_host, n_key = _unpack(cls._HEAD, head, "Hello")
         if version != WIRE_VERSION:
@@ -224,7 +237,7 @@ class Setup:
         return [b"".join((_pack(self._HEAD, "Setup", self.TAG, len(text)), text))]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Setup:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Setup:
         _expect_frames(frames, 1, "Setup")
         _, n = _unpack(cls._HEAD, head, "Setup")
         (text,) = _read_strings(head, cls._HEAD.size, (n,), ("config_json",), "Setup")
@@ -256,7 +269,7 @@ class Ready:
         return [b"".join((head, *strs))]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Ready:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Ready:
         _expect_frames(frames, 1, "Ready")
         _, rank, max_batch, *lengths = _unpack(cls._HEAD, head, "Ready")
         host, device, backend, info = _read_strings(
@@ -293,11 +306,11 @@ class Batch:
         return [head, _frame_of(ids), _frame_of(indices)]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Batch:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Batch:
         _expect_frames(frames, 3, "Batch")
         _, batch_id, want, ids_code, n_ids, idx_code, n_idx = _unpack(cls._HEAD, head, "Batch")
-        if head.nbytes != cls._HEAD.size:
-            raise MessageError(f"Batch: frame 0 has {head.nbytes} bytes, expected {cls._HEAD.size}")
+        if len(head) != cls._HEAD.size:
+            raise MessageError(f"Batch: frame 0 has {len(head)} bytes, expected {cls._HEAD.size}")
         if want > 1:
             raise MessageError(f"Batch.want_logits: byte {want} is not a boolean")
         if n_ids != n_idx:
@@ -350,11 +363,11 @@ class Result:
         return [head, _frame_of(ids), _frame_of(logits)]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Result:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Result:
         _expect_frames(frames, 3, "Result")
         _, batch_id, compute_s, ids_code, n_ids, lg_code, b, length, two = _unpack(cls._HEAD, head, "Result")
-        if head.nbytes != cls._HEAD.size:
-            raise MessageError(f"Result: frame 0 has {head.nbytes} bytes, expected {cls._HEAD.size}")
+        if len(head) != cls._HEAD.size:
+            raise MessageError(f"Result: frame 0 has {len(head)} bytes, expected {cls._HEAD.size}")
         if b != n_ids or two != 2:
             raise MessageError(f"Result: header says {n_ids} ids but logits shape ({b}, {length}, {two})")
         ids = _array_from(frames[1], ids_code, _U64, (n_ids,), "Result.ids")
@@ -405,7 +418,7 @@ class Failure:
         return [b"".join((head, *strs))]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Failure:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Failure:
         _expect_frames(frames, 1, "Failure")
         _, rank, batch_id, *lengths = _unpack(cls._HEAD, head, "Failure")
         host, exc_type, text, tb = _read_strings(
@@ -428,10 +441,10 @@ class Heartbeat:
         return [_pack(self._HEAD, "Heartbeat", self.TAG, self.rank, self.sent_at)]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Heartbeat:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Heartbeat:
         _expect_frames(frames, 1, "Heartbeat")
-        if head.nbytes != cls._HEAD.size:
-            raise MessageError(f"Heartbeat: frame 0 has {head.nbytes} bytes, expected {cls._HEAD.size}")
+        if len(head) != cls._HEAD.size:
+            raise MessageError(f"Heartbeat: frame 0 has {len(head)} bytes, expected {cls._HEAD.size}")
         _, rank, sent_at = cls._HEAD.unpack_from(head)
         return cls(rank, sent_at)
 
@@ -450,7 +463,7 @@ class Shutdown:
         return [b"".join((_pack(self._HEAD, "Shutdown", self.TAG, len(text)), text))]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Shutdown:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Shutdown:
         _expect_frames(frames, 1, "Shutdown")
         _, n = _unpack(cls._HEAD, head, "Shutdown")
         (reason,) = _read_strings(head, cls._HEAD.size, (n,), ("reason",), "Shutdown")
@@ -472,7 +485,7 @@ class Bye:
         return [b"".join((_pack(self._HEAD, "Bye", self.TAG, self.rank, len(text)), text))]
 
     @classmethod
-    def _decode(cls, head: memoryview, frames: Sequence[memoryview]) -> Bye:
+    def _decode(cls, head: bytes | memoryview, frames: Sequence[Any]) -> Bye:
         _expect_frames(frames, 1, "Bye")
         _, rank, n = _unpack(cls._HEAD, head, "Bye")
         (stats,) = _read_strings(head, cls._HEAD.size, (n,), ("stats_json",), "Bye")
@@ -519,14 +532,15 @@ def decode(frames: Sequence[Any]) -> Message:
     """
     if not frames:
         raise MessageError("empty message: no frames")
-    views = [_view(f, i) for i, f in enumerate(frames)]
-    head = views[0]
-    if head.nbytes == 0:
+    head = frames[0]
+    if type(head) is not bytes:  # bytes index and unpack as they are; anything else gets a view
+        head = _view(head, 0)
+    if not head:
         raise MessageError("frame 0 is empty: no tag byte")
     dec = _DECODERS[head[0]]
     if dec is None:
         raise MessageError(f"unknown message tag {head[0]:#04x}")
-    return dec(head, views)
+    return dec(head, frames)
 
 
 def peek_tag(frame0: Any) -> int | None:

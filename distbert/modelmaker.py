@@ -269,16 +269,21 @@ def build_onnx(weights: dict[str, np.ndarray], shape: BertShape,
                               producer_name="distbert.modelmaker")
     # keep the IR version readable by older runtimes (onnx 1.23 defaults to a newer one)
     model.ir_version = 8
-    if model.ByteSize() < 2**28:   # the checker copies the model: only worth it for small ones
+    if _weight_bytes(model) < 2**28:   # the checker copies the model: only worth it for small ones
         onnx.checker.check_model(model)
     return model
+
+
+def _weight_bytes(model: Any) -> int:
+    # ModelProto.ByteSize() serializes the whole model (seconds for BERT-Large): count raw data instead
+    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def _save_onnx(model: Any, path: Path) -> None:
     import onnx
     # Protobuf cannot serialize more than 2 GiB: spill the weights beside the graph only then
     # (fp32 BERT-Large is ~1.34 GB, so the MLPerf-style single file is the common case).
-    if model.ByteSize() >= 2**31 - 1:
+    if _weight_bytes(model) >= 2**31 - 2**24:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
     else:
@@ -292,9 +297,16 @@ def _quantize_int8(fp32_path: Path, out_path: Path) -> None:
     except ModuleNotFoundError as exc:
         raise UserError("--format onnx-int8 quantizes with onnxruntime, which is missing: "
                         "pip install 'distbert[cpu]'") from exc
-    quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8, per_channel=False,
-                     use_external_data_format=fp32_path.with_name(fp32_path.name + ".data").exists())
+    # the quantizer logs hundreds of lines through the root logger: keep them out of our logs
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["MatMul"],
+                         weight_type=QuantType.QInt8, per_channel=False,
+                         use_external_data_format=fp32_path.with_name(fp32_path.name + ".data").exists())
+    finally:
+        root.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------- writers

@@ -51,8 +51,9 @@ class Worker:
     """The worker's state; :func:`worker_run` drives it."""
 
     def __init__(self, transport: WorkerTransport, rank: int, local_index: int, local_count: int,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, pin: bool = True) -> None:
         self.transport = transport
+        self.pin = pin
         self.rank = rank
         self.local_index = local_index
         self.local_count = local_count
@@ -86,7 +87,10 @@ class Worker:
     def setup(self, setup_timeout_s: float = 600.0) -> None:
         cfg = self.cfg = self._await_setup(setup_timeout_s)
         spec = cfg.backend
-        self.binding = bind_worker(spec.device, self.local_index, self.local_count)
+        if self.pin:
+            self.binding = bind_worker(spec.device, self.local_index, self.local_count)
+        else:  # in-process workers (tests) must not pin the whole process
+            self.binding = DeviceBinding(spec.device, tuple(sorted(os.sched_getaffinity(0))))
         threads = spec.threads or cfg.worker_threads or len(self.binding.cores)
         import dataclasses  # noqa: PLC0415
 
@@ -200,9 +204,9 @@ class Worker:
 
 
 def worker_run(transport: WorkerTransport, rank: int, local_index: int = 0, local_count: int = 1,
-               parent_pid: int | None = None) -> int:
+               parent_pid: int | None = None, pin: bool = True) -> int:
     """Whole life of a worker. Returns a process exit code; never raises."""
-    worker = Worker(transport, rank, local_index, local_count, parent_pid)
+    worker = Worker(transport, rank, local_index, local_count, parent_pid, pin)
     code = 0
     try:
         worker.setup()

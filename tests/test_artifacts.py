@@ -99,7 +99,7 @@ def server() -> Iterator[ServerState]:
     handler = type("Handler", (RangeHandler,), {"state": state})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield state
@@ -151,11 +151,13 @@ def register(monkeypatch: pytest.MonkeyPatch, server: ServerState, name: str, da
 def test_registry_matches_mlperf_sources():
     a = artifacts.ARTIFACTS
     assert a["squad-dev"].md5 == "3e85deb501d4e538b6bc56f786231552"
-    assert a["squad-dev"].urls == ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
-                                   "https://github.com/rajpurkar/SQuAD-explorer/blob/master/dataset/dev-v1.1.json?raw=true")
+    assert a["squad-dev"].urls == (
+        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json",
+        "https://github.com/rajpurkar/SQuAD-explorer/blob/master/dataset/dev-v1.1.json?raw=true")
     assert a["vocab"].md5 == "64800d5d8528ce344256daf115d4965e" and "zenodo.org/record/3733910/" in a["vocab"].urls[0]
     assert a["model-onnx"].urls == ("https://zenodo.org/record/3733910/files/model.onnx?download=1",)
-    assert a["model-onnx-int8"].filename == "bert_large_v1_1_fake_quant.onnx" and "3750364" in a["model-onnx-int8"].urls[0]
+    int8 = a["model-onnx-int8"]
+    assert int8.filename == "bert_large_v1_1_fake_quant.onnx" and "3750364" in int8.urls[0]
     assert a["model-pytorch"].urls == ("https://zenodo.org/record/3733896/files/model.pytorch?download=1",)
     assert all(a[m].md5 is None for m in artifacts.MODEL_ARTIFACTS.values())
     assert a["squad-dev"].cache_path().parts[-3:] == ("data", "squad", "dev-v1.1.json")

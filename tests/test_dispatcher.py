@@ -77,6 +77,16 @@ class Sim:
         self.retired.append((w, bid))
         return self.run(self.d.on_result(w, bid, now))
 
+    def abort(self) -> np.ndarray:
+        """The driver gives up: the returned ids are completed empty (they count as completed)."""
+        ids = self.d.abort()
+        assert ids.dtype == np.uint64
+        for w, h in self.held.items():
+            self.retired.extend((w, bid) for bid in h)
+            h.clear()
+        self.run([Complete(-1, -1, ids)] if len(ids) else [])
+        return ids
+
     def tick(self, now: float) -> list:
         return self.run(self.d.on_tick(now))
 
@@ -381,11 +391,11 @@ def test_server_work_conserving_picks_idle_worker():
 
 def test_server_worker_max_batch_caps_batches():
     sim = server(max_batch=64, credits=1, workers=(1,), caps={1: 4})
-    b0 = sim.issue(1)[0]
+    sim.issue(1)
     sim.issue(9)
     assert sim.d.pending_samples() == 9
     sim.drain_fifo()
-    assert max(len(b.ids) for b in sim.sent_batches) == 4
+    assert [len(b.ids) for b in sim.sent_batches] == [1, 4, 4, 1], "the open batch is capped at the worker's 4"
     assert sim.all_done_once()
 
 
@@ -541,7 +551,9 @@ def test_server_latency_low_at_low_load_and_batches_at_high_load():
                     lat.extend(now - sent_at[x] for x in i.ids.tolist())
 
         k = 0
-        while k < len(arrivals) or heap:
+        for _guard in range(50 * len(arrivals)):       # a past deadline that never clears would spin here
+            if not (k < len(arrivals) or heap):
+                break
             dl = d.next_deadline()
             cands = [(arrivals[k] if k < len(arrivals) else np.inf, 0), (heap[0][0] if heap else np.inf, 1),
                      (dl if dl is not None else np.inf, 2)]
@@ -556,6 +568,8 @@ def test_server_latency_low_at_low_load_and_batches_at_high_load():
             else:
                 assert now >= dl
                 schedule(sim.tick(now), now)
+        else:
+            raise AssertionError("event loop did not finish: busy loop on next_deadline()")
         assert sim.all_done_once()
         sizes = [len(b.ids) for b in sim.sent_batches]
         return float(np.percentile(lat, 99)), float(np.mean(sizes))
@@ -655,6 +669,38 @@ def test_no_workers_when_work_arrives_after_last_worker_left_idle():
     assert out == [NoWorkers(1)]
 
 
+def test_abort_returns_every_outstanding_id_once():
+    sim = server(max_batch=2, credits=1, workers=(1, 2))
+    a = sim.issue(1, now=0.0)[0]                       # worker 1
+    b = sim.issue(1, now=0.0)[0]                       # worker 2
+    sim.result(1, a.batch_id, now=0.001)               # id 0 done
+    sim.issue(1, now=0.001)                            # id 2 -> idle worker 1
+    sim.issue(2, now=0.001)                            # ids 3, 4: a full batch, queued (no credit)
+    sim.issue(1, now=0.001)                            # id 5: open
+    d = sim.d
+    assert d.pending_samples() == 3 and d.in_flight() == 2
+    ids = sim.abort()
+    assert sorted(ids.tolist()) == [1, 2, 3, 4, 5]
+    assert d.idle() and d.pending_samples() == 0 and d.in_flight() == 0 and d.next_deadline() is None
+    assert d.on_result(2, b.batch_id, 0.002) == [], "late result after abort is a duplicate"
+    assert d.stats["duplicates_dropped"] == 1 and d.stats["samples_aborted"] == 5
+    assert d.abort().tolist() == []
+    assert sim.all_done_once()
+    out = sim.issue(1, now=0.003)                      # credits were restored: still usable
+    assert sends(out) and d.in_flight() == 1
+
+
+def test_abort_offline_and_empty():
+    sim = offline_sim(np.arange(1, 51), BatchPolicy(max_batch=8, credits=2), workers=(1,))
+    assert sim.d.abort().tolist() == []
+    sim.issue(50)
+    first = sim.sent_batches[0]
+    sim.result(1, first.batch_id)
+    ids = sim.abort()
+    assert len(ids) == 50 - len(first.ids) and len(set(ids.tolist())) == len(ids)
+    assert sim.all_done_once() and sim.d.idle()
+
+
 def test_rejoined_worker_keeps_counters():
     sim = server(max_batch=2)
     b = sim.issue(1)[0]
@@ -726,6 +772,8 @@ def test_randomized_every_id_completed_exactly_once(scenario, seed):
             sim.remove(rng.choice(live), now)
         elif r < 0.86:
             sim.flush(now)
+        elif r < 0.865:
+            sim.abort()
         else:
             dl = d.next_deadline()
             if dl is not None:
@@ -750,5 +798,5 @@ def test_randomized_every_id_completed_exactly_once(scenario, seed):
     assert d.idle()
     assert sim.next_id > 0 and sim.all_done_once(), "every issued id must be completed exactly once"
     st = d.stats
-    assert st["samples_completed"] == st["samples_issued"] == len(sim.issued)
+    assert st["samples_completed"] + st["samples_aborted"] == st["samples_issued"] == len(sim.issued)
     assert d.next_deadline() is None

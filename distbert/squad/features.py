@@ -19,8 +19,10 @@ Public API: :class:`FeatureParams`, :class:`FeatureStore`, :func:`load_features`
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -53,8 +55,8 @@ class SquadData:
     """A parsed SQuAD v1.x file, in file order (questions = the reference's ``examples``)."""
 
     version: str
+    contexts: list[str]
     context_words: list[list[str]]   # whitespace words of each context (the reference's doc_tokens)
-    word_starts: list[list[int]]     # character offset of each word in its context
     qas_ids: list[str]
     questions: list[str]
     example_context: np.ndarray      # int32 [E]: context of each question
@@ -90,9 +92,8 @@ def read_squad(path: Path) -> SquadData:
                 context = paragraph["context"]
                 if not isinstance(context, str):
                     raise TypeError("context is not a string")
-                matches = list(_WORD_RE.finditer(context))
-                data.context_words.append([m.group() for m in matches])
-                data.word_starts.append([m.start() for m in matches])
+                data.contexts.append(context)
+                data.context_words.append(_WORD_RE.findall(context))
                 for q, qa in enumerate(paragraph["qas"]):
                     where = f"data[{a}].paragraphs[{p}].qas[{q}]"
                     if not isinstance(qa["question"], str) or not isinstance(qa["id"], str):
@@ -189,21 +190,59 @@ def tokenize_pieces(tok: Tokenizer, pieces: list[str]) -> tuple[np.ndarray, np.n
     return ids, ptr
 
 
-def _unique_ptr(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize the distinct ``texts`` once: (ids, ptr over distinct texts, distinct index of each text)."""
-    index: dict[str, int] = {}
-    which = np.fromiter((index.setdefault(t, len(index)) for t in texts), np.int64, len(texts))
-    ids, ptr = tokenize_pieces(tok, list(index))
-    return ids, ptr, which
-
-
-def _segments(ptr: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in a flat array of the concatenation of segments ``which``; and their lengths."""
-    lens = ptr[which + 1] - ptr[which]
-    total = int(lens.sum())
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[k], starts[k] + lens[k])`` over k, vectorized."""
+    lens = np.asarray(lens, dtype=np.int64)
     out_starts = np.cumsum(lens) - lens
-    pos = np.arange(total, dtype=np.int64) - np.repeat(out_starts - ptr[which], lens)
-    return pos, lens
+    return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(out_starts - starts, lens)
+
+
+class _PieceTable:
+    """Distinct strings, each tokenized once; texts are then token sequences of concatenated pieces."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids = np.zeros(0, np.int32)
+        self.ptr = np.zeros(1, np.int64)
+
+    def add(self, groups: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Register texts made of pieces; returns (piece index of every piece, pieces per text)."""
+        counts = np.fromiter(map(len, groups), np.int64, len(groups))
+        flat = list(itertools.chain.from_iterable(groups))
+        index = self.index
+        for piece in dict.fromkeys(flat):
+            index.setdefault(piece, len(index))
+        return np.fromiter(map(index.__getitem__, flat), np.int64, len(flat)), counts
+
+    def tokenize(self, tok: Tokenizer) -> None:
+        self.ids, self.ptr = tokenize_pieces(tok, list(self.index))
+
+    def concat(self, which: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids of each text (flat), token offset of each piece occurrence and of each text.
+
+        Returns (ids [T], piece_tok_start [P+1], text_ptr [texts+1]) where piece occurrence k owns
+        ``ids[piece_tok_start[k]:piece_tok_start[k+1]]`` and text t owns ``ids[text_ptr[t]:text_ptr[t+1]]``.
+        """
+        lens = self.ptr[which + 1] - self.ptr[which]
+        ids = self.ids[_ranges(self.ptr[which], lens)]
+        piece_tok_start = np.zeros(len(which) + 1, dtype=np.int64)
+        np.cumsum(lens, out=piece_tok_start[1:])
+        piece_ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=piece_ptr[1:])
+        return ids, piece_tok_start, piece_tok_start[piece_ptr]
+
+
+def _doc_spans(n_tokens: int, max_doc: int, stride: int) -> list[tuple[int, int]]:
+    """The reference's sliding windows (start, length) over ``n_tokens`` doc tokens."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < n_tokens:
+        length = min(n_tokens - start, max_doc)
+        spans.append((start, length))
+        if start + length == n_tokens:
+            break
+        start += min(length, stride)
+    return spans
 
 
 def _max_context(spans: list[tuple[int, int]], n_tokens: int) -> list[np.ndarray]:
@@ -221,23 +260,30 @@ def _max_context(spans: list[tuple[int, int]], n_tokens: int) -> list[np.ndarray
     return [(best[s:s + n] == j).astype(np.uint8) for j, (s, n) in enumerate(spans)]
 
 
-def _gold_token_span(data: SquadData, e: int, doc_ids: np.ndarray, word_tok_start: np.ndarray,
-                     answer_ids: np.ndarray) -> tuple[int, int] | None:
-    """The first gold answer as context token positions, as the reference computes in training mode.
+_SPLIT_CHARS = np.array([ord(c) for c in " \t\r\n\u202f"], dtype=np.uint32)
 
-    None when the answer text cannot be recovered from the context words (the reference skips such
-    examples in training).
+
+def _word_starts(context: str) -> list[int]:
+    """Character offset of each whitespace word of ``context`` (same split as ``_WORD_RE``)."""
+    chars = np.frombuffer(context.encode("utf-32-le"), dtype=np.uint32)
+    is_word = ~np.isin(chars, _SPLIT_CHARS)
+    prev = np.concatenate(([False], is_word[:-1]))
+    return np.flatnonzero(is_word & ~prev).tolist()
+
+
+def _gold_token_span(context: str, words: list[str], word_starts: list[int], text: str, offset: int,
+                     doc_ids: np.ndarray, word_tok_start: np.ndarray,
+                     answer_ids: np.ndarray) -> tuple[int, int] | None:
+    """An answer as context token positions [start, end], as the reference computes in training mode.
+
+    ``word_tok_start[w]`` is the first token of word ``w``. None when the answer text cannot be
+    recovered from the context words (the reference skips such examples in training).
     """
-    if not data.answers[e]:
-        return None
-    text, offset = data.answers[e][0], data.answer_starts[e][0]
-    ctx = int(data.example_context[e])
-    words, starts = data.context_words[ctx], data.word_starts[ctx]
-    if not words or not text or offset < 0:
+    if not words or not text or offset < 0 or offset + len(text) > len(context):
         return None
     # char_to_word_offset[c] = the last word starting at or before character c
-    first = int(np.searchsorted(starts, offset, side="right")) - 1
-    last = int(np.searchsorted(starts, offset + len(text) - 1, side="right")) - 1
+    first = bisect.bisect_right(word_starts, offset) - 1
+    last = bisect.bisect_right(word_starts, offset + len(text) - 1) - 1
     if first < 0 or last < first:
         return None
     if " ".join(words[first:last + 1]).find(" ".join(text.split())) == -1:
@@ -246,12 +292,13 @@ def _gold_token_span(data: SquadData, e: int, doc_ids: np.ndarray, word_tok_star
     tok_end = int(word_tok_start[last + 1]) - 1 if last + 1 < len(words) else len(doc_ids) - 1
     if tok_start > tok_end:
         return None
-    # _improve_answer_span: the tightest sub-span whose tokens equal the answer's own tokens
+    # _improve_answer_span: the first sub-span whose tokens equal the answer's own tokens. The
+    # reference compares space-joined token strings, so only spans of exactly n tokens can match.
     n = answer_ids.size
     if 0 < n <= tok_end - tok_start + 1:
+        want = answer_ids.tobytes()
         for new_start in range(tok_start, tok_end - n + 2):
-            if np.array_equal(doc_ids[new_start:new_start + n], answer_ids):
-                # the reference scans ends from the right; with equal token lists only length n fits
+            if doc_ids[new_start:new_start + n].tobytes() == want:
                 return new_start, new_start + n - 1
     return tok_start, tok_end
 
@@ -263,98 +310,90 @@ def build_features(dataset: Path, vocab: Path, params: FeatureParams = FeaturePa
     vocab_tokens = read_vocab(vocab)
     tok = make_tokenizer(vocab_tokens)
     cls_id, sep_id = vocab_tokens.index("[CLS]"), vocab_tokens.index("[SEP]")
-    msl, stride = params.max_seq_length, params.doc_stride
+    msl, stride, max_q = params.max_seq_length, params.doc_stride, params.max_query_length
+    n_ex, n_ctx = len(data.qas_ids), len(data.contexts)
 
-    # Every context word, question and first answer, tokenized once in big batches.
-    n_ctx = len(data.context_words)
-    words_flat = [w for words in data.context_words for w in words]
-    w_ids, w_ptr, w_which = _unique_ptr(tok, words_flat)
-    q_ids, q_ptr, q_which = _unique_ptr(tok, data.questions)
-    a_ids, a_ptr, a_which = _unique_ptr(tok, [a[0] if a else "" for a in data.answers])
-
-    # Per context: all_doc_tokens (ids), tok_to_orig_index, orig_to_tok_index.
-    pos, w_lens = _segments(w_ptr, w_which)
-    ctx_ids_flat = w_ids[pos]
-    n_words = np.fromiter((len(w) for w in data.context_words), np.int64, n_ctx)
+    # One tokenizer call for every distinct piece: context words (the reference tokenizes each word
+    # alone), and questions / first answers cut at ASCII spaces (whitespace to the basic tokenizer, so
+    # the concatenation of the pieces' tokens is the whole text's tokens).
+    table = _PieceTable()
+    c_which, c_counts = table.add(data.context_words)
+    q_which, q_counts = table.add([q.split(" ") for q in data.questions])
+    a_which, a_counts = table.add([(a[0] if a else "").split(" ") for a in data.answers])
+    table.tokenize(tok)
+    ctx_ids, word_tok, ctx_ptr = table.concat(c_which, c_counts)   # all_doc_tokens of every context
+    q_ids, _, q_ptr = table.concat(q_which, q_counts)
+    a_ids, _, a_ptr = table.concat(a_which, a_counts)
     word_ptr = np.zeros(n_ctx + 1, dtype=np.int64)
-    np.cumsum(n_words, out=word_ptr[1:])
-    word_in_ctx = np.arange(len(words_flat), dtype=np.int64) - np.repeat(word_ptr[:-1], n_words)
-    tok_to_orig = np.repeat(word_in_ctx, w_lens).astype(np.int32)
-    tok_before_word = np.zeros(len(words_flat) + 1, dtype=np.int64)
-    np.cumsum(w_lens, out=tok_before_word[1:])
-    tok_ptr = tok_before_word[word_ptr]  # first token of each context in ctx_ids_flat
-    word_tok_start_flat = tok_before_word[:-1]  # global token offset of each word
+    np.cumsum(c_counts, out=word_ptr[1:])
+    word_lens = np.diff(word_tok)
+    word_in_ctx = np.arange(len(c_which), dtype=np.int64) - np.repeat(word_ptr[:-1], c_counts)
+    tok_to_orig = np.repeat(word_in_ctx, word_lens).astype(np.int32)
 
-    feat_rows: list[tuple[int, int, int, int, int, int, int]] = []  # e, span_idx, lq, start, len, os, oe
+    feats: list[tuple[int, int, int, int, int, int, int]] = []  # e, window, len(q), start, len, gold s/e
     max_ctx_parts: list[np.ndarray] = []
-    with Progress("featurizing SQuAD", total=len(data.qas_ids), unit="questions") as progress:
-        for e in range(len(data.qas_ids)):
+    word_starts: dict[int, list[int]] = {}
+    with Progress("featurizing SQuAD", total=n_ex, unit="questions") as progress:
+        for e in range(n_ex):
             ctx = int(data.example_context[e])
-            t_lo, t_hi = int(tok_ptr[ctx]), int(tok_ptr[ctx + 1])
-            n_tok = t_hi - t_lo
-            qw = int(q_which[e])
-            lq = min(int(q_ptr[qw + 1] - q_ptr[qw]), params.max_query_length)
-            max_doc = msl - lq - 3
-            spans: list[tuple[int, int]] = []
-            start = 0
-            while start < n_tok:
-                length = min(n_tok - start, max_doc)
-                spans.append((start, length))
-                if start + length == n_tok:
-                    break
-                start += min(length, stride)
+            t_lo, t_hi = int(ctx_ptr[ctx]), int(ctx_ptr[ctx + 1])
+            lq = min(int(q_ptr[e + 1] - q_ptr[e]), max_q)
+            spans = _doc_spans(t_hi - t_lo, msl - lq - 3, stride)
             if not spans:
                 continue  # an empty context yields no feature, as in the reference
-            aw = int(a_which[e])
-            gold = _gold_token_span(
-                data, e, ctx_ids_flat[t_lo:t_hi],
-                word_tok_start_flat[word_ptr[ctx]:word_ptr[ctx + 1]] - t_lo,
-                a_ids[a_ptr[aw]:a_ptr[aw + 1]])
-            max_ctx_parts.extend(_max_context(spans, n_tok))
+            gold = None
+            if data.answers[e]:
+                if ctx not in word_starts:
+                    word_starts[ctx] = _word_starts(data.contexts[ctx])
+                w_lo, w_hi = int(word_ptr[ctx]), int(word_ptr[ctx + 1])
+                gold = _gold_token_span(
+                    data.contexts[ctx], data.context_words[ctx], word_starts[ctx],
+                    data.answers[e][0], data.answer_starts[e][0], ctx_ids[t_lo:t_hi],
+                    word_tok[w_lo:w_hi + 1] - t_lo, a_ids[a_ptr[e]:a_ptr[e + 1]])
+            max_ctx_parts.extend(_max_context(spans, t_hi - t_lo))
             for j, (s, n) in enumerate(spans):
-                os_ = oe = -1
+                gs = ge = -1
                 if gold is not None and gold[0] >= s and gold[1] <= s + n - 1:
-                    os_, oe = gold[0] - s + lq + 2, gold[1] - s + lq + 2
-                feat_rows.append((e, j, lq, s, n, os_, oe))
+                    gs, ge = gold[0] - s + lq + 2, gold[1] - s + lq + 2
+                feats.append((e, j, lq, s, n, gs, ge))
             if e % 1000 == 999:
                 progress.update(1000)
-        progress.update(len(data.qas_ids) % 1000)
-    if not feat_rows:
+        progress.update(n_ex % 1000)
+    if not feats:
         raise UserError(f"dataset {dataset} yields no features (every context is empty): "
                         f"pass the SQuAD v1.1 dev set with --dataset")
 
-    rows = np.asarray(feat_rows, dtype=np.int64)
+    rows = np.asarray(feats, dtype=np.int64)
     n_feat = rows.shape[0]
-    example_index, span_index, lq_arr, span_start, span_len = (rows[:, k] for k in range(5))
-    lengths = lq_arr + span_len + 3
+    example_index, span_index, lq, span_start, span_len = (rows[:, k] for k in range(5))
+    lengths = lq + span_len + 3
+    feat_no = np.arange(n_feat, dtype=np.int64)
+    # [CLS] query [SEP] window [SEP], scattered for all features at once
     input_ids = np.zeros((n_feat, msl), dtype=np.int32)
-    q_start = q_ptr[q_which]
-    for f in range(n_feat):
-        e, lq, s, n = int(example_index[f]), int(lq_arr[f]), int(span_start[f]), int(span_len[f])
-        row = input_ids[f]
-        row[0] = cls_id
-        qs = int(q_start[e])
-        row[1:1 + lq] = q_ids[qs:qs + lq]
-        row[1 + lq] = sep_id
-        base = int(tok_ptr[data.example_context[e]]) + s
-        row[2 + lq:2 + lq + n] = ctx_ids_flat[base:base + n]
-        row[2 + lq + n] = sep_id
+    input_ids[:, 0] = cls_id
+    input_ids[feat_no, lq + 1] = sep_id
+    input_ids[feat_no, lengths - 1] = sep_id
+    rows_q = np.repeat(feat_no, lq)
+    input_ids[rows_q, _ranges(np.ones(n_feat, np.int64), lq)] = q_ids[_ranges(q_ptr[example_index], lq)]
+    rows_d = np.repeat(feat_no, span_len)
+    doc_src = ctx_ptr[data.example_context[example_index]] + span_start
+    input_ids[rows_d, _ranges(lq + 2, span_len)] = ctx_ids[_ranges(doc_src, span_len)]
     col = np.arange(msl, dtype=np.int64)[None, :]
     input_mask = (col < lengths[:, None]).astype(np.int32)
-    segment_ids = ((col >= (lq_arr + 2)[:, None]) & (col < lengths[:, None])).astype(np.int32)
+    segment_ids = ((col >= (lq + 2)[:, None]) & (col < lengths[:, None])).astype(np.int32)
 
     meta = SquadMeta(
         vocab=vocab_tokens, qas_ids=data.qas_ids, questions=data.questions, answers=data.answers,
         doc_words=data.context_words, dataset_version=data.version,
         example_index=example_index.astype(np.int32), doc_span_index=span_index.astype(np.int32),
-        doc_offset=(lq_arr + 2).astype(np.int32), span_start=span_start.astype(np.int32),
+        doc_offset=(lq + 2).astype(np.int32), span_start=span_start.astype(np.int32),
         span_len=span_len.astype(np.int32), max_context=np.concatenate(max_ctx_parts),
-        example_context=data.example_context, tok_to_orig=tok_to_orig, tok_ptr=tok_ptr)
+        example_context=data.example_context, tok_to_orig=tok_to_orig, tok_ptr=ctx_ptr)
     arrays = {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
               "lengths": lengths.astype(np.int32), "oracle_start": rows[:, 5].astype(np.int32),
               "oracle_end": rows[:, 6].astype(np.int32)}
-    log.info("featurized %s: %d questions -> %d features in %.2f s", dataset, len(data.qas_ids),
-             n_feat, time.perf_counter() - t0)
+    log.info("featurized %s: %d questions -> %d features in %.2f s", dataset, n_ex, n_feat,
+             time.perf_counter() - t0)
     return FeatureStore(None, params, arrays, meta=meta)
 
 
