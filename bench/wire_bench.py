@@ -1,6 +1,6 @@
 """Wire micro-benchmarks: codec cost per message, and transport round trips with one worker thread.
 
-    python bench/wire_bench.py                  # codec + inproc + zmq tcp/ipc loopback
+    python bench/wire_bench.py                  # codec; inproc, zmq tcp/ipc (worker thread); zmq tcp (worker process)
     python bench/wire_bench.py --quick          # fewer iterations
     mpiexec -n 2 python bench/wire_bench.py --mpi   # MPI transport round trips (rank 1 echoes)
 
@@ -144,6 +144,36 @@ def bench_threads(quick: bool, tmp: str) -> None:
         coord.close()
 
 
+def bench_process(quick: bool) -> None:
+    """ZeroMQ tcp loopback with the worker in its own process: no GIL shared with the coordinator."""
+    import os
+    import subprocess
+
+    from distbert.transport.zmq import ZmqCoordinatorTransport
+
+    coord = ZmqCoordinatorTransport.bind("tcp://127.0.0.1:0", "k")
+    env = dict(os.environ, DISTBERT_SESSION_KEY="k")
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-worker", coord.endpoint.address], env=env)
+    try:
+        assert coord.recv(30) is not None, "worker process did not connect"
+        _run_cases("zmq tcp loopback, worker process", coord, 1, 0.5 if quick else 2.0)
+        coord.send(1, Shutdown("bench"))
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        coord.close()
+
+
+def echo_worker(address: str) -> None:
+    import os
+
+    from distbert.transport import Endpoint
+    from distbert.transport.zmq import ZmqWorkerTransport
+
+    _echo(ZmqWorkerTransport.connect(Endpoint(address, os.environ["DISTBERT_SESSION_KEY"]), 1))
+
+
 def bench_mpi(quick: bool) -> None:
     from mpi4py import MPI
 
@@ -164,7 +194,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--mpi", action="store_true", help="run under mpiexec -n 2")
     ap.add_argument("--no-codec", action="store_true")
+    ap.add_argument("--echo-worker", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.echo_worker:
+        echo_worker(args.echo_worker)
+        return
     if args.mpi:
         bench_mpi(args.quick)
         return
@@ -174,6 +208,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         bench_threads(args.quick, tmp)
+    bench_process(args.quick)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ class Dispatcher:
         self._open_due = False                        # its wait has passed; it leaves at the next free credit
         self._flights: dict[int, _Flight] = {}
         self._next_batch_id = 0
+        self._rr = 0  # round-robin start for ties in _pick
         self._issued = 0
         self._completed = 0
         self._requeued_batches = 0
@@ -430,14 +431,21 @@ class Dispatcher:
         self._queued_samples += n
 
     def _pick(self) -> _Worker | None:
-        """Least in flight among workers with a free credit; ties to the lowest id (dict is sorted)."""
-        best, bn = None, self._credits
-        for w in self._workers.values():
-            k = len(w.inflight)
-            if k < bn:
-                best, bn = w, k
-                if k == 0:
+        """Least in flight among workers with a free credit; ties rotate (round-robin from the worker
+        after the last one picked), so in SingleStream every worker stays warm and is exercised."""
+        workers = list(self._workers.values())
+        n = len(workers)
+        start = self._rr % n if n else 0
+        best, bn, pos = None, self._credits, 0
+        for k in range(n):
+            w = workers[(start + k) % n]
+            inflight = len(w.inflight)
+            if inflight < bn:
+                best, bn, pos = w, inflight, (start + k) % n
+                if inflight == 0:
                     break
+        if best is not None:
+            self._rr = pos + 1
         return best
 
     def _send(self, w: _Worker, ids: np.ndarray, idx: np.ndarray, out: list[Instr]) -> None:

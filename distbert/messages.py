@@ -69,8 +69,8 @@ _I64 = np.dtype("<i8")
 _F32 = np.dtype("<f4")
 # One byte per dtype on the wire. The code is redundant with the field (each field has exactly
 # one dtype) but makes a sender/receiver mismatch an error instead of garbage numbers.
-_DTYPE_CODE = {_U64: 1, _I64: 2, _F32: 3}
-_CODE_NAME = {1: "uint64", 2: "int64", 3: "float32"}
+_U64_CODE, _I64_CODE, _F32_CODE = 1, 2, 3
+_CODE_NAME = {_U64_CODE: "uint64", _I64_CODE: "int64", _F32_CODE: "float32"}
 _EMPTY = b""
 
 
@@ -90,9 +90,11 @@ def _frame_of(arr: np.ndarray) -> memoryview | bytes:
     return memoryview(arr).cast("B") if arr.size else _EMPTY
 
 
-def _array_from(frame: Any, code: int, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _array_from(
+    frame: Any, code: int, want_code: int, dtype: np.dtype, shape: tuple[int, ...], what: str
+) -> np.ndarray:
     """A read-only view of ``frame`` as ``dtype`` with ``shape``; the frame is any contiguous buffer."""
-    if code != _DTYPE_CODE[dtype]:
+    if code != want_code:
         got = _CODE_NAME.get(code, f"unknown dtype code {code}")
         raise MessageError(f"{what}: dtype {got} on the wire, expected {dtype.name}")
     try:
@@ -301,7 +303,7 @@ class Batch:
             raise MessageError(f"Batch: {ids.shape[0]} ids but {indices.shape[0]} indices")
         head = _pack(
             self._HEAD, "Batch", self.TAG, self.batch_id, bool(self.want_logits),
-            1, ids.shape[0], 2, indices.shape[0],
+            _U64_CODE, ids.shape[0], _I64_CODE, indices.shape[0],
         )
         return [head, _frame_of(ids), _frame_of(indices)]
 
@@ -315,8 +317,8 @@ class Batch:
             raise MessageError(f"Batch.want_logits: byte {want} is not a boolean")
         if n_ids != n_idx:
             raise MessageError(f"Batch: header says {n_ids} ids but {n_idx} indices")
-        ids = _array_from(frames[1], ids_code, _U64, (n_ids,), "Batch.ids")
-        indices = _array_from(frames[2], idx_code, _I64, (n_idx,), "Batch.indices")
+        ids = _array_from(frames[1], ids_code, _U64_CODE, _U64, (n_ids,), "Batch.ids")
+        indices = _array_from(frames[2], idx_code, _I64_CODE, _I64, (n_idx,), "Batch.indices")
         return cls(batch_id, bool(want), ids, indices)
 
     def __eq__(self, other: object) -> bool:
@@ -359,7 +361,9 @@ class Result:
         b, length, two = logits.shape
         if b != ids.shape[0] or two != 2:
             raise MessageError(f"Result: logits shape {logits.shape} does not fit {ids.shape[0]} ids (want (B, L, 2))")
-        head = _pack(self._HEAD, "Result", self.TAG, self.batch_id, self.compute_s, 1, ids.shape[0], 3, b, length, two)
+        head = _pack(
+            self._HEAD, "Result", self.TAG, self.batch_id, self.compute_s, _U64_CODE, ids.shape[0], _F32_CODE, b, length, two
+        )
         return [head, _frame_of(ids), _frame_of(logits)]
 
     @classmethod
@@ -370,8 +374,8 @@ class Result:
             raise MessageError(f"Result: frame 0 has {len(head)} bytes, expected {cls._HEAD.size}")
         if b != n_ids or two != 2:
             raise MessageError(f"Result: header says {n_ids} ids but logits shape ({b}, {length}, {two})")
-        ids = _array_from(frames[1], ids_code, _U64, (n_ids,), "Result.ids")
-        logits = _array_from(frames[2], lg_code, _F32, (b, length, two), "Result.logits")
+        ids = _array_from(frames[1], ids_code, _U64_CODE, _U64, (n_ids,), "Result.ids")
+        logits = _array_from(frames[2], lg_code, _F32_CODE, _F32, (b, length, two), "Result.logits")
         return cls(batch_id, ids, logits, compute_s)
 
     def __eq__(self, other: object) -> bool:

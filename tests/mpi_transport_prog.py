@@ -2,7 +2,7 @@
 
 Modes (argv[1]):
 
-* ``conformance``: rank 0 coordinates, ranks 1..N-1 work. Hello; Setup -> 2000 ordered Heartbeats
+* ``conformance``: rank 0 coordinates, ranks 1..N-1 work. Hello; Setup -> 10,000 ordered Heartbeats
   + Ready (ordering, none lost); 200 Batches with arrays both ways, results matched by id; wake on
   both sides; Shutdown -> Bye; close twice.
 * ``badkey``: like conformance, but rank N-1 presents a wrong key and then sends garbage; rank 0
@@ -24,7 +24,7 @@ import numpy as np
 log = logging.getLogger("mpi_transport_prog")
 
 KEY = "mpi-test-key"
-N_ORDERED = 2000
+N_ORDERED = 10_000
 N_BATCHES = 200
 LENGTH = 384
 
@@ -43,6 +43,17 @@ def _check_wake(recv, wake, who: str) -> None:
     elapsed = time.monotonic() - t0
     timer.join()
     assert got is None and 0.15 <= elapsed < 3, f"{who}: wake took {elapsed:.3f} s, got {got!r}"
+
+
+def _check_closed(send, recv, who: str) -> None:
+    from distbert.transport import TransportClosed
+
+    for call in (send, recv):
+        try:
+            call()
+        except TransportClosed:
+            continue
+        raise AssertionError(f"{who}: send/recv after close did not raise TransportClosed")
 
 
 def coordinator(mode: str) -> None:
@@ -83,6 +94,8 @@ def coordinator(mode: str) -> None:
             ready.add(worker)
 
     _check_wake(t.recv, t.wake, "coordinator")
+    t0 = time.monotonic()
+    assert t.recv(0.2) is None and 0.18 <= time.monotonic() - t0 < 2, "coordinator: recv(0.2) timing"
 
     in_flight = {}
     for i in range(N_BATCHES):
@@ -120,6 +133,8 @@ def coordinator(mode: str) -> None:
         byes.add(worker)
     t.close()
     t.close()
+    _check_closed(lambda: t.send(workers[0], Shutdown("late")), lambda: t.recv(0), "coordinator")
+    t.wake()  # a no-op after close
     log.info("coordinator: all checks passed")
 
 
@@ -163,6 +178,7 @@ def worker(mode: str) -> None:
             raise AssertionError(f"worker {rank}: unexpected {msg!r}")
     t.close()
     t.close()
+    _check_closed(lambda: t.send(Heartbeat(rank, 0.0)), lambda: t.recv(0), f"worker {rank}")
 
 
 def threadlevel() -> None:

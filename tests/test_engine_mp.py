@@ -129,7 +129,7 @@ def test_worker_killed_mid_run_work_is_requeued(env, squad_dev, vocab, tmp_path)
     still complete every sample exactly once (LoadGen would log an error otherwise) and report the loss."""
     out = tmp_path / "run"
     cmd = [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab), "--output", str(out),
-           "--backend", "sim", "--sim-latency", "0.02 + 1e-7*tokens", "--workers", "3", "--max-batch", "32",
+           "--backend", "sim", "--sim-latency", "0.1", "--workers", "3", "--max-batch", "16",
            "--scenario", "Offline", "--mode", "accuracy", "--max-examples", "3000", "--heartbeat-timeout", "3"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None

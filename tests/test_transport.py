@@ -375,6 +375,16 @@ def test_worker_restart_replaces_the_old_connection(cluster):
     assert _recv(cluster.coordinator) == (1, Heartbeat(1, 3.0))
 
 
+def test_importing_the_package_initializes_neither_mpi_nor_zmq():
+    code = (
+        "import sys, distbert.transport as t; "
+        "assert 'mpi4py' not in sys.modules and 'zmq' not in sys.modules, sorted(sys.modules); "
+        "t.InprocHub; assert 'zmq' not in sys.modules; "
+        "t.ZmqCoordinatorTransport; assert 'zmq' in sys.modules and 'mpi4py' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=50)
+
+
 # -- ZeroMQ specifics -----------------------------------------------------------------------------
 
 

@@ -81,11 +81,14 @@ class AccuracyResult:
 
 
 class _Logits:
-    """Padded start/end logits of every feature (float64, as the official script's Python floats)."""
+    """Padded start/end logits of every feature. Values are held exactly: float32 for float16/32
+    input (half the memory of float64), else float64 like the official script's Python floats;
+    sums are always taken in float64."""
 
-    def __init__(self, n: int, width: int) -> None:
-        self.start = np.full((n, width), PAD_LOGIT)
-        self.end = np.full((n, width), PAD_LOGIT)
+    def __init__(self, n: int, width: int, dtype: np.dtype = np.dtype(np.float64)) -> None:
+        exact32 = dtype.kind == "f" and dtype.itemsize <= 4
+        self.start = np.full((n, width), PAD_LOGIT, dtype=np.float32 if exact32 else np.float64)
+        self.end = np.full((n, width), PAD_LOGIT, dtype=self.start.dtype)
         self.present = np.zeros(n, dtype=bool)
         self.n_entries = 0
         self.n_duplicates = 0
@@ -122,7 +125,7 @@ def read_accuracy_log(log_path: Path, store: FeatureStore, dtype: str = "float32
         raise UserError(f"accuracy log {log_path} is not a JSON array of LoadGen entries: {fix}")
     if not entries:
         raise UserError(f"accuracy log {log_path} is empty (no responses were logged): {fix}")
-    logits = _Logits(n, width)
+    logits = _Logits(n, width, np_dtype)
     row_bytes = 2 * np_dtype.itemsize
     for k, entry in enumerate(entries):
         where = f"accuracy log {log_path} entry {k}"
@@ -161,7 +164,8 @@ def score_log(log_path: Path, store: FeatureStore, dtype: str = "float32",
 def score_logits(store: FeatureStore, logits: Mapping[int, np.ndarray]) -> AccuracyResult:
     """Score logits given directly as ``{qsl_idx: array [L, 2]}`` (start, end columns)."""
     n, width = len(store), int(store.input_ids.shape[1])
-    acc = _Logits(n, width)
+    dtypes = {np.asarray(rows).dtype for rows in logits.values()}
+    acc = _Logits(n, width, dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float64))
     for qsl_idx, rows in logits.items():
         rows = np.asarray(rows)
         if not 0 <= int(qsl_idx) < n or rows.ndim != 2 or rows.shape[1] != 2 or rows.shape[0] > width:
@@ -213,8 +217,8 @@ def _best_spans(store: FeatureStore, logits: _Logits) -> tuple[np.ndarray, np.nd
     valid = ((s >= lo) & (s < hi) & (e >= lo) & (e < hi) & (e >= s) & (e - s < MAX_ANSWER_LENGTH)
              & np.take_along_axis(max_ctx, s_idx, axis=1)[:, :, None]
              & logits.present[:, None, None])
-    score = (np.take_along_axis(start, s_idx, axis=1)[:, :, None]
-             + np.take_along_axis(end, e_idx, axis=1)[:, None, :])
+    score = (np.take_along_axis(start, s_idx, axis=1).astype(np.float64)[:, :, None]
+             + np.take_along_axis(end, e_idx, axis=1).astype(np.float64)[:, None, :])
     # keep valid -inf/NaN sums ranked above "no span"
     score = np.where(valid, np.nan_to_num(score, nan=-np.finfo(np.float64).max,
                                           neginf=-np.finfo(np.float64).max, posinf=np.inf), -np.inf)

@@ -77,6 +77,8 @@ class Inbox:
         self._q.put(item)
 
     def wake(self) -> None:
+        if self._woken:
+            return  # already pending: the getter returns None for it (one None per pending wake)
         # Flag before sentinel: a getter that sees the sentinel must also see the flag.
         self._woken = True
         self._q.put(_WAKE)

@@ -11,6 +11,19 @@ Two halves, named alike (STYLE §7):
 Workers are identified by an ``int`` id: the MPI rank under a launcher, ``1..K`` in single-node
 mode. A transport does not interpret messages except ``Hello``, from which it learns a worker's id.
 Every implementation passes the same conformance tests (``tests/test_transport.py``).
+
+Shared semantics (all implementations):
+
+* ``send`` never blocks for long: queues are unbounded; a message for a worker whose connection is
+  gone is dropped with a log line (rank 0 learns of the loss from heartbeats, not from ``send``).
+  Arrays are sent zero-copy where the transport can: do not mutate an array after sending it.
+* ``wake()`` sets a pending flag: the next ``recv`` (or the one blocked now) returns ``None`` even
+  if messages are queued; several wakes before that ``recv`` give one ``None``. Cheap enough to
+  call per LoadGen sample (no system call while a wake is already pending).
+* Received arrays are read-only views of the receive buffers.
+* ``close()`` is called from the owning thread, returns within about a second (bounded linger for
+  queued output) and may be called twice; ``send``/``recv`` afterwards raise
+  :class:`distbert.transport.TransportClosed`; ``wake`` afterwards is a no-op.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import socket
+import threading
 from time import monotonic as _monotonic
 from typing import Any
 
@@ -70,13 +71,25 @@ def _tune(sock: zmq.Socket, linger_s: float) -> None:
 
 
 def default_host() -> str:
-    """The address workers should dial when rank 0 binds a wildcard: this host's FQDN's IP."""
+    """The address workers should dial when rank 0 binds a wildcard.
+
+    This host's FQDN's IP; if that is a loopback address (common: ``127.0.1.1`` in /etc/hosts),
+    the address of the interface the default route uses (a UDP ``connect`` sends no packet).
+    """
     for name in (socket.getfqdn(), socket.gethostname()):
         try:
-            return socket.gethostbyname(name)
+            ip = socket.gethostbyname(name)
         except OSError:
             continue
-    return "127.0.0.1"
+        if not ip.startswith("127."):
+            return ip
+        break
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
 
 
 def _split_tcp(address: str) -> tuple[str, str]:
@@ -94,37 +107,47 @@ _WILDCARDS = {"*", "0.0.0.0", "[::]", "::", "[*]"}
 class _Waker:
     """Self-pipe: ``wake()`` from any thread makes the owner's ``zmq.Poller`` return."""
 
-    __slots__ = ("rfd", "wfd", "woken")
+    __slots__ = ("rfd", "wfd", "woken", "_lock", "_closed")
 
     def __init__(self) -> None:
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)
         os.set_blocking(self.wfd, False)
         self.woken = False
+        # Guards the write end against close(): writing to a closed fd number that the process
+        # has already reused for another file would put a byte into that file.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def wake(self) -> None:
+        if self.woken:
+            # A wake is already pending: its byte is in the pipe, or the owner is about to return
+            # None for it. Skipping keeps a wake per LoadGen sample from costing a system call.
+            return
         # Flag before byte: the owner that wakes on the byte must see the flag (see Inbox).
         self.woken = True
-        try:
-            os.write(self.wfd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, hence readable: the owner will wake anyway
-        except OSError:
-            pass  # closed concurrently: there is nobody left to wake
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self.wfd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, hence readable: the owner will wake anyway
 
     def drain(self) -> None:
         try:
             while os.read(self.rfd, 4096):
                 pass
-        except (BlockingIOError, OSError):
+        except BlockingIOError:
             pass
 
     def close(self) -> None:
-        for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self.rfd)
+            os.close(self.wfd)
 
 
 class _ZmqPeer:

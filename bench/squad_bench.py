@@ -1,0 +1,131 @@
+"""Benchmark of the SQuAD data path: cold featurization, warm cache load, accuracy scoring.
+
+    .venv/bin/python bench/squad_bench.py [--dataset F] [--vocab F] [--runs 3] [--reference-questions 300]
+
+Prints a Markdown table (best and median of ``--runs``) against the targets: cold <= 5 s,
+warm <= 0.5 s, scoring a full 10833-entry float32 log <= 3 s. For comparison it also times the
+reference approach (``transformers.BertTokenizer.tokenize`` per whitespace word, every context
+re-tokenized for each of its questions, as ``create_squad_data.py`` does) on the first
+``--reference-questions`` questions and extrapolates to the whole set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distbert.squad.accuracy import score_log  # noqa: E402
+from distbert.squad.features import FeatureStore, build_features, load_features  # noqa: E402
+
+
+def _timed(fn, runs: int) -> tuple[float, float, object]:
+    times, out = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), out
+
+
+def _write_log(store: FeatureStore, path: Path) -> None:
+    """A full float32 accuracy log: 384 rows per feature, oracle peaks on noise (as a SUT would)."""
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i in range(len(store)):
+            x = rng.standard_normal((384, 2)).astype(np.float32)
+            if store.oracle_start[i] >= 0:
+                x[int(store.oracle_start[i]), 0] += 8
+                x[int(store.oracle_end[i]), 1] += 8
+            data = x.tobytes().hex().upper()
+            f.write(("," if i else "") + f'{{ "seq_id" : {i}, "qsl_idx" : {i}, "data" : "{data}" }}\n')
+        f.write("]\n")
+
+
+def _reference_tokenization(dataset: Path, vocab: Path, n_questions: int) -> tuple[float, int] | None:
+    """Seconds to tokenize the first n questions the reference way; None without transformers."""
+    try:
+        from transformers import BertTokenizer
+    except ImportError:
+        return None
+    tok = BertTokenizer(str(vocab))
+    data = json.loads(dataset.read_text(encoding="utf-8"))["data"]
+    done = 0
+    t0 = time.perf_counter()
+    for article in data:
+        for para in article["paragraphs"]:
+            words = re.findall(r"[^ \t\r\n\u202f]+", para["context"])
+            for qa in para["qas"]:
+                tok.tokenize(qa["question"])
+                for w in words:          # the reference re-tokenizes the context for every question
+                    tok.tokenize(w)
+                done += 1
+                if done == n_questions:
+                    return time.perf_counter() - t0, done
+    return time.perf_counter() - t0, done
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", type=Path)
+    ap.add_argument("--vocab", type=Path)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--reference-questions", type=int, default=300)
+    args = ap.parse_args()
+    from distbert.artifacts import resolve_squad
+
+    dataset, vocab = (Path(p) for p in resolve_squad(args.dataset, args.vocab))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="squad-bench-") as tmp:
+        tmp_path = Path(tmp)
+        counter = iter(range(10**6))
+
+        def cold() -> FeatureStore:
+            return load_features(dataset, vocab, cache_dir=tmp_path / f"cold{next(counter)}")
+
+        best, med, store = _timed(cold, args.runs)
+        rows.append(("cold: featurize + write cache (fresh cache dir)", best, med, "<= 5 s"))
+        best, med, _ = _timed(lambda: build_features(dataset, vocab), args.runs)
+        rows.append(("  of which featurization in memory", best, med, ""))
+        best, med, _ = _timed(lambda: load_features(dataset, vocab, cache_dir=store.path.parent.parent),
+                              args.runs)
+        rows.append(("warm: load_features (hash inputs, verify sha256, mmap)", best, med, "<= 0.5 s"))
+        best, med, _ = _timed(lambda: FeatureStore.open(store.path), args.runs)
+        rows.append(("  FeatureStore.open (worker side)", best, med, ""))
+        best, med, _ = _timed(lambda: store.meta and FeatureStore.open(store.path).meta, args.runs)
+        rows.append(("  + post-processing metadata (lazy)", best, med, ""))
+        log_path = tmp_path / "mlperf_log_accuracy.json"
+        _write_log(store, log_path)
+        size_mb = log_path.stat().st_size / 1e6
+        best, med, result = _timed(lambda: score_log(log_path, store), args.runs)
+        rows.append((f"score a full float32 log ({len(store)} entries, {size_mb:.0f} MB)", best, med, "<= 3 s"))
+        ref = _reference_tokenization(dataset, vocab, args.reference_questions)
+
+    load = os.getloadavg()
+    print(f"SQuAD data path, {len(store)} features; {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (shared machine); best / median of {args.runs}\n")
+    print("| step | best s | median s | target |")
+    print("| --- | ---: | ---: | --- |")
+    for name, b, m, target in rows:
+        print(f"| {name} | {b:.3f} | {m:.3f} | {target} |")
+    if ref is not None:
+        seconds, n = ref
+        print(f"| reference tokenization (transformers BertTokenizer per word), {n} questions | "
+              f"{seconds:.3f} | | extrapolated to 10570: {seconds * 10570 / n:.0f} s |")
+    print(f"\nscored: {result.official_line()}  ({result.coverage_line()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
