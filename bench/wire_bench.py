@@ -72,11 +72,16 @@ def _echo(worker) -> None:
     worker.close()
 
 
-def _round_trips(coord, worker_id: int, b: int, want: bool, window: int, seconds: float) -> tuple[float, float]:
-    """(round trips/s, samples/s) over ``seconds`` with ``window`` batches in flight."""
+def _round_trips(coord, worker_id: int, b: int, want: bool, window: int, seconds: float) -> tuple[float, float, float]:
+    """(round trips/s, samples/s, coordinator CPU µs per round trip) with ``window`` batches in flight.
+
+    The CPU figure is this thread's CPU time (send Batch + receive Result, codec included): what
+    rank 0's I/O loop pays per batch whatever the machine's load, so 1e6 / it bounds one core.
+    """
     ids = np.arange(b, dtype=np.uint64)
     idx = np.arange(b, dtype=np.int64)
     sent = done = 0
+    cpu0 = time.thread_time()
     t0 = time.perf_counter()
     end = t0 + seconds
     while sent < window:
@@ -97,7 +102,7 @@ def _round_trips(coord, worker_id: int, b: int, want: bool, window: int, seconds
             raise RuntimeError("worker stopped answering")
         done += 1
     rate = done / (time.perf_counter() - t0)
-    return rate, rate * b
+    return rate, rate * b, (time.thread_time() - cpu0) / done * 1e6
 
 
 CASES = [
@@ -113,10 +118,10 @@ CASES = [
 def _run_cases(label: str, coord, worker_id: int, seconds: float) -> None:
     print(f"{label} (one worker):")
     for name, b, want, window in CASES:
-        rate, samples = _round_trips(coord, worker_id, b, want, window, seconds)
+        rate, samples, cpu_us = _round_trips(coord, worker_id, b, want, window, seconds)
         mb = rate * b * L * 2 * 4 / 1e6 if want else 0.0
-        extra = f"  {mb:7.0f} MB/s logits" if want else ""
-        print(f"  {name:28s} {rate:9.0f} round trips/s  {samples:10.0f} samples/s{extra}")
+        extra = f"  {mb:6.0f} MB/s logits" if want else ""
+        print(f"  {name:28s} {rate:7.0f} round trips/s {samples:9.0f} samples/s  rank-0 CPU {cpu_us:5.1f} µs/trip{extra}")
 
 
 def bench_threads(quick: bool, tmp: str) -> None:

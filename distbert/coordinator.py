@@ -80,6 +80,7 @@ class Coordinator:
         self._driver: threading.Thread | None = None
         self._completer: threading.Thread | None = None
         self._want_logits = False
+        self._sleeping = False
 
     # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
 
@@ -110,7 +111,10 @@ class Coordinator:
 
     def issue(self, ids: list[int], indices: list[int]) -> None:
         self._inbox.append((ids, indices))
-        self.transport.wake()
+        # Wake the driver only when it may be blocked: it sets _sleeping *before* its last look at
+        # the inbox, so an append that sees False here is always seen by that look (GIL ordering).
+        if self._sleeping:
+            self.transport.wake()
 
     def flush(self) -> None:
         self._inbox.append(_FLUSH)
@@ -174,7 +178,11 @@ class Coordinator:
                 deadline = self.dispatcher.next_deadline()
                 if deadline is not None:
                     timeout = min(timeout, deadline - now)
+            self._sleeping = True
+            if self._inbox:
+                timeout = 0.0
             got = transport.recv(timeout=max(timeout, 0.0))
+            self._sleeping = False
             # handle everything that is already there before looking at timers (batching)
             n = 0
             while got is not None:

@@ -499,10 +499,32 @@ def test_credits_never_exceeded_and_each_result_frees_one(credits):
     while sim.d.in_flight():
         w = rng.choice([w for w in sim.held if sim.held[w]])
         bid = rng.choice(list(sim.held[w]))
-        before = sim.d.pending_samples()
+        queued = len(sim.d._queue)
         out = sim.result(w, bid)
-        if before:
-            assert [type(i) for i in out] == [Complete, SendBatch] and out[1].worker == w
+        # a freed credit refills at once, except in the Offline tail (fewer queued batches than
+        # workers), where only a worker with nothing in flight gets one
+        assert isinstance(out[0], Complete)
+        assert all(isinstance(i, SendBatch) and i.worker == w for i in out[1:])
+        if queued >= 3:
+            assert len(out) == 2, "a freed credit must be refilled while work is plentiful"
+        assert all(sim.d.in_flight(x) <= credits for x in (1, 2, 3))
+    assert sim.all_done_once()
+
+
+def test_offline_tail_is_not_prefetched_onto_busy_workers():
+    """With fewer batches left than workers, a busy worker gets no second batch: the batch waits
+    for the next worker that is idle (otherwise it sits behind a running batch while others idle)."""
+    sim = offline_sim(np.full(4, 64), BatchPolicy(max_batch=1, credits=2), workers=(1, 2, 3))
+    out = sim.issue(4)
+    # 3 idle workers take one each; the 4th batch (tail: 1 left < 3 workers) is held
+    assert sorted(i.worker for i in out if isinstance(i, SendBatch)) == [1, 2, 3]
+    assert sim.d.pending_samples() == 1
+    first = next(iter(sim.held[2]))
+    out = sim.result(2, first)
+    assert [type(i) for i in out] == [Complete, SendBatch] and out[1].worker == 2
+    for w in (1, 2, 3):
+        for bid in list(sim.held[w]):
+            sim.result(w, bid)
     assert sim.all_done_once()
 
 

@@ -194,29 +194,25 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(cols, order, axis=1)
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    lens = np.asarray(lens, dtype=np.int64)
-    out_starts = np.cumsum(lens) - lens
-    return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(out_starts - starts, lens)
-
-
 def _best_spans(store: FeatureStore, logits: _Logits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per question: (feature, start, end) of the best valid span, feature -1 when there is none."""
     m = store.meta
-    n, width = logits.start.shape
+    n = logits.start.shape[0]
     start = np.where(np.isnan(logits.start), -np.inf, logits.start)
     end = np.where(np.isnan(logits.end), -np.inf, logits.end)
     s_idx = _top_k(start, N_BEST)                                        # [n, 20]
     e_idx = _top_k(end, N_BEST)
     doc_lo = np.asarray(m.doc_offset, dtype=np.int64)
     doc_len = np.asarray(m.span_len, dtype=np.int64)
-    max_ctx = np.zeros((n, width), dtype=bool)
-    max_ctx[np.repeat(np.arange(n), doc_len), _ranges(doc_lo, doc_len)] = np.asarray(m.max_context, bool)
+    # token_is_max_context of each start candidate (False outside the window's doc tokens)
+    k = s_idx - doc_lo[:, None]
+    inside = (k >= 0) & (k < doc_len[:, None])
+    start_max_ctx = np.zeros_like(inside)
+    start_max_ctx[inside] = np.asarray(m.max_context)[(m.mc_ptr[:-1][:, None] + k)[inside]] != 0
     lo, hi = doc_lo[:, None, None], (doc_lo + doc_len)[:, None, None]
     s, e = s_idx[:, :, None], e_idx[:, None, :]
-    valid = ((s >= lo) & (s < hi) & (e >= lo) & (e < hi) & (e >= s) & (e - s < MAX_ANSWER_LENGTH)
-             & np.take_along_axis(max_ctx, s_idx, axis=1)[:, :, None]
-             & logits.present[:, None, None])
+    valid = ((e >= lo) & (e < hi) & (e >= s) & (e - s < MAX_ANSWER_LENGTH)
+             & start_max_ctx[:, :, None] & logits.present[:, None, None])
     score = (np.take_along_axis(start, s_idx, axis=1).astype(np.float64)[:, :, None]
              + np.take_along_axis(end, e_idx, axis=1).astype(np.float64)[:, None, :])
     # keep valid -inf/NaN sums ranked above "no span"

@@ -257,10 +257,11 @@ class FeatureStore:
         fix = "delete the directory and run `distbert squad features` again"
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files: dict[str, dict[str, Any]] = manifest["files"]
+            files = {str(name): (int(info["size"]), str(info["sha256"]))
+                     for name, info in manifest["files"].items()}
             params = FeatureParams(**manifest["params"])
             n, width = int(manifest["n_features"]), int(manifest["seq_length"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CacheError(f"feature cache {manifest_path} is unreadable ({exc}): {fix}") from None
         if manifest.get("format") != FORMAT_VERSION:
             raise CacheError(f"feature cache {path} has format {manifest.get('format')}, expected "
@@ -270,16 +271,16 @@ class FeatureStore:
         expected = {f"{name}.npy" for name in HOT_ARRAYS + META_ARRAYS} | {META_JSON}
         if set(files) != expected:
             raise CacheError(f"feature cache {path} lists files {sorted(files)}: {fix}")
-        for name, info in files.items():
+        for name, (want_size, want_sha) in files.items():
             file = path / name
             try:
                 size = file.stat().st_size
             except OSError:
                 raise CacheError(f"feature cache file {file} is missing: {fix}") from None
-            if size != info["size"]:
+            if size != want_size:
                 raise CacheError(f"feature cache file {file} has {size} bytes, manifest says "
-                                 f"{info['size']}: {fix}")
-            if verify and file_sha256(file) != info["sha256"]:
+                                 f"{want_size}: {fix}")
+            if verify and file_sha256(file) != want_sha:
                 raise CacheError(f"feature cache file {file} does not match its sha256: {fix}")
         arrays: dict[str, np.ndarray] = {}
         for name in HOT_ARRAYS:
@@ -344,6 +345,7 @@ def load_or_build(root: Path, key: str, build: Callable[[], FeatureStore],
         store = build()
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent))
         try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the store is read by every rank
             store.save(tmp, {"key": key, **manifest_extra})
             if stale:
                 trash = Path(tempfile.mkdtemp(prefix=f".trash-{key}-", dir=parent))

@@ -101,3 +101,39 @@ class Inbox:
             if item is _WAKE:
                 continue  # the loop head returns None if this wake is still pending
             return item
+
+
+class PeerTable:
+    """Which connected peer is which worker: filled only by ``Hello``s with the right key.
+
+    A peer is whatever the transport knows a sender by (ZeroMQ routing id, in-process worker side,
+    MPI rank). A second good ``Hello`` for a rank from a *different* peer replaces the old peer (a
+    restarted worker); the coordinator sees that ``Hello`` and must treat it as a restart.
+    """
+
+    __slots__ = ("_key", "_drops", "_log", "worker_of", "peer_of")
+
+    def __init__(self, key: str, drops: DropLog, log: logging.Logger) -> None:
+        self._key = key
+        self._drops = drops
+        self._log = log
+        self.worker_of: dict[Any, int] = {}  # peer -> worker id
+        self.peer_of: dict[int, Any] = {}  # worker id -> peer
+
+    def admit(self, peer: Any, hello: Any, known: int | None) -> bool:
+        """Check ``hello`` from ``peer`` (already known as worker ``known``, or None) and map it."""
+        if not keys_match(hello.key, self._key):
+            self._drops.drop("bad-key", "Hello from rank %d (%s, pid %d): wrong key", hello.rank, hello.host, hello.pid)
+            return False
+        if known is not None and known != hello.rank:
+            self._drops.drop("rank-change", "Hello for rank %d from the peer already known as worker %d",
+                             hello.rank, known)
+            return False
+        old = self.peer_of.get(hello.rank)
+        if old is not None and old != peer:
+            self._log.warning("worker %d said Hello again from a new connection (%s, pid %d): it replaces the old one",
+                              hello.rank, hello.host, hello.pid)
+            del self.worker_of[old]
+        self.worker_of[peer] = hello.rank
+        self.peer_of[hello.rank] = peer
+        return True

@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
-from distbert.transport._common import DropLog, Inbox, TransportClosed, deadline_after, keys_match
+from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,8 @@ class InprocCoordinatorTransport(CoordinatorTransport):
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._inbox = Inbox()  # items: (sending InprocWorkerTransport, frames)
-        self._worker_of: dict[InprocWorkerTransport, int] = {}  # worker side -> worker id, after a good Hello
-        self._side_of: dict[int, InprocWorkerTransport] = {}  # worker id -> worker side
         self._drops = DropLog(log)
+        self._peers = PeerTable(endpoint.key, self._drops, log)  # worker side <-> worker id
         self.closed = False
 
     # Called by worker sides, from their threads.
@@ -72,7 +71,7 @@ class InprocCoordinatorTransport(CoordinatorTransport):
     def send(self, worker: int, msg: Message) -> None:
         if self.closed:
             raise TransportClosed("send() on a closed in-process transport")
-        side = self._side_of.get(worker)
+        side = self._peers.peer_of.get(worker)
         if side is None:
             raise KeyError(f"worker {worker} has not said Hello on this transport")
         frames = encode(msg)
@@ -94,36 +93,26 @@ class InprocCoordinatorTransport(CoordinatorTransport):
                 return got
 
     def _accept(self, sender: InprocWorkerTransport, frames: list[Any]) -> tuple[int, Message] | None:
-        worker = self._worker_of.get(sender)
-        is_hello = bool(frames) and peek_tag(frames[0]) == Hello.TAG
-        if worker is not None and not is_hello:
+        worker = self._peers.worker_of.get(sender)
+        if worker is not None:
             try:
-                return worker, decode(frames)
+                msg = decode(frames)
             except MessageError as exc:
                 self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
                 return None
-        if not is_hello:
-            self._drops.drop("unknown-peer", "message from an in-process peer that has not said Hello")
-            return None
-        try:
-            hello = decode(frames)
-        except MessageError as exc:
-            self._drops.drop("bad-hello", "bad Hello: %s", exc)
-            return None
-        assert isinstance(hello, Hello)
-        if not keys_match(hello.key, self.endpoint.key):
-            self._drops.drop("bad-key", "Hello from rank %d (%s, pid %d): wrong key", hello.rank, hello.host, hello.pid)
-            return None
-        if worker is not None and worker != hello.rank:
-            self._drops.drop("rank-change", "Hello for rank %d from the peer already known as worker %d", hello.rank, worker)
-            return None
-        old = self._side_of.get(hello.rank)
-        if old is not None and old is not sender:
-            log.warning("worker %d said Hello again from a new connection: it replaces the old one", hello.rank)
-            self._worker_of.pop(old, None)
-        self._worker_of[sender] = hello.rank
-        self._side_of[hello.rank] = sender
-        return hello.rank, hello
+            if type(msg) is not Hello:
+                return worker, msg
+        else:
+            if not frames or peek_tag(frames[0]) != Hello.TAG:
+                self._drops.drop("unknown-peer", "message from an in-process peer that has not said Hello")
+                return None
+            try:
+                msg = decode(frames)
+            except MessageError as exc:
+                self._drops.drop("bad-hello", "bad Hello: %s", exc)
+                return None
+        assert isinstance(msg, Hello)
+        return (msg.rank, msg) if self._peers.admit(sender, msg, worker) else None
 
     def wake(self) -> None:
         self._inbox.wake()

@@ -41,7 +41,7 @@ import numpy as np
 
 from distbert.errors import UserError
 from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
-from distbert.transport._common import DropLog, Inbox, TransportClosed, deadline_after, keys_match
+from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -270,10 +270,10 @@ class MpiCoordinatorTransport(_MpiPeer, CoordinatorTransport):
         MPI = _mpi()
         super().__init__(comm, MPI.ANY_SOURCE, TAG_TO_COORDINATOR, max_poll_s, send_timeout_s, linger_s)
         self.endpoint = Endpoint("mpi://", key)
-        self._known: set[int] = set()
+        self._peers = PeerTable(key, self._drops, log)  # MPI rank <-> worker id (the same number)
 
     def send(self, worker: int, msg: Message) -> None:
-        if worker not in self._known:
+        if worker not in self._peers.peer_of:
             raise KeyError(f"worker {worker} has not said Hello on this transport")
         self._send_frames(worker, TAG_TO_WORKER, encode(msg))
 
@@ -286,34 +286,32 @@ class MpiCoordinatorTransport(_MpiPeer, CoordinatorTransport):
             if got is None:
                 return None
             source, frames = got
-            if source in self._known and peek_tag(frames[0]) != Hello.TAG:
+            worker = self._peers.worker_of.get(source)
+            if worker is not None:
                 try:
-                    return source, decode(frames)
+                    msg = decode(frames)
                 except MessageError as exc:
-                    self._drops.drop("malformed", "malformed message from worker %d: %s", source, exc)
+                    self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
                     continue
-            hello = self._accept_hello(source, frames)
-            if hello is not None:
-                return source, hello
-
-    def _accept_hello(self, source: int, frames: list[memoryview]) -> Hello | None:
-        if peek_tag(frames[0]) != Hello.TAG:
-            self._drops.drop("unknown-peer", "message from rank %d, which has not said Hello", source)
-            return None
-        try:
-            hello = decode(frames)
-        except MessageError as exc:
-            self._drops.drop("bad-hello", "bad Hello from rank %d: %s", source, exc)
-            return None
-        assert isinstance(hello, Hello)
-        if not keys_match(hello.key, self.endpoint.key):
-            self._drops.drop("bad-key", "Hello from rank %d (%s, pid %d): wrong key", source, hello.host, hello.pid)
-            return None
-        if hello.rank != source:
-            self._drops.drop("rank-change", "Hello claiming rank %d from MPI rank %d", hello.rank, source)
-            return None
-        self._known.add(source)
-        return hello
+                if type(msg) is not Hello:
+                    return worker, msg
+            else:
+                if peek_tag(frames[0]) != Hello.TAG:
+                    # Not decoded on purpose: strangers get no parser surface beyond one byte.
+                    self._drops.drop("unknown-peer", "message from rank %d, which has not said Hello", source)
+                    continue
+                try:
+                    msg = decode(frames)
+                except MessageError as exc:
+                    self._drops.drop("bad-hello", "bad Hello from rank %d: %s", source, exc)
+                    continue
+            assert isinstance(msg, Hello)
+            if msg.rank != source:
+                # Under MPI the worker id *is* the sender's rank; a Hello claiming another is forged.
+                self._drops.drop("rank-change", "Hello claiming rank %d from MPI rank %d", msg.rank, source)
+                continue
+            if self._peers.admit(source, msg, worker):
+                return source, msg
 
 
 class MpiWorkerTransport(_MpiPeer, WorkerTransport):

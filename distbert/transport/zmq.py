@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 
 from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
-from distbert.transport._common import DropLog, TransportClosed, keys_match
+from distbert.transport._common import DropLog, PeerTable, TransportClosed
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -243,10 +243,8 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, endpoint: Endpoint, linger_s: float) -> None:
         super().__init__(ctx, sock, linger_s)
         self.endpoint = endpoint
-        self._key = endpoint.key
-        self._worker_of: dict[bytes, int] = {}  # routing id -> worker id (after a good Hello)
-        self._ident_of: dict[int, bytes] = {}  # worker id -> routing id
         self._drops = DropLog(log)
+        self._peers = PeerTable(endpoint.key, self._drops, log)  # routing id <-> worker id
 
     @classmethod
     def bind(
@@ -297,7 +295,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         return self
 
     def send(self, worker: int, msg: Message) -> None:
-        ident = self._ident_of.get(worker)
+        ident = self._peers.peer_of.get(worker)
         if ident is None:
             raise KeyError(f"worker {worker} has not said Hello on this transport")
         frames = encode(msg)
@@ -320,40 +318,27 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
     def _accept(self, frames: list[zmq.Frame]) -> tuple[int, Message] | None:
         ident = frames[0].bytes
         body = frames[1:]
-        worker = self._worker_of.get(ident)
-        if worker is None or (body and peek_tag(body[0]) == Hello.TAG):
-            return self._accept_hello(ident, body, worker)
-        try:
-            return worker, decode(body)
-        except MessageError as exc:
-            self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
-            return None
-
-    def _accept_hello(self, ident: bytes, body: list[zmq.Frame], known: int | None) -> tuple[int, Message] | None:
-        if not body or peek_tag(body[0]) != Hello.TAG:
-            # Not decoded on purpose: strangers get no parser surface beyond one byte.
-            self._drops.drop("unknown-peer", "message from unknown peer %r (no Hello yet)", ident)
-            return None
-        try:
-            hello = decode(body)
-        except MessageError as exc:
-            self._drops.drop("bad-hello", "bad Hello from peer %r: %s", ident, exc)
-            return None
-        assert isinstance(hello, Hello)
-        if not keys_match(hello.key, self._key):
-            self._drops.drop("bad-key", "Hello from rank %d (%s, pid %d): wrong key", hello.rank, hello.host, hello.pid)
-            return None
-        if known is not None and known != hello.rank:
-            self._drops.drop("rank-change", "Hello for rank %d from the peer already known as worker %d", hello.rank, known)
-            return None
-        old = self._ident_of.get(hello.rank)
-        if old is not None and old != ident:
-            log.warning("worker %d said Hello again from a new connection (%s, pid %d): it replaces the old one",
-                        hello.rank, hello.host, hello.pid)
-            del self._worker_of[old]
-        self._worker_of[ident] = hello.rank
-        self._ident_of[hello.rank] = ident
-        return hello.rank, hello
+        worker = self._peers.worker_of.get(ident)
+        if worker is not None:
+            try:
+                msg = decode(body)
+            except MessageError as exc:
+                self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
+                return None
+            if type(msg) is not Hello:
+                return worker, msg
+        else:
+            if not body or peek_tag(body[0]) != Hello.TAG:
+                # Not decoded on purpose: strangers get no parser surface beyond one byte.
+                self._drops.drop("unknown-peer", "message from unknown peer %r (no Hello yet)", ident)
+                return None
+            try:
+                msg = decode(body)
+            except MessageError as exc:
+                self._drops.drop("bad-hello", "bad Hello from peer %r: %s", ident, exc)
+                return None
+        assert isinstance(msg, Hello)
+        return (msg.rank, msg) if self._peers.admit(ident, msg, worker) else None
 
     @property
     def drops(self) -> dict[str, int]:
