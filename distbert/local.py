@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 class LocalWorkers:
     def __init__(self, count: int, address: str, key: str, first_rank: int = 1,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, first_local_index: int = 0,
+                 local_count: int | None = None) -> None:
         self.count = count
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         env = dict(os.environ)
@@ -28,7 +29,8 @@ class LocalWorkers:
         for i in range(count):
             rank = first_rank + i
             cmd = [sys.executable, "-m", "distbert", "worker", "--connect", address, "--rank", str(rank),
-                   "--local-index", str(i), "--local-count", str(count), "--parent-pid", str(os.getpid())]
+                   "--local-index", str(first_local_index + i), "--local-count", str(local_count or count),
+                   "--parent-pid", str(os.getpid())]
             self.procs[rank] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         log.info("spawned %d local workers: pids %s", count, [p.pid for p in self.procs.values()])
 

@@ -216,15 +216,18 @@ def build_onnx(weights: dict[str, np.ndarray], shape: BertShape,
                                   weights.pop("bert.embeddings.token_type_embeddings.weight")), seg], axis=0)
     x = g.layer_norm(g.op("Add", [g.op("Add", [word, pos]), typ]), weights, "bert.embeddings.LayerNorm")
 
-    # extended attention mask [B, 1, 1, L]: 0 for real keys, -10000 for padding
-    maskf = g.op("Cast", [mask], to=TensorProto.FLOAT)
-    maskf = g.op("Unsqueeze", [maskf, g.const("axes_1_2", np.array([1, 2], np.int64))])
+    # extended attention mask [B, 1, 1, L]: 0 for real keys, -10000 for padding. Written as the
+    # MLPerf model's PyTorch export has it (Unsqueeze, Unsqueeze, Cast, Sub, Mul; scores Div by
+    # sqrt(d)), which is the pattern ONNX Runtime's attention fusion recognizes.
+    maskf = g.op("Unsqueeze", [mask, g.const("axes_1", np.array([1], np.int64))])
+    maskf = g.op("Unsqueeze", [maskf, g.const("axes_2", np.array([2], np.int64))])
+    maskf = g.op("Cast", [maskf], to=TensorProto.FLOAT)
     inv = g.op("Sub", [g.const("const_one_f", np.array(1.0, np.float32)), maskf])
     ext_mask = g.op("Mul", [inv, g.const("mask_value", np.array(MASK_VALUE, np.float32))])
 
     heads_shape = g.const("heads_shape", np.array([0, 0, nh, dh], np.int64))   # 0 = copy B, L
     merged_shape = g.const("merged_shape", np.array([0, 0, h], np.int64))
-    scale = g.const("attn_scale", np.array(1.0 / math.sqrt(dh), np.float32))
+    sqrt_dh = g.const("sqrt_head_size", np.array(math.sqrt(dh), np.float32))
     sqrt2 = g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))
     half = g.const("half", np.array(0.5, np.float32))
 
@@ -236,7 +239,7 @@ def build_onnx(weights: dict[str, np.ndarray], shape: BertShape,
                  perm=[0, 2, 3, 1])                                     # [B, nh, dh, L]
         v = g.op("Transpose", [g.op("Reshape", [g.linear(x, weights, p + "attention.self.value"), heads_shape])],
                  perm=[0, 2, 1, 3])
-        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), scale]), ext_mask])
+        scores = g.op("Add", [g.op("Div", [g.op("MatMul", [q, k]), sqrt_dh]), ext_mask])
         probs = g.op("Softmax", [scores], axis=-1)
         ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         ctx = g.op("Reshape", [ctx, merged_shape])
@@ -253,9 +256,8 @@ def build_onnx(weights: dict[str, np.ndarray], shape: BertShape,
     logits = g.linear(x, weights, "qa_outputs")                          # [B, L, 2]
     g.nodes.append(helper.make_node("Split", [logits, g.const("split_1_1", np.array([1, 1], np.int64))],
                                     ["start_3d", "end_3d"], name="Split_qa", axis=2))
-    axis2 = g.const("axes_2", np.array([2], np.int64))
-    g.op("Squeeze", ["start_3d", axis2], out=OUTPUTS[0])
-    g.op("Squeeze", ["end_3d", axis2], out=OUTPUTS[1])
+    g.op("Squeeze", ["start_3d", "axes_2"], out=OUTPUTS[0])
+    g.op("Squeeze", ["end_3d", "axes_2"], out=OUTPUTS[1])
     if weights:
         raise AssertionError(f"unused weights: {sorted(weights)[:3]}")
 

@@ -181,7 +181,11 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
             if comm is not None and cfg.transport == "mpi":
                 raise UserError("--coordinator-hosts-worker needs --transport zmq")
             first = topology.world_size if comm is not None else 1
-            local = LocalWorkers(count, transport.endpoint.address, key, first_rank=first)
+            if comm is not None:  # rank 0's own worker takes rank 0's device slot on this node
+                local = LocalWorkers(count, transport.endpoint.address, key, first_rank=first,
+                                     first_local_index=topology.local_rank, local_count=topology.local_size)
+            else:
+                local = LocalWorkers(count, transport.endpoint.address, key, first_rank=first)
             expected |= local.ranks
             is_alive = local.is_alive
         coordinator = Coordinator(cfg, transport, lengths, expected, is_alive=is_alive,

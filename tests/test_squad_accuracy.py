@@ -240,6 +240,13 @@ def test_partial_log_and_exact_equality_with_reference(store, squad_dev, tmp_pat
     assert result.n_questions_scored == 1200 and result.n_features_scored == len(logits)
     assert sum(p == "empty" for p in result.predictions.values()) >= 10570 - 1200
     assert 5 < result.f1 < 12   # ~1200/10570 of the questions can score at all
+    m = store.meta
+    scored = sorted(set(ex[list(logits)].tolist()))
+    sub = evaluate([m.qas_ids[q] for q in scored], [m.answers[q] for q in scored], result.predictions)
+    assert (result.exact_match_scored, result.f1_scored) == (sub["exact_match"], sub["f1"])
+    # the official nonce "empty" even earns F1 on the gold answer "empty land" of unscored questions
+    assert 0 < result.f1 * 10570 / 1200 - result.f1_scored < 0.1
+    assert "over the scored questions only" in result.coverage_line()
 
 
 def test_top_k_matches_sorted():

@@ -32,7 +32,7 @@ from tokenizers import normalizers, pre_tokenizers
 
 from distbert.errors import UserError
 from distbert.squad.cache import FeatureStore
-from distbert.squad.evaluate import evaluate, official_line
+from distbert.squad.evaluate import aggregate, official_line, question_scores
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class AccuracyResult:
     n_log_entries: int = 0       # entries read from the LoadGen log (0 for score_logits)
     n_duplicates: int = 0        # log entries whose qsl_idx appeared before (the last one wins)
     dtype: str = "float32"
+    # Not official: the same metrics over the scored questions only (partial runs, TEST01 logs)
+    exact_match_scored: float = 0.0
+    f1_scored: float = 0.0
     predictions: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def official_line(self) -> str:
@@ -74,10 +77,14 @@ class AccuracyResult:
                 for name, value in TARGETS.items()]
 
     def coverage_line(self) -> str:
-        return (f"scored {self.n_features_scored}/{self.n_features_total} features, "
+        line = (f"scored {self.n_features_scored}/{self.n_features_total} features, "
                 f"{self.n_questions_scored}/{self.n_questions_total} questions"
                 + (f", {self.n_log_entries} log entries ({self.n_duplicates} repeated)"
                    if self.n_log_entries else ""))
+        if self.n_questions_scored < self.n_questions_total:
+            line += (f"; unofficial, over the scored questions only: exact_match "
+                     f"{self.exact_match_scored:.3f}, f1 {self.f1_scored:.3f}")
+        return line
 
 
 class _Logits:
@@ -230,8 +237,8 @@ def _best_spans(store: FeatureStore, logits: _Logits) -> tuple[np.ndarray, np.nd
     ok = best[winners] > -np.inf
     win_feature[ex[winners[ok]]] = winners[ok]
     f = np.maximum(win_feature, 0)
-    win_start = s_idx[f, best_flat[f] // s_idx.shape[1]]
-    win_end = e_idx[f, best_flat[f] % s_idx.shape[1]]
+    win_start = s_idx[f, best_flat[f] // e_idx.shape[1]]   # flat = start rank * n_end + end rank
+    win_end = e_idx[f, best_flat[f] % e_idx.shape[1]]
     return win_feature, win_start, win_end
 
 
@@ -299,14 +306,17 @@ def _predictions(store: FeatureStore, logits: _Logits) -> dict[str, str]:
 def _score(store: FeatureStore, logits: _Logits, dtype: str) -> AccuracyResult:
     m = store.meta
     predictions = _predictions(store, logits)
-    metrics = evaluate(m.qas_ids, m.answers, predictions)
-    scored_questions = np.unique(np.asarray(m.example_index)[logits.present]).size
+    exact, f1 = question_scores(m.qas_ids, m.answers, predictions)
+    metrics = aggregate(exact, f1)
+    scored = np.unique(np.asarray(m.example_index)[logits.present]).tolist()
+    partial = (aggregate([exact[q] for q in scored], [f1[q] for q in scored]) if scored
+               else {"exact_match": 0.0, "f1": 0.0})
     return AccuracyResult(
         exact_match=metrics["exact_match"], f1=metrics["f1"],
         n_features_scored=int(logits.present.sum()), n_features_total=len(store),
-        n_questions_scored=int(scored_questions), n_questions_total=m.n_examples,
+        n_questions_scored=len(scored), n_questions_total=m.n_examples,
         n_log_entries=logits.n_entries, n_duplicates=logits.n_duplicates, dtype=dtype,
-        predictions=predictions)
+        exact_match_scored=partial["exact_match"], f1_scored=partial["f1"], predictions=predictions)
 
 
 def _write_atomic(path: Path, text: str) -> None:

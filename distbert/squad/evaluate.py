@@ -47,22 +47,39 @@ def exact_match_score(prediction: str, truth: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(truth)
 
 
+def question_scores(question_ids: Sequence[str], truths: Sequence[Sequence[str]],
+                    predictions: Mapping[str, str]) -> tuple[list[bool], list[float]]:
+    """Per question (dataset order): exact match and F1, each the max over its ground truths;
+    False / 0 for a question without prediction (the official crashes on one without answers)."""
+    exact: list[bool] = []
+    f1: list[float] = []
+    for qid, answers in zip(question_ids, truths, strict=True):
+        if qid not in predictions or not answers:
+            exact.append(False)
+            f1.append(0)
+            continue
+        pred = normalize_answer(predictions[qid])
+        norm = [normalize_answer(t) for t in answers]
+        exact.append(max(pred == t for t in norm))
+        f1.append(max(_f1_normalized(pred, t) for t in norm))
+    return exact, f1
+
+
+def aggregate(exact: Sequence[bool], f1: Sequence[float]) -> dict[str, float]:
+    """``{"exact_match": %, "f1": %}``: the official sums (bools into an int, floats left to right;
+    ``sum()`` is avoided as Python 3.12+ compensates float sums) scaled by the question count."""
+    if not exact:
+        raise ValueError("no questions to evaluate")
+    f1_sum = 0.0
+    for value in f1:
+        f1_sum += value
+    return {"exact_match": 100.0 * int(sum(exact)) / len(exact), "f1": 100.0 * f1_sum / len(f1)}
+
+
 def evaluate(question_ids: Sequence[str], truths: Sequence[Sequence[str]],
              predictions: Mapping[str, str]) -> dict[str, float]:
     """``{"exact_match": %, "f1": %}`` over every question of the dataset (in dataset order)."""
-    f1 = 0.0
-    total = exact = 0
-    for qid, answers in zip(question_ids, truths, strict=True):
-        total += 1
-        if qid not in predictions or not answers:
-            continue  # unanswered: scores 0 but counts in total (the official crashes on no answers)
-        pred = normalize_answer(predictions[qid])
-        norm = [normalize_answer(t) for t in answers]
-        exact += max(pred == t for t in norm)   # bools summed into an int
-        f1 += max(_f1_normalized(pred, t) for t in norm)
-    if total == 0:
-        raise ValueError("no questions to evaluate")
-    return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}
+    return aggregate(*question_scores(question_ids, truths, predictions))
 
 
 def official_line(metrics: Mapping[str, float]) -> str:

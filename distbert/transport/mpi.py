@@ -10,10 +10,11 @@ other's messages. Nothing is pickled; only uppercase (buffer) MPI calls are used
 Receiving: a daemon thread per transport probes (``Improbe``, matched so no other thread can take
 the message between probe and receive), receives into a fresh aligned buffer and hands it to an
 :class:`~distbert.transport._common.Inbox`; ``recv`` blocks on that queue (decode happens there, on
-the owner's thread) and ``wake`` posts to it. The thread polls with exponential back-off (to
-``max_poll_s``, 1 ms) instead of a blocking ``Probe``: MPICH and Open MPI implement blocking calls
-by spinning the progress engine, which would burn a whole core a worker needs for inference; the
-back-off costs an idle rank ~1000 cheap wake-ups/s and a busy one nothing.
+the owner's thread) and ``wake`` posts to it. The thread polls instead of a blocking ``Probe``:
+MPICH and Open MPI implement blocking calls by spinning the progress engine, which would burn a
+whole core a worker needs for inference. Polling is *hot* (``hot_poll_s``, 50 us sleeps) while
+traffic flows (a message within the last ``hot_window_s``, 0.5 s), so latency stays near 0.1 ms
+per hop during a run, and *cold* (``max_poll_s``, 1 ms sleeps, ~1000 cheap wake-ups/s) once idle.
 
 Sending: ``Isend``, then wait for completion (eager messages complete at once; big ones complete
 once the peer's receiver thread takes them). A peer that never receives cannot hold ``send``
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 TAG_TO_COORDINATOR = 0x4442  # "DB"
 TAG_TO_WORKER = 0x4443
 DEFAULT_MAX_POLL_S = 0.001
+DEFAULT_HOT_POLL_S = 50e-6
+DEFAULT_HOT_WINDOW_S = 0.5
 DEFAULT_SEND_TIMEOUT_S = 10.0
 #: How long ``close()`` lets still-running sends finish before parking them.
 DEFAULT_LINGER_S = 1.0
@@ -147,6 +150,8 @@ class _MpiPeer:
         self._inbox = Inbox()
         self._stop = threading.Event()
         self._max_poll_s = max_poll_s
+        self._hot_poll_s = min(DEFAULT_HOT_POLL_S, max_poll_s)
+        self._hot_window_s = DEFAULT_HOT_WINDOW_S
         self._send_timeout_s = send_timeout_s
         self._linger_s = linger_s
         self._parked: list[tuple[Any, Any]] = []  # (request, buffer): sends not yet complete
@@ -167,17 +172,23 @@ class _MpiPeer:
     def _receive_loop(self, source: int, tag: int) -> None:
         MPI, comm, stop, put = self._MPI, self._comm, self._stop, self._inbox.put
         status = MPI.Status()
+        hot_poll, hot_window, cold_poll = self._hot_poll_s, self._hot_window_s, self._max_poll_s
         idle = 0
+        last = 0.0  # monotonic time of the last message
         try:
             while not stop.is_set():
                 msg = comm.Improbe(source, tag, status)
                 if msg is None:
                     idle += 1
-                    # A few bare yields catch back-to-back messages, then sleep 50 us doubling to
-                    # max_poll_s: bounded latency when idle, no spinning core.
-                    time.sleep(0 if idle < 8 else min(self._max_poll_s, 50e-6 * (1 << min(idle - 8, 10))))
+                    if idle < 8:
+                        time.sleep(0)  # bare yields catch back-to-back messages
+                    elif time.monotonic() - last < hot_window:
+                        time.sleep(hot_poll)
+                    else:
+                        time.sleep(cold_poll)
                     continue
                 idle = 0
+                last = time.monotonic()
                 buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)  # aligned: numpy allocates 16+
                 msg.Recv([buf, MPI.BYTE])
                 put((status.Get_source(), buf))

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check: the real distbert path on one NVIDIA GPU, BERT-Large shape, PyTorch backend.
+#
+#   bench/gpu_check.sh                     # fp16 and bf16, Offline + Server
+#   PRECISIONS=fp16 SERVER_QPS=800 bench/gpu_check.sh
+#   DEVICE=cpu SHAPE=tiny PRECISIONS=fp32 OFFLINE_SAMPLES=64 SERVER_QPS=20 SERVER_QUERIES=40 \
+#       bench/gpu_check.sh                 # dry run of the script itself on a CPU box
+#
+# Needs: PyTorch with CUDA + transformers + distbert's deps in $PYTHON's environment, the SQuAD dev
+# set and vocab where `distbert run` finds them (DISTBERT_DATA_DIR, the cache, or DATASET=/VOCAB=).
+# No internet: the model is a generated random-weight BERT-Large (speed is real, accuracy is not).
+# Prints every command before running it, then samples/s and p99 latency per run (bench/gpu_summary.py).
+# Budget: about 1 min to generate the model, then well under 2 min per run (capped by RUN_TIMEOUT).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # works without `pip install -e .`
+export DISTBERT_NO_PROGRESS=1
+
+WORK="${WORK:-$REPO/results/gpu-check-$(date +%Y%m%d-%H%M%S)}"
+DEVICE="${DEVICE:-cuda}"
+SHAPE="${SHAPE:-large}"
+PRECISIONS="${PRECISIONS:-fp16 bf16}"
+OFFLINE_SAMPLES="${OFFLINE_SAMPLES:-10833}"      # one pass over the dev set
+SERVER_QPS="${SERVER_QPS:-400}"
+SERVER_QUERIES="${SERVER_QUERIES:-4000}"         # ~10 s at the default QPS
+RUN_TIMEOUT="${RUN_TIMEOUT:-240}"                # seconds per distbert run
+# loading BERT-Large (1.3 GB) onto the GPU can keep a worker busy longer than the default heartbeat timeout
+HEARTBEAT_TIMEOUT="${HEARTBEAT_TIMEOUT:-120}"
+DATA_ARGS=()
+if [[ -n "${DATASET:-}" ]]; then DATA_ARGS+=(--dataset "$DATASET"); fi
+if [[ -n "${VOCAB:-}" ]]; then DATA_ARGS+=(--vocab "$VOCAB"); fi
+
+say() { printf '\n== %s\n' "$*"; }
+run() { printf '+ %s\n' "$*"; "$@"; }
+
+say "environment"
+run mkdir -p "$WORK"
+if command -v nvidia-smi >/dev/null; then
+    run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+run "$PYTHON" -c 'import sys, torch, transformers
+gpu = sys.argv[1] != "cpu"
+assert torch.cuda.is_available() or not gpu, "torch sees no CUDA GPU"
+print("python", sys.version.split()[0], "| torch", torch.__version__, "CUDA", torch.version.cuda,
+      "| transformers", transformers.__version__, "|", torch.cuda.get_device_name(0) if gpu else "cpu")' "$DEVICE"
+
+MODEL="${MODEL:-$WORK/model-$SHAPE-torch}"
+if [[ ! -f "$MODEL/model.pytorch" ]]; then
+    say "random-weight BERT-$SHAPE (torch format)"
+    run "$PYTHON" -m distbert model make --shape "$SHAPE" --format torch --seed 0 --out "$MODEL"
+fi
+
+for precision in $PRECISIONS; do
+    common=(--backend torch --model "$MODEL" --device "$DEVICE" --precision "$precision" --workers 1
+            --mode performance --execution-mode test --heartbeat-timeout "$HEARTBEAT_TIMEOUT"
+            ${DATA_ARGS[@]+"${DATA_ARGS[@]}"})
+    say "Offline, $precision"
+    run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario Offline "${common[@]}" \
+        --test-query-count "$OFFLINE_SAMPLES" --output "$WORK/offline-$precision"
+    say "Server at $SERVER_QPS QPS, $precision"
+    run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario Server "${common[@]}" \
+        --target-qps "$SERVER_QPS" --test-query-count "$SERVER_QUERIES" --output "$WORK/server-$precision"
+done
+
+say "results ($WORK)"
+run "$PYTHON" "$REPO/bench/gpu_summary.py" "$WORK"

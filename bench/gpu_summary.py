@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Summarize the ``distbert run`` directories under one folder (used by ``bench/gpu_check.sh``).
+
+For every run directory holding ``performance/mlperf_log_detail.txt`` it prints a Markdown row:
+scenario, samples/s (Offline: ``result_samples_per_second``; Server: completed samples/s), p99
+and mean latency, LoadGen's validity verdict and error count. Reads LoadGen's ``:::MLLOG`` lines
+directly, so it needs nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+_MLLOG = re.compile(r":::MLLOG (\{.*\})\s*$")
+
+
+def read_detail(path: Path) -> dict:
+    out: dict = {"errors": 0}
+    for line in path.read_text(errors="replace").splitlines():
+        m = _MLLOG.search(line)
+        if not m:
+            continue
+        try:
+            entry = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if entry.get("key") == "error":
+            out["errors"] += 1
+        elif entry.get("key"):
+            out[entry["key"]] = entry.get("value")
+    return out
+
+
+def _ms(ns) -> str:
+    return f"{float(ns) / 1e6:.1f}" if ns is not None else "-"
+
+
+def main(root: str) -> int:
+    rows = []
+    for detail_path in sorted(Path(root).glob("*/performance/mlperf_log_detail.txt")):
+        d = read_detail(detail_path)
+        scenario = d.get("effective_scenario") or d.get("requested_scenario") or "?"
+        rate = d.get("result_samples_per_second") if scenario == "Offline" else d.get("result_completed_samples_per_sec")
+        rows.append((detail_path.parent.parent.name, scenario, rate, d.get("result_99.00_percentile_latency_ns"),
+                     d.get("result_mean_latency_ns"), d.get("result_validity"), d["errors"]))
+    if not rows:
+        print(f"no run directories with performance/mlperf_log_detail.txt under {root}", file=sys.stderr)
+        return 1
+    print("| run | scenario | samples/s | p99 latency ms | mean latency ms | LoadGen verdict | errors |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for name, scenario, rate, p99, mean, validity, errors in rows:
+        rate_s = f"{float(rate):.1f}" if rate is not None else "-"
+        print(f"| {name} | {scenario} | {rate_s} | {_ms(p99)} | {_ms(mean)} | {validity or '-'} | {errors} |")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: gpu_summary.py RESULTS_DIR")
+    sys.exit(main(sys.argv[1]))
