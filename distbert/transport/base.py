@@ -40,7 +40,7 @@ class Endpoint:
     ``mpi://`` or ``inproc://name``; ``key`` authenticates workers (never put it on a command line)."""
 
     address: str
-    key: str
+    key: str = dataclasses.field(repr=False)  # never in logs
 
 
 class CoordinatorTransport(abc.ABC):

@@ -174,7 +174,7 @@ class _MpiPeer:
         status = MPI.Status()
         hot_poll, hot_window, cold_poll = self._hot_poll_s, self._hot_window_s, self._max_poll_s
         idle = 0
-        last = 0.0  # monotonic time of the last message
+        last = time.monotonic()  # of the last message; start hot so the start-up handshake is quick
         try:
             while not stop.is_set():
                 msg = comm.Improbe(source, tag, status)
