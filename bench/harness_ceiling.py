@@ -87,7 +87,7 @@ def distbert_run(scenario: str, qps: float, duration_ms: int, offline_samples: i
         if scenario == "Offline":
             cmd += ["--test-query-count", str(offline_samples)]
         else:
-            n = int(qps * duration_ms / 1000)
+            n = int(qps * duration_ms / 1000 * 1.15) + 100  # > what min duration needs: LoadGen stops at max_query_count
             cmd += ["--target-qps", str(qps), "--test-query-count", str(max(n, 100)),
                     "--min-duration-ms", str(duration_ms)]
         env = dict(os.environ, DISTBERT_NO_PROGRESS="1", DISTBERT_LOG_LEVEL="WARNING")

@@ -45,7 +45,7 @@ def run(n: int, scenario: str, args: argparse.Namespace, qps: float = 0.0) -> di
             cmd += ["--max-batch", str(args.offline_batch), "--option", f"sim_max_batch={args.offline_batch}",
                     "--test-query-count", str(samples)]
         else:
-            count = max(200, int(qps * args.server_duration_ms / 1000))
+            count = int(qps * args.server_duration_ms / 1000 * 1.15) + 200  # > min duration needs
             cmd += ["--max-batch", str(args.server_batch), "--option", f"sim_max_batch={args.server_batch}",
                     "--max-wait-ms", str(args.max_wait_ms), "--target-qps", str(qps),
                     "--test-query-count", str(count), "--min-duration-ms", str(args.server_duration_ms)]

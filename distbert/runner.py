@@ -293,7 +293,10 @@ def _score(cfg: RunConfig, store: Any, logdir: Path) -> dict[str, Any]:
 
     result = score_log(logdir / "mlperf_log_accuracy.json", store)
     write_accuracy_txt(result, logdir / "accuracy.txt")
-    out = {"exact_match": result.exact_match, "f1": result.f1}
+    out: dict[str, Any] = {"exact_match": result.exact_match, "f1": result.f1,
+                           "coverage": result.coverage_line(), "verdicts": result.verdicts()}
+    if result.n_questions_scored < result.n_questions_total:
+        out["f1_scored_questions_only"] = result.f1_scored
     out["accuracy_meaningful"] = _meaningful(cfg)
     return out
 
@@ -361,7 +364,11 @@ def _print_summary(record: dict[str, Any], final: Path) -> None:
     print(f"distbert {lg['scenario']} {lg['mode']} run, backend {cfg['backend']['name']}, "
           f"{len(record['workers'])} workers -> {final}")
     for mode, res in record["results"].items():
-        figures = {k: v for k, v in res.items() if k not in ("dispatcher", "batch_policy")}
+        skip = ("dispatcher", "batch_policy", "verdicts", "coverage", "accuracy_meaningful")
+        figures = {k: v for k, v in res.items() if k not in skip}
         print(f"  {mode}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+        if "verdicts" in res:
+            print(f"  accuracy: {res['coverage']}")
+            print("  accuracy: " + "; ".join(res["verdicts"]))
     if "accuracy" in record["results"] and not record["accuracy_meaningful"]:
-        print("  note: accuracy of a harness backend or random-weight model is meaningless")
+        print("  note: this accuracy comes from a harness backend or a RANDOM-WEIGHT model: it is meaningless")

@@ -209,3 +209,24 @@ def test_external_worker_joins_with_connect(env, squad_dev, vocab, tmp_path):
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [w["worker"] for w in record["workers"]] == [7]
     assert record["workers"][0]["stats"]["samples"] >= 500
+
+
+@pytest.mark.timeout(180)
+def test_workers_exit_when_rank0_is_killed(env, squad_dev, vocab, tmp_path):
+    """SIGKILL rank 0 mid-run (it cannot clean up): its local workers notice and exit on their own."""
+    proc = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
+                             "--backend", "sim", "--sim-latency", "0.2", "--max-batch", "8", "--workers", "2",
+                             "--output", str(tmp_path / "run")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        children = [c for c in psutil.Process(proc.pid).children(recursive=True) if "worker" in " ".join(c.cmdline())]
+        if len(children) == 2 and list(tmp_path.glob(".run.partial-*/performance/mlperf_log_detail.txt")):
+            break
+        time.sleep(0.2)
+    assert len(children) == 2
+    proc.kill()
+    proc.wait(timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"workers outlived a killed rank 0: {[p.pid for p in alive]}"

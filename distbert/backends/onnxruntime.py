@@ -87,6 +87,7 @@ class OnnxRuntimeBackend(Backend):
         self._path: Path | None = None
         self._threads = 0
         self._binding = False
+        self._fused_ops: dict[str, int] = {}
 
     # ---------------------------------------------------------------------------------- load
     def load(self) -> None:
@@ -113,8 +114,11 @@ class OnnxRuntimeBackend(Backend):
             providers.append(("CUDAExecutionProvider", {"device_id": device_index(self.spec.device)}))
         if provider != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")   # per-node fallback for ops the EP lacks
+        source: str | bytes = str(path)
+        if self.spec.option("ort_fuse") == "1":
+            source = self._fused(path)
         try:
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own pybind exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"--model {path}: onnxruntime cannot load it ({first[:300]})") from exc
@@ -131,6 +135,34 @@ class OnnxRuntimeBackend(Backend):
                         "saves no compute with this model", path, self._io.fixed_len)
         log.info("onnxruntime %s: %s on %s, %d intra-op threads, inputs %s", ort.__version__, path.name,
                  provider, self._threads, (self._io.ids, self._io.mask, self._io.segments))
+
+    def _fused(self, path: Path) -> str | bytes:
+        """The graph after ORT's offline BERT fusions (Attention, SkipLayerNorm, BiasGelu), or ``path``.
+
+        ORT's in-session optimizer does not fuse attention for these graphs; the transformers
+        optimizer does (mask -> per-row lengths, so it assumes right padding, as SQuAD features are).
+        """
+        try:
+            from onnxruntime.transformers.optimizer import optimize_model
+        except ImportError:
+            log.warning("ort_fuse=1: onnxruntime.transformers is unavailable; running the graph unfused")
+            return str(path)
+        quiet = logging.getLogger("onnxruntime.transformers")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)          # "model producer not matched" etc. is noise here
+        try:
+            fused = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        except Exception as exc:   # an unknown graph shape: run it as it is
+            log.warning("ort_fuse=1: fusion failed for %s (%s); running the graph unfused", path, exc)
+            return str(path)
+        finally:
+            quiet.setLevel(level)
+        self._fused_ops = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+        if sum(len(t.raw_data) for t in fused.model.graph.initializer) > 2**31 - 2**24:
+            log.warning("ort_fuse=1: the fused graph exceeds 2 GB in memory; running the graph unfused")
+            return str(path)
+        log.info("ort_fuse=1: fused %s", self._fused_ops)
+        return fused.model.SerializeToString()
 
     def _check_precision(self, provider: str) -> None:
         # ORT runs the precision stored in the model file; only TensorRT can lower fp32 to fp16.
@@ -193,7 +225,8 @@ class OnnxRuntimeBackend(Backend):
                     "model_file": str(self._path) if self._path else None,
                     "intra_op_threads": self._threads,
                     "inputs": [self._io.ids, self._io.mask, self._io.segments] if self._io else None,
-                    "static_seq_len": self._io.fixed_len if self._io else None})
+                    "static_seq_len": self._io.fixed_len if self._io else None,
+                    "fused_ops": self._fused_ops})
         return out
 
     def close(self) -> None:
