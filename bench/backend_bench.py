@@ -11,7 +11,9 @@ mix is the real one) go through:
   fixed 384 tokens, so ``--ref-samples`` (a subset) measures the same rate in less time.
 * ``ort``: distbert's ``OnnxRuntimeBackend``: samples sorted by length, cut into batches by the
   backend's ``batch_hint()`` (or ``--calibrate``), each batch trimmed to its longest real length;
-* ``torch-fp32``, ``torch-bf16``, ``openvino``, ``ort-int8``: the same batches on other backends.
+* ``ort-fuse``: the same with ``ort_fuse=1`` (ORT's offline BERT fusions: Attention, SkipLayerNorm);
+* ``torch-fp32``, ``torch-bf16``, ``openvino``: the same batches on other backends;
+* ``ref-int8`` / ``ort-int8``: the reference way and distbert's way on the int8 model.
 
 Prints one line per config and a Markdown table. ``--sweep`` instead times ORT at several token
 budgets (used to choose the CPU default hint). Example::
@@ -39,7 +41,7 @@ from distbert.backends.base import BackendSpec, BatchHint, ModelInputs  # noqa: 
 
 log = logging.getLogger("backend_bench")
 SEQ = 384
-ALL = ("ref", "ort", "torch-fp32", "torch-bf16", "openvino", "ort-int8")
+ALL = ("ref", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "openvino", "ref-int8", "ort-int8")
 
 
 def load_samples(dataset: Path, vocab: Path, count: int) -> tuple[np.ndarray, ...]:
@@ -101,7 +103,7 @@ def bench_backend(spec: BackendSpec, data: tuple[np.ndarray, ...], rows: np.ndar
     backend.warmup()
     lengths = data[3]
     if calibrate:
-        from distbert.backends.calibration import calibrate as calib
+        from distbert.backends.batching import calibrate as calib
         hint = calib(backend, lengths[rows])
     hint = hint or backend.batch_hint()
     batches = [rows[b] for b in cut_batches(lengths[rows], hint)]
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="subset for the reference config (fixed 384 tokens: same rate, less time; 0 = all)")
     p.add_argument("--slow-samples", type=int, default=128,
                    help="subset for torch-bf16 (emulated on CPUs without bf16 units; 0 = all)")
-    p.add_argument("--configs", default=",".join(ALL[:5]), help=f"comma list of {', '.join(ALL)}")
+    p.add_argument("--configs", default=",".join(ALL), help=f"comma list of {', '.join(ALL)} (default all)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: this process's cores)")
     p.add_argument("--calibrate", action="store_true", help="batch by calibrate() instead of batch_hint()")
     p.add_argument("--max-batch", type=int, help="override the hint's max batch")
@@ -158,16 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     results: list[dict] = []
-    ref_rate = None
+    refs: dict[str, float] = {}       # "ref"/"ref-int8" -> samples/s: each config is compared with its precision's
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         t0 = time.perf_counter()
-        if name == "ref":
+        if name in ("ref", "ref-int8"):
             sel = subset(args.ref_samples)
-            rate, how = bench_ref(onnx_path, data, sel), "ORT default options, batch 1, padded to 384"
-            ref_rate = rate
+            path = onnx_path if name == "ref" else modelmaker.ensure_random_model(args.shape, "onnx-int8")
+            rate, how = bench_ref(path, data, sel), "ORT default options, batch 1, padded to 384"
+            refs[name] = rate
         else:
             spec = {
                 "ort": BackendSpec("onnxruntime", str(onnx_path), threads=threads),
+                "ort-fuse": BackendSpec("onnxruntime", str(onnx_path), threads=threads, options=(("ort_fuse", "1"),)),
                 "ort-int8": BackendSpec("onnxruntime", str(modelmaker.ensure_random_model(args.shape, "onnx-int8")),
                                         precision="int8", threads=threads),
                 "torch-fp32": BackendSpec("torch", str(modelmaker.ensure_random_model(args.shape, "torch")),
@@ -179,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             sel = subset(args.slow_samples) if name == "torch-bf16" else rows
             rate, hint, nb = bench_backend(spec, data, sel, override, args.calibrate)
             how = f"sorted+trimmed, {nb} batches (max_batch {hint.max_batch}, token_budget {hint.token_budget})"
+        ref_rate = refs.get("ref-int8" if name.endswith("int8") else "ref")
         entry = {"config": name, "samples": len(sel), "samples_per_s": rate, "how": how,
                  "vs_ref": rate / ref_rate if ref_rate else None, "wall_s": time.perf_counter() - t0}
         results.append(entry)
         print(f"{name}: {rate:.2f} samples/s over {len(sel)} samples ({how})"
               + (f", {entry['vs_ref']:.2f}x ref" if entry["vs_ref"] else ""), flush=True)
 
-    print("\n| config | samples | samples/s | vs ref | batching |\n|---|---:|---:|---:|---|")
+    print("\n| config | samples | samples/s | vs ref (same precision) | batching |\n|---|---:|---:|---:|---|")
     for e in results:
         vs = f"{e['vs_ref']:.2f}x" if e["vs_ref"] else "-"
         print(f"| {e['config']} | {e['samples']} | {e['samples_per_s']:.2f} | {vs} | {e['how']} |")

@@ -363,7 +363,7 @@ def test_torch_loads_a_hugging_face_directory(tiny, tmp_path):
 
 @needs["onnxruntime"]
 def test_calibrate_picks_a_token_budget_from_the_knee(tiny):
-    from distbert.backends.calibration import calibrate
+    from distbert.backends.batching import calibrate
 
     backend = loaded("onnxruntime", tiny["onnx"])
     hint = calibrate(backend, [60, 80, 100, 120, 140], max_batch=16, time_budget_s=3.0, min_time_s=0.05)

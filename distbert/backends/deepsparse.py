@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from distbert.backends import onnx_io
+from distbert.backends import batching, onnx_io
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
 from distbert.errors import UserError
 
@@ -94,7 +94,7 @@ class DeepSparseBackend(Backend):
             self._buckets = [self._io.fixed_len]
         if self._io.fixed_batch:
             self._batch = self._io.fixed_batch
-        self._cores = self.spec.threads or onnx_io.usable_cores()
+        self._cores = self.spec.threads or batching.usable_cores()
         log.info("deepsparse %s: %s, buckets %s, batch %d, %d cores", getattr(self._ds, "__version__", "?"),
                  self._path.name, self._buckets, self._batch, self._cores)
 

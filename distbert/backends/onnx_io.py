@@ -9,7 +9,6 @@ MLPerf int8 model and Hugging Face exports (``input_ids``, ``attention_mask``, `
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,14 +76,6 @@ def resolve_model_file(model: str | None, backend: str) -> Path:
     if not path.is_file():
         raise UserError(f"--model {path} does not exist: give an ONNX file")
     return path
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity set, e.g. one socket), not the whole machine."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:        # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _static(dim: int | str | None) -> int | None:

@@ -20,8 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from distbert.backends import onnx_io
+from distbert.backends import batching, onnx_io
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
+from distbert import envs
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ PROVIDERS: dict[str, str] = {
 }
 _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 
-CPU_HINT = BatchHint(max_batch=32, token_budget=4096)
 GPU_HINT = BatchHint(max_batch=256, token_budget=49152)
 
 
@@ -64,6 +64,15 @@ def requested_provider(spec: BackendSpec) -> str:
     return PROVIDERS[kind]
 
 
+def _graph_input_names(path: Path | None) -> list[str]:
+    """The graph's input names without loading its weights (for provider options set before the session)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    return [v.name for v in graph.input if v.name not in init]
+
+
 def _ort_dtype(type_str: str) -> str:
     # "tensor(int64)" -> "int64"; ORT says "float" for float32, "double" for float64
     inner = type_str.removeprefix("tensor(").removesuffix(")")
@@ -88,6 +97,7 @@ class OnnxRuntimeBackend(Backend):
         self._threads = 0
         self._binding = False
         self._fused_ops: dict[str, int] = {}
+        self._path_for_options: Path | None = None
 
     # ---------------------------------------------------------------------------------- load
     def load(self) -> None:
@@ -102,13 +112,14 @@ class OnnxRuntimeBackend(Backend):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._threads = self.spec.threads or onnx_io.usable_cores()
+        self._threads = self.spec.threads or batching.usable_cores()
         opts.intra_op_num_threads = self._threads
         # one batch at a time from one thread: parallelism lives inside the ops
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3          # shape-merge warnings are noise for BERT graphs
 
+        self._path_for_options = path
         providers: list[Any] = [(provider, self._provider_options(provider))]
         if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
             providers.append(("CUDAExecutionProvider", {"device_id": device_index(self.spec.device)}))
@@ -179,8 +190,16 @@ class OnnxRuntimeBackend(Backend):
         if provider in ("CUDAExecutionProvider", "ROCMExecutionProvider"):
             return {"device_id": idx}
         if provider == "TensorrtExecutionProvider":
+            # One optimization profile covering every batch the coordinator can send; without it
+            # TensorRT builds a new engine for each new [batch, seq] shape (minutes each).
+            names = _graph_input_names(self._path_for_options)
+            lo = ",".join(f"{n}:1x1" for n in names)
+            opt = ",".join(f"{n}:{GPU_HINT.max_batch // 4}x256" for n in names)
+            hi = ",".join(f"{n}:{GPU_HINT.max_batch}x384" for n in names)
             return {"device_id": idx, "trt_fp16_enable": self.spec.precision == "fp16",
-                    "trt_int8_enable": False}
+                    "trt_int8_enable": False, "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(envs.cache_dir() / "tensorrt"),
+                    "trt_profile_min_shapes": lo, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": hi}
         if provider == "OpenVINOExecutionProvider":
             return {"device_type": "CPU"}
         return {}
@@ -216,7 +235,9 @@ class OnnxRuntimeBackend(Backend):
 
     # ---------------------------------------------------------------------------------- meta
     def batch_hint(self) -> BatchHint:
-        return GPU_HINT if self._provider in _GPU_PROVIDERS else CPU_HINT
+        if self._provider in _GPU_PROVIDERS:
+            return GPU_HINT
+        return batching.cpu_batch_hint(self._threads or batching.usable_cores())
 
     def info(self) -> dict[str, Any]:
         out = super().info()

@@ -20,13 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 import openvino as ov
 
-from distbert.backends import onnx_io
+from distbert.backends import batching, onnx_io
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CPU_HINT = BatchHint(max_batch=32, token_budget=4096)
 _PRECISIONS = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16"),
                "int8": ("f32", "FP32")}   # int8: the model file carries the quantization
 
@@ -55,6 +54,7 @@ class OpenVinoBackend(Backend):
         self._outputs: list[Any] = []
         self._path: Path | None = None
         self._config: dict[str, Any] = {}
+        self._threads = 0
 
     def load(self) -> None:
         path = onnx_io.resolve_model_file(self.spec.model, self.name)
@@ -78,7 +78,7 @@ class OpenVinoBackend(Backend):
             raise UserError(f"--model {path}: openvino cannot read it "
                             f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from exc
         self._io = onnx_io.resolve_io(_descs(model.inputs), _descs(model.outputs), str(path))
-        threads = self.spec.threads or onnx_io.usable_cores()
+        threads = self._threads = self.spec.threads or batching.usable_cores()
         self._config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
                         "INFERENCE_PRECISION_HINT": ov_precision}
         self._compiled = core.compile_model(model, "CPU", self._config)
@@ -99,7 +99,7 @@ class OpenVinoBackend(Backend):
         return onnx_io.run_graph(self._io, inputs, self._infer)
 
     def batch_hint(self) -> BatchHint:
-        return CPU_HINT
+        return batching.cpu_batch_hint(self._threads or batching.usable_cores())
 
     def info(self) -> dict[str, Any]:
         out = super().info()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
-from distbert.backends.onnx_io import usable_cores
+from distbert.backends.batching import cpu_batch_hint, usable_cores
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ CHECKPOINT_FILE = "model.pytorch"
 CHECKPOINT_CONFIG = "bert_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-CPU_HINT = BatchHint(max_batch=32, token_budget=4096)
 GPU_HINT = BatchHint(max_batch=256, token_budget=65536)
 
 # keys a checkpoint may lack without harm: buffers, not learned weights
@@ -135,6 +134,7 @@ class TorchBackend(Backend):
         self._dtype = torch.float32
         self._source = ""
         self._device_name = "cpu"
+        self._pinned: torch.Tensor | None = None
 
     def load(self) -> None:
         precision = self.spec.precision
@@ -163,20 +163,28 @@ class TorchBackend(Backend):
         log.info("torch %s: %s model %s on %s (%s), %s, %d threads", torch.__version__, self._source,
                  self.spec.model, device, self._device_name, precision, torch.get_num_threads())
 
-    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
-        if self._device.type == "cuda":
-            # pinned staging lets the copy run asynchronously to the host
-            return t.pin_memory().to(self._device, non_blocking=True)
-        return t
+    def _to_device(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        arrays = (inputs.input_ids, inputs.input_mask, inputs.segment_ids)
+        if self._device.type != "cuda":
+            return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays)  # type: ignore[return-value]
+        # One reusable pinned staging buffer and one asynchronous host-to-device copy per batch.
+        # Reusing it is safe: run() waits for the outputs (.cpu()), so the previous copy has finished.
+        batch, length = inputs.shape
+        need = 3 * batch * length
+        if self._pinned is None or self._pinned.numel() < need:
+            self._pinned = torch.empty(max(need, 3 * 64 * 384), dtype=torch.int64).pin_memory()
+        staged = self._pinned[:need].view(3, batch, length)
+        for i, a in enumerate(arrays):
+            staged[i].copy_(torch.from_numpy(a))
+        on_gpu = staged.to(self._device, non_blocking=True)
+        return on_gpu[0], on_gpu[1], on_gpu[2]
 
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
         if self._model is None:
             raise RuntimeError("TorchBackend.run() before load()")
         with torch.inference_mode():
-            out = self._model(input_ids=self._to_device(inputs.input_ids),
-                              attention_mask=self._to_device(inputs.input_mask),
-                              token_type_ids=self._to_device(inputs.segment_ids))
+            ids, mask, segments = self._to_device(inputs)
+            out = self._model(input_ids=ids, attention_mask=mask, token_type_ids=segments)
             # one stacked copy back instead of two
             logits = torch.stack((out.start_logits, out.end_logits)).float().cpu().numpy()
         return logits[0], logits[1]
@@ -191,7 +199,9 @@ class TorchBackend(Backend):
                                      np.full(batch, length, np.int32)))
 
     def batch_hint(self) -> BatchHint:
-        return GPU_HINT if self._device.type == "cuda" else CPU_HINT
+        if self._device.type == "cuda":
+            return GPU_HINT
+        return cpu_batch_hint(torch.get_num_threads())
 
     def info(self) -> dict[str, Any]:
         out = super().info()
@@ -203,5 +213,6 @@ class TorchBackend(Backend):
     def close(self) -> None:
         if self._model is not None:
             self._model = None
+            self._pinned = None
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
