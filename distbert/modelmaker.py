@@ -366,6 +366,7 @@ def make_model(shape: str, fmt: str, seed: int, out_dir: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory for the model")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)     # mkdtemp makes it 0700; a shared cache must stay readable by others
     try:
         log.info("generating random-weight BERT %s (%s, seed %d) in %s", shape, fmt, seed, out)
         weights = random_weights(bert, seed)

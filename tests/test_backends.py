@@ -259,6 +259,16 @@ def test_onnxruntime_reports_provider_and_threads(tiny):
 
 
 @needs["onnxruntime"]
+def test_onnxruntime_fused_graph_gives_the_same_logits(tiny):
+    inputs = batch()
+    plain = loaded("onnxruntime", tiny["onnx"]).run(inputs)
+    backend = loaded("onnxruntime", tiny["onnx"], options=(("ort_fuse", "1"),))
+    assert backend.info()["fused_ops"].get("Attention") == 2          # one per layer
+    for a, b in zip(plain, backend.run(inputs)):
+        assert np.abs(a - b)[real(inputs)].max() <= 1e-4
+
+
+@needs["onnxruntime"]
 def test_onnxruntime_precision_checks(tiny):
     with pytest.raises(UserError, match="TensorRT"):
         loaded("onnxruntime", tiny["onnx"], precision="fp16")
@@ -359,7 +369,15 @@ def test_torch_loads_a_hugging_face_directory(tiny, tmp_path):
         assert np.abs(a - b)[real(inputs)].max() <= 1e-5
 
 
-# -------------------------------------------------------------------------------- calibration
+# ------------------------------------------------------------------------------ batch policy
+
+def test_cpu_batch_hint_scales_with_threads():
+    from distbert.backends.batching import cpu_batch_hint
+
+    assert cpu_batch_hint(2) == BatchHint(max_batch=8, token_budget=1024)
+    assert cpu_batch_hint(8) == BatchHint(max_batch=32, token_budget=4096)
+    assert cpu_batch_hint(128) == BatchHint(max_batch=64, token_budget=16384)
+
 
 @needs["onnxruntime"]
 def test_calibrate_picks_a_token_budget_from_the_knee(tiny):

@@ -15,13 +15,21 @@ onnx = pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory):
+    """Tiny seed-0 models, made on first use per format (int8 needs onnxruntime, torch needs torch)."""
     root = tmp_path_factory.mktemp("random-models")
-    out = {"onnx": modelmaker.make_model("tiny", "onnx", 0, root / "onnx"),
-           "onnx-int8": modelmaker.make_model("tiny", "onnx-int8", 0, root / "int8")}
-    pytest.importorskip("torch")
-    out["torch"] = modelmaker.make_model("tiny", "torch", 0, root / "torch")
-    return out
+    made: dict[str, Path] = {}
+
+    def get(fmt: str) -> Path:
+        if fmt == "onnx-int8":
+            pytest.importorskip("onnxruntime")
+        if fmt == "torch":
+            pytest.importorskip("torch")
+        if fmt not in made:
+            made[fmt] = modelmaker.make_model("tiny", fmt, 0, root / fmt)
+        return made[fmt]
+
+    return get
 
 
 def _batch(batch: int = 3, length: int = 48, seed: int = 1) -> dict[str, np.ndarray]:
@@ -83,23 +91,23 @@ def _io(path: Path) -> tuple[list, list]:
 
 
 def test_onnx_fp32_has_mlperf_io_with_dynamic_batch_and_seq(models):
-    inputs, outputs = _io(models["onnx"])
+    inputs, outputs = _io(models("onnx"))
     assert [n for n, _, _ in inputs] == ["input_ids", "input_mask", "segment_ids"]
     assert [n for n, _, _ in outputs] == ["output_start_logits", "output_end_logits"]
     assert all(t == onnx.TensorProto.INT64 for _, t, _ in inputs)
     assert all(t == onnx.TensorProto.FLOAT for _, t, _ in outputs)
     for _, _, dims in inputs + outputs:
         assert len(dims) == 2 and all(isinstance(d, str) and d for d in dims)   # symbolic = dynamic
-    ops = {n.op_type for n in onnx.load(str(models["onnx"])).graph.node}
+    ops = {n.op_type for n in onnx.load(str(models("onnx"))).graph.node}
     assert {"LayerNormalization", "Erf", "Softmax", "MatMul", "Gather"} <= ops
-    onnx.checker.check_model(str(models["onnx"]))
+    onnx.checker.check_model(str(models("onnx")))
 
 
 def test_onnx_int8_has_mlperf_int8_names_and_quantized_matmuls(models):
-    inputs, outputs = _io(models["onnx-int8"])
+    inputs, outputs = _io(models("onnx-int8"))
     assert [n for n, _, _ in inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [n for n, _, _ in outputs] == ["output_start_logits", "output_end_logits"]
-    ops = {n.op_type for n in onnx.load(str(models["onnx-int8"])).graph.node}
+    ops = {n.op_type for n in onnx.load(str(models("onnx-int8"))).graph.node}
     assert "MatMulInteger" in ops or "QLinearMatMul" in ops or "DynamicQuantizeMatMul" in ops
 
 
@@ -108,7 +116,7 @@ def test_onnx_graph_matches_transformers_with_the_same_weights(models):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     feed = _batch()
-    start, end = ort.InferenceSession(str(models["onnx"]), providers=["CPUExecutionProvider"]).run(None, feed)
+    start, end = ort.InferenceSession(str(models("onnx")), providers=["CPUExecutionProvider"]).run(None, feed)
     cfg = transformers.BertConfig(**modelmaker.SHAPES["tiny"].bert_config())
     net = transformers.BertForQuestionAnswering(cfg).eval()
     weights = modelmaker.random_weights(modelmaker.SHAPES["tiny"], 0)
@@ -124,8 +132,8 @@ def test_onnx_graph_matches_transformers_with_the_same_weights(models):
 def test_int8_is_close_to_fp32(models):
     ort = pytest.importorskip("onnxruntime")
     feed = _batch()
-    fp32 = ort.InferenceSession(str(models["onnx"]), providers=["CPUExecutionProvider"]).run(None, feed)
-    int8 = ort.InferenceSession(str(models["onnx-int8"]), providers=["CPUExecutionProvider"]).run(
+    fp32 = ort.InferenceSession(str(models("onnx")), providers=["CPUExecutionProvider"]).run(None, feed)
+    int8 = ort.InferenceSession(str(models("onnx-int8")), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": feed["input_ids"], "attention_mask": feed["input_mask"],
                "token_type_ids": feed["segment_ids"]})
     for a, b in zip(fp32, int8):
@@ -137,7 +145,7 @@ def test_int8_is_close_to_fp32(models):
 def test_torch_format_is_an_mlperf_checkpoint_with_the_same_weights(models):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    d = models["torch"]
+    d = models("torch")
     assert d.is_dir() and (d / "model.pytorch").is_file()
     cfg = transformers.BertConfig.from_json_file(str(d / "bert_config.json"))
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 2, 30522)
@@ -151,12 +159,13 @@ def test_torch_format_is_an_mlperf_checkpoint_with_the_same_weights(models):
 
 # ------------------------------------------------------------------------------ files, cache
 
-def test_marker_labels_the_model_random(models):
-    for fmt, path in models.items():
-        marker = modelmaker.read_marker(path)
-        assert marker is not None and marker["random_weights"] is True
-        assert (marker["shape"], marker["format"], marker["seed"]) == ("tiny", fmt, 0)
-        assert modelmaker.is_random_model(path)
+@pytest.mark.parametrize("fmt", modelmaker.FORMATS)
+def test_marker_labels_the_model_random(models, fmt):
+    path = models(fmt)
+    marker = modelmaker.read_marker(path)
+    assert marker is not None and marker["random_weights"] is True
+    assert (marker["shape"], marker["format"], marker["seed"]) == ("tiny", fmt, 0)
+    assert modelmaker.is_random_model(path)
 
 
 def test_make_model_replaces_files_atomically_and_leaves_no_temp(tmp_path):
@@ -169,6 +178,8 @@ def test_make_model_replaces_files_atomically_and_leaves_no_temp(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert json.loads((out / "distbert-model.json").read_text())["seed"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]        # temp dir removed
+    fresh = modelmaker.make_model("tiny", "onnx", 3, tmp_path / "fresh")
+    assert fresh.parent.stat().st_mode & 0o755 == 0o755                # readable in a shared cache
 
 
 def test_ensure_random_model_caches(tmp_path):

@@ -31,7 +31,8 @@ class NullBackend(Backend):
         pass
 
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
-        zeros = np.zeros(inputs.input_ids.shape, dtype=np.float32)
+        # a read-only zero-stride view: measuring the harness, not memset
+        zeros = np.broadcast_to(np.float32(0), inputs.input_ids.shape)
         return zeros, zeros
 
     def batch_hint(self) -> BatchHint:
@@ -130,7 +131,7 @@ class SimBackend(Backend):
         rows, length = inputs.input_ids.shape
         # sleep, never spin: scaling studies run dozens of sim workers on a few cores
         time.sleep(self.a + self.b * rows * length + self.c * rows)
-        zeros = np.zeros((rows, length), dtype=np.float32)
+        zeros = np.broadcast_to(np.float32(0), (rows, length))
         return zeros, zeros
 
     def batch_hint(self) -> BatchHint:

@@ -64,13 +64,25 @@ def requested_provider(spec: BackendSpec) -> str:
     return PROVIDERS[kind]
 
 
-def _graph_input_names(path: Path | None) -> list[str]:
-    """The graph's input names without loading its weights (for provider options set before the session)."""
+def _trt_profiles(path: Path, max_batch: int) -> tuple[str, str, str]:
+    """TensorRT ``min, opt, max`` profile shapes for the graph's inputs (static dims kept as they are).
+
+    Reads the graph with onnx (weights not loaded when stored externally) because provider options
+    are needed before the session exists.
+    """
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     init = {t.name for t in graph.initializer}
-    return [v.name for v in graph.input if v.name not in init]
+    profiles: list[list[str]] = [[], [], []]
+    for vi in graph.input:
+        if vi.name in init:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        batch, seq = (dims + [0, 0])[:2]
+        for k, (b, s) in enumerate(((1, 1), (max(1, max_batch // 4), 256), (max_batch, 384))):
+            profiles[k].append(f"{vi.name}:{batch or b}x{seq or s}")
+    return ",".join(profiles[0]), ",".join(profiles[1]), ",".join(profiles[2])
 
 
 def _ort_dtype(type_str: str) -> str:
@@ -97,7 +109,6 @@ class OnnxRuntimeBackend(Backend):
         self._threads = 0
         self._binding = False
         self._fused_ops: dict[str, int] = {}
-        self._path_for_options: Path | None = None
 
     # ---------------------------------------------------------------------------------- load
     def load(self) -> None:
@@ -119,8 +130,7 @@ class OnnxRuntimeBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3          # shape-merge warnings are noise for BERT graphs
 
-        self._path_for_options = path
-        providers: list[Any] = [(provider, self._provider_options(provider))]
+        providers: list[Any] = [(provider, self._provider_options(provider, path))]
         if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
             providers.append(("CUDAExecutionProvider", {"device_id": device_index(self.spec.device)}))
         if provider != "CPUExecutionProvider":
@@ -185,17 +195,14 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(f"--precision {precision} is not supported by onnxruntime: use fp32, int8 "
                             "(the int8 model file) or --backend torch for bf16")
 
-    def _provider_options(self, provider: str) -> dict[str, Any]:
+    def _provider_options(self, provider: str, path: Path) -> dict[str, Any]:
         idx = device_index(self.spec.device)
         if provider in ("CUDAExecutionProvider", "ROCMExecutionProvider"):
             return {"device_id": idx}
         if provider == "TensorrtExecutionProvider":
             # One optimization profile covering every batch the coordinator can send; without it
             # TensorRT builds a new engine for each new [batch, seq] shape (minutes each).
-            names = _graph_input_names(self._path_for_options)
-            lo = ",".join(f"{n}:1x1" for n in names)
-            opt = ",".join(f"{n}:{GPU_HINT.max_batch // 4}x256" for n in names)
-            hi = ",".join(f"{n}:{GPU_HINT.max_batch}x384" for n in names)
+            lo, opt, hi = _trt_profiles(path, GPU_HINT.max_batch)
             return {"device_id": idx, "trt_fp16_enable": self.spec.precision == "fp16",
                     "trt_int8_enable": False, "trt_engine_cache_enable": True,
                     "trt_engine_cache_path": str(envs.cache_dir() / "tensorrt"),

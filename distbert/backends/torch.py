@@ -112,12 +112,13 @@ def load_model(model: str | None, dtype: torch.dtype) -> tuple[torch.nn.Module, 
         return net.to(dtype).eval(), "mlperf-checkpoint"
     if path.is_dir() and (path / "config.json").is_file():
         try:
+            # no dtype argument: transformers 4.x calls it torch_dtype, 5.x dtype; .to() works in both
             net = transformers.BertForQuestionAnswering.from_pretrained(
-                str(path), local_files_only=True, attn_implementation="sdpa", dtype=dtype)
+                str(path), local_files_only=True, attn_implementation="sdpa")
         except (OSError, ValueError) as exc:
             raise UserError(f"--model {path}: not a loadable Hugging Face BERT QA directory "
                             f"({str(exc).splitlines()[0][:200]})") from exc
-        return net.eval(), "huggingface"
+        return net.to(dtype).eval(), "huggingface"
     raise UserError(f"--model {path}: expected {CHECKPOINT_FILE} + {CHECKPOINT_CONFIG} "
                     "(MLPerf checkpoint) or config.json + weights (Hugging Face directory)")
 
