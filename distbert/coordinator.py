@@ -212,7 +212,10 @@ class Coordinator:
             if handle.lost or handle.stats is not None:
                 continue
             alive = self.is_alive(handle.worker) if self.is_alive else True
-            if not alive or (handle.last_seen and now - handle.last_seen > self.cfg.heartbeat_timeout_s):
+            # Before Ready a worker is loading its model and cannot beat (a torch import plus a
+            # BERT-Large load takes ~15 s on a CPU): start-up is bounded by --ready-timeout instead.
+            silent = handle.ready and now - handle.last_seen > self.cfg.heartbeat_timeout_s
+            if not alive or silent:
                 why = "process exited" if not alive else f"silent for {now - handle.last_seen:.1f} s"
                 self._lose(handle, why)
                 continue

@@ -302,17 +302,13 @@ def _score(cfg: RunConfig, store: Any, logdir: Path) -> dict[str, Any]:
 
 
 def _meaningful(cfg: RunConfig) -> bool:
+    """False for harness backends and generated random-weight models (their accuracy means nothing)."""
     spec = cfg.backend
     if spec.name in ("null", "oracle", "sim") or not spec.model:
         return False
-    model = Path(spec.model)
-    marker = (model if model.is_dir() else model.parent) / "distbert-model.json"
-    if marker.is_file():
-        try:
-            return not json.loads(marker.read_text()).get("random_weights", False)
-        except (OSError, json.JSONDecodeError):
-            return False
-    return True
+    from distbert.modelmaker import is_random_model  # noqa: PLC0415
+
+    return not is_random_model(spec.model)
 
 
 def _versions() -> dict[str, str]:

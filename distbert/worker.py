@@ -165,6 +165,7 @@ class Worker:
         compute = threading.Thread(target=self._compute_loop, name="distbert-compute", daemon=True)
         compute.start()
         next_beat = time.monotonic() + cfg.heartbeat_s
+        self._last_heard = time.monotonic()  # model loading was not silence
         reason = "?"
         try:
             while True:
