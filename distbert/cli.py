@@ -58,6 +58,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--token-budget", type=int, help="Offline: max rows x length per batch (default: the backend's)")
     g.add_argument("--max-wait-ms", type=float, default=2.0, help="Server: max wait of a sample in an open batch")
     g.add_argument("--credits", type=int, default=2, help="batches in flight per worker (default 2)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
+                        "max batch / token budget (instead of the backend's static hint)")
     g = p.add_argument_group("processes")
     g.add_argument("--workers", type=int, help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
     g.add_argument("--expect-workers", type=int, default=0,
@@ -96,7 +99,7 @@ def _config_from_args(args: argparse.Namespace):
         backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
                             threads=args.threads, options=tuple(options)),
         batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,
-                          credits=args.credits),
+                          credits=args.credits, calibrate=args.calibrate),
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker, output=args.output,

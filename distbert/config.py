@@ -42,6 +42,7 @@ class BatchConfig:
     token_budget: int | None = None
     max_wait_ms: float = 2.0
     credits: int = 2
+    calibrate: bool = False          # each worker measures its backend at start-up (batching.calibrate)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,6 +109,10 @@ class Worker:
             backend.attach_features(self.store)
         backend.warmup()
         hint = backend.batch_hint()
+        if cfg.batch.calibrate and backend.needs_tokens:
+            from distbert.backends.batching import calibrate  # noqa: PLC0415
+
+            hint = calibrate(backend, np.asarray(self.store.lengths[:2048]))
         info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid()}
         # Ready only now: rank 0 must not start LoadGen's clock before every model is warm.
         self.transport.send(m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device,
