@@ -232,6 +232,9 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
     finally:
         if transport is not None:
             transport.close()
+            address = transport.endpoint.address
+            if address.startswith("ipc://"):  # our socket file: leave nothing in /tmp
+                Path(address[len("ipc://"):]).unlink(missing_ok=True)
 
 
 def _resolve_model(cfg: RunConfig) -> Any:

@@ -112,7 +112,9 @@ class Worker:
         if cfg.batch.calibrate and backend.needs_tokens:
             from distbert.backends.batching import calibrate  # noqa: PLC0415
 
-            hint = calibrate(backend, np.asarray(self.store.lengths[:2048]))
+            # a seeded sample of the whole set: the dev set is in article order, so a prefix is not typical
+            pick = np.random.default_rng(0).choice(len(self.store), size=min(2048, len(self.store)), replace=False)
+            hint = calibrate(backend, np.asarray(self.store.lengths)[pick])
         info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid()}
         # Ready only now: rank 0 must not start LoadGen's clock before every model is warm.
         self.transport.send(m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device,
