@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 launch/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 exec distbert run --backend onnxruntime --scenario Offline --mode both \
-  --random-shape base --max-examples 256 "$@"
+  --random-shape base --max-examples 128 "$@"
