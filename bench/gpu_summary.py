@@ -3,34 +3,23 @@
 
 For every run directory holding ``performance/mlperf_log_detail.txt`` it prints a Markdown row:
 scenario, samples/s (Offline: ``result_samples_per_second``; Server: completed samples/s), p99
-and mean latency, LoadGen's validity verdict and error count. Reads LoadGen's ``:::MLLOG`` lines
-directly, so it needs nothing but the standard library.
+and mean latency, LoadGen's validity verdict and error count, parsing LoadGen's ``:::MLLOG`` lines
+with :func:`distbert.loadgen_settings.read_detail`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
-_MLLOG = re.compile(r":::MLLOG (\{.*\})\s*$")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from distbert.loadgen_settings import read_detail as _read_detail  # noqa: E402
 
 
 def read_detail(path: Path) -> dict:
-    out: dict = {"errors": 0}
-    for line in path.read_text(errors="replace").splitlines():
-        m = _MLLOG.search(line)
-        if not m:
-            continue
-        try:
-            entry = json.loads(m.group(1))
-        except json.JSONDecodeError:
-            continue
-        if entry.get("key") == "error":
-            out["errors"] += 1
-        elif entry.get("key"):
-            out[entry["key"]] = entry.get("value")
+    out = _read_detail(path)
+    out["errors"] = len(out.pop("_errors", []))
     return out
 
 
