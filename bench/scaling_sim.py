@@ -83,11 +83,14 @@ def main() -> None:
     ap.add_argument("--server-duration-ms", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--credits", type=int, default=2)
+    ap.add_argument("--offline-base", type=float, help="1-worker Offline samples/s from an earlier run (skip N=1)")
+    ap.add_argument("--server-base", type=float, help="1-worker Server QPS from an earlier run (skip N=1)")
+    ap.add_argument("--json", default="scaling_sim", help="result file stem under bench/results/")
     args = ap.parse_args()
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                  "model": args.model, "offline": [], "server": []}
     print(f"Offline (sim model {args.model}, batch {args.offline_batch})", flush=True)
-    base = None
+    base = args.offline_base
     for n in [int(x) for x in args.workers.split(",") if x]:
         d = run(n, "Offline", args)
         thr = float(d["result_samples_per_second"])
@@ -95,7 +98,7 @@ def main() -> None:
         res["offline"].append({"workers": n, "samples_per_s": thr, "efficiency": thr / (n * base)})
         print(f"  N={n:>3}: {thr:>10,.0f} samples/s  efficiency {thr / (n * base):6.1%}", flush=True)
     print(f"Server (sim model, max batch {args.server_batch}, max wait {args.max_wait_ms} ms)", flush=True)
-    single = None
+    single = args.server_base
     for n in [int(x) for x in args.server_workers.split(",") if x]:
         if single is None:
             qps = server_search(n, args, 500.0, 12000.0)
@@ -106,8 +109,8 @@ def main() -> None:
         print(f"  N={n:>3}: {qps:>10,.0f} QPS VALID  efficiency {qps / (n * single):6.1%}", flush=True)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "scaling_sim.json").write_text(json.dumps(res, indent=2) + "\n")
-    _plot(res, out / "scaling_sim.png")
+    (out / f"{args.json}.json").write_text(json.dumps(res, indent=2) + "\n")
+    _plot(res, out / f"{args.json}.png")
     print("\n| workers | Offline samples/s | Offline efficiency | Server VALID QPS | Server efficiency |")
     print("|---:|---:|---:|---:|---:|")
     srv = {r["workers"]: r for r in res["server"]}
