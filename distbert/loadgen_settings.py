@@ -22,10 +22,14 @@ FULL_SET = 10833
 
 # defaults for --execution-mode test (short runs; never a valid MLPerf result)
 TEST_QUERY_COUNT = {"Offline": FULL_SET, "Server": 2000, "SingleStream": 100}
+TEST_SERVER_QPS = 1000.0
 
 
 def write_user_conf(cfg: LoadGenConfig, path: Path) -> Path:
     lines: list[str] = []
+    if cfg.execution_mode == "test" and cfg.scenario == "Server":
+        # a test-mode default that a --user-conf or --target-qps below may override
+        lines.append(f"{MODEL_KEY}.Server.target_qps = {TEST_SERVER_QPS:g}")
     if cfg.user_conf:
         src = Path(cfg.user_conf)
         if not src.is_file():
@@ -63,8 +67,6 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int)
         else:
             settings.min_query_count = count
             settings.max_query_count = count
-        if cfg.scenario == "Server" and cfg.target_qps is None:
-            settings.server_target_qps = 1000.0
     else:
         if cfg.min_duration_ms is not None:
             settings.min_duration_ms = cfg.min_duration_ms

@@ -230,3 +230,23 @@ def test_workers_exit_when_rank0_is_killed(env, squad_dev, vocab, tmp_path):
     proc.wait(timeout=10)
     gone, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, f"workers outlived a killed rank 0: {[p.pid for p in alive]}"
+
+
+@pytest.mark.timeout(240)
+def test_coordinator_hosts_worker_under_mpiexec_and_user_conf(env, squad_dev, vocab, tmp_path):
+    """mpiexec -n 2 with --coordinator-hosts-worker: rank 1 plus rank 0's own local worker both get
+    work. A --user-conf reaches LoadGen (one FromConfig), and the file used is kept in the run dir."""
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found next to the Python interpreter (install the 'mpich' wheel)")
+    conf = tmp_path / "user.conf"
+    conf.write_text("bert.Server.target_qps = 3210\n")
+    _, record = _run(["--backend", "null", "--scenario", "Server", "--coordinator-hosts-worker",
+                      "--user-conf", str(conf), "--test-query-count", "2000"],
+                     env, squad_dev, vocab, tmp_path / "run", [MPIEXEC, "-n", "2"])
+    assert sorted(w["worker"] for w in record["workers"]) == [1, 2]
+    assert all(w["stats"]["samples"] > 0 for w in record["workers"])
+    used = (tmp_path / "run" / "performance" / "user.conf").read_text()
+    assert "bert.Server.target_qps = 3210" in used
+    detail = (tmp_path / "run" / "performance" / "mlperf_log_detail.txt").read_text()
+    assert '"key": "requested_server_target_qps", "value": 3210' in detail
+    assert "Multiple conf files" not in detail
