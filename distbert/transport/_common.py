@@ -137,3 +137,27 @@ class PeerTable:
         self.worker_of[peer] = hello.rank
         self.peer_of[hello.rank] = peer
         return True
+
+
+def decode_from(peers: PeerTable, drops: DropLog, peer: Any, frames: Any, who: str) -> tuple[int | None, Any] | None:
+    """Decode ``frames`` from ``peer`` as the coordinator side of every transport does.
+
+    Returns ``(worker, message)``: ``worker`` is the peer's worker id, or None for a stranger, whose
+    only admissible message is a ``Hello`` (the caller then runs ``peers.admit``). Returns None when
+    the message is dropped (logged and counted): a stranger's non-Hello, a bad Hello, garbage.
+    """
+    from distbert.messages import Hello, MessageError, decode, peek_tag  # noqa: PLC0415 - no import cycle
+
+    worker = peers.worker_of.get(peer)
+    if worker is None and (not frames or peek_tag(frames[0]) != Hello.TAG):
+        # Not decoded on purpose: strangers get no parser surface beyond one byte.
+        drops.drop("unknown-peer", "message from %s, which has not said Hello", who)
+        return None
+    try:
+        return worker, decode(frames)
+    except MessageError as exc:
+        if worker is None:
+            drops.drop("bad-hello", "bad Hello from %s: %s", who, exc)
+        else:
+            drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
+        return None

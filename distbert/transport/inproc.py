@@ -21,8 +21,8 @@ import itertools
 import logging
 from typing import Any
 
-from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
-from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after
+from distbert.messages import Hello, Message, MessageError, decode, encode
+from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after, decode_from
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -93,25 +93,12 @@ class InprocCoordinatorTransport(CoordinatorTransport):
                 return got
 
     def _accept(self, sender: InprocWorkerTransport, frames: list[Any]) -> tuple[int, Message] | None:
-        worker = self._peers.worker_of.get(sender)
-        if worker is not None:
-            try:
-                msg = decode(frames)
-            except MessageError as exc:
-                self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
-                return None
-            if type(msg) is not Hello:
-                return worker, msg
-        else:
-            if not frames or peek_tag(frames[0]) != Hello.TAG:
-                self._drops.drop("unknown-peer", "message from an in-process peer that has not said Hello")
-                return None
-            try:
-                msg = decode(frames)
-            except MessageError as exc:
-                self._drops.drop("bad-hello", "bad Hello: %s", exc)
-                return None
-        assert isinstance(msg, Hello)
+        got = decode_from(self._peers, self._drops, sender, frames, "an in-process peer")
+        if got is None:
+            return None
+        worker, msg = got
+        if type(msg) is not Hello:
+            return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
         return (msg.rank, msg) if self._peers.admit(sender, msg, worker) else None
 
     def wake(self) -> None:

@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from distbert.errors import UserError
-from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
-from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after
+from distbert.messages import Hello, Message, MessageError, decode, encode
+from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after, decode_from
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -297,25 +297,12 @@ class MpiCoordinatorTransport(_MpiPeer, CoordinatorTransport):
             if got is None:
                 return None
             source, frames = got
-            worker = self._peers.worker_of.get(source)
-            if worker is not None:
-                try:
-                    msg = decode(frames)
-                except MessageError as exc:
-                    self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
-                    continue
-                if type(msg) is not Hello:
-                    return worker, msg
-            else:
-                if peek_tag(frames[0]) != Hello.TAG:
-                    # Not decoded on purpose: strangers get no parser surface beyond one byte.
-                    self._drops.drop("unknown-peer", "message from rank %d, which has not said Hello", source)
-                    continue
-                try:
-                    msg = decode(frames)
-                except MessageError as exc:
-                    self._drops.drop("bad-hello", "bad Hello from rank %d: %s", source, exc)
-                    continue
+            got = decode_from(self._peers, self._drops, source, frames, f"rank {source}")
+            if got is None:
+                continue
+            worker, msg = got
+            if type(msg) is not Hello:
+                return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
             assert isinstance(msg, Hello)
             if msg.rank != source:
                 # Under MPI the worker id *is* the sender's rank; a Hello claiming another is forged.

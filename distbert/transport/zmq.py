@@ -35,8 +35,8 @@ from typing import Any
 
 import zmq
 
-from distbert.messages import Hello, Message, MessageError, decode, encode, peek_tag
-from distbert.transport._common import DropLog, PeerTable, TransportClosed
+from distbert.messages import Hello, Message, MessageError, decode, encode
+from distbert.transport._common import DropLog, PeerTable, TransportClosed, decode_from
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -317,27 +317,12 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
 
     def _accept(self, frames: list[zmq.Frame]) -> tuple[int, Message] | None:
         ident = frames[0].bytes
-        body = frames[1:]
-        worker = self._peers.worker_of.get(ident)
-        if worker is not None:
-            try:
-                msg = decode(body)
-            except MessageError as exc:
-                self._drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
-                return None
-            if type(msg) is not Hello:
-                return worker, msg
-        else:
-            if not body or peek_tag(body[0]) != Hello.TAG:
-                # Not decoded on purpose: strangers get no parser surface beyond one byte.
-                self._drops.drop("unknown-peer", "message from unknown peer %r (no Hello yet)", ident)
-                return None
-            try:
-                msg = decode(body)
-            except MessageError as exc:
-                self._drops.drop("bad-hello", "bad Hello from peer %r: %s", ident, exc)
-                return None
-        assert isinstance(msg, Hello)
+        got = decode_from(self._peers, self._drops, ident, frames[1:], f"peer {ident!r}")
+        if got is None:
+            return None
+        worker, msg = got
+        if type(msg) is not Hello:
+            return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
         return (msg.rank, msg) if self._peers.admit(ident, msg, worker) else None
 
     @property
