@@ -35,6 +35,7 @@ from distbert.transport.base import CoordinatorTransport
 log = logging.getLogger(__name__)
 
 _FLUSH = object()
+PROGRESS_S = 10.0
 SWITCH = 0.0005  # s; see start()
 
 
@@ -81,6 +82,7 @@ class Coordinator:
         self._driver: threading.Thread | None = None
         self._want_logits = False
         self._sleeping = False
+        self._progress_mark = (0.0, 0)
         self._completer: Completer | None = None
 
     # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
@@ -201,6 +203,7 @@ class Coordinator:
             if now >= next_beat:
                 next_beat = now + cfg.heartbeat_s
                 self._beat(now)
+                self._progress(now)
 
     def _beat(self, now: float) -> None:
         for handle in self.workers.values():
@@ -223,6 +226,22 @@ class Coordinator:
                 if w not in self.workers and not self.is_alive(w):
                     self._fail(f"worker {w} exited before saying hello (see its log above)")
                     self._all_ready.set()
+
+    def _progress(self, now: float) -> None:
+        """Every PROGRESS_S during a test, one log line: long runs (600 s, CPU models) show life."""
+        d = self.dispatcher
+        if d is None:
+            return
+        done, issued = d.samples_completed, d.samples_issued
+        last_t, last_done = self._progress_mark
+        if last_t == 0.0 or done < last_done:
+            self._progress_mark = (now, done)
+            return
+        if now - last_t >= PROGRESS_S and issued > done:
+            log.info("progress: %d of %d issued samples completed, %.1f samples/s over the last %.0f s, "
+                     "%d batches in flight", done, issued, (done - last_done) / (now - last_t), now - last_t,
+                     d.in_flight())
+            self._progress_mark = (now, done)
 
     def _lose(self, handle: WorkerHandle, why: str) -> None:
         if handle.lost:

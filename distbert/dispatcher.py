@@ -359,6 +359,14 @@ class Dispatcher:
         w = self._workers.get(worker)
         return 0 if w is None else len(w.inflight)
 
+    @property
+    def samples_issued(self) -> int:
+        return self._issued
+
+    @property
+    def samples_completed(self) -> int:
+        return self._completed
+
     def pending_samples(self) -> int:
         """Samples issued and not yet sent (queued or in the open batch)."""
         return self._queued_samples + len(self._open_ids)
