@@ -360,14 +360,30 @@ def _plots(record: dict[str, Any], out: Path) -> None:
 def _print_summary(record: dict[str, Any], final: Path) -> None:
     cfg = record["config"]
     lg = cfg["loadgen"]
+    n = len(record["workers"])
     print(f"distbert {lg['scenario']} {lg['mode']} run, backend {cfg['backend']['name']}, "
-          f"{len(record['workers'])} workers -> {final}")
+          f"{n} worker{'s' if n != 1 else ''} -> {final}")
     for mode, res in record["results"].items():
-        skip = ("dispatcher", "batch_policy", "verdicts", "coverage", "accuracy_meaningful")
-        figures = {k: v for k, v in res.items() if k not in skip}
-        print(f"  {mode}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+        parts = []
+        for key, label in (("result_samples_per_second", "samples/s"),
+                           ("result_completed_samples_per_sec", "completed samples/s"),
+                           ("result_scheduled_samples_per_sec", "scheduled samples/s")):
+            if res.get(key) is not None:
+                parts.append(f"{float(res[key]):,.1f} {label}")
+        for key, label in (("result_99.00_percentile_latency_ns", "p99"),
+                           ("result_90.00_percentile_latency_ns", "p90"),
+                           ("result_mean_latency_ns", "mean")):
+            if res.get(key) is not None:
+                parts.append(f"{label} {float(res[key]) / 1e6:,.1f} ms")
+        if res.get("result_validity"):
+            parts.append(f"LoadGen: {res['result_validity']}")
+        if "f1" in res:
+            parts.append(f"exact_match {res['exact_match']:.3f}, f1 {res['f1']:.3f} (official)")
+        parts.append(f"{res.get('loadgen_errors', 0)} LoadGen errors, {res.get('wall_s', 0):.1f} s")
+        print(f"  {mode}: " + "; ".join(parts))
         if "verdicts" in res:
             print(f"  accuracy: {res['coverage']}")
             print("  accuracy: " + "; ".join(res["verdicts"]))
     if "accuracy" in record["results"] and not record["accuracy_meaningful"]:
         print("  note: this accuracy comes from a harness backend or a RANDOM-WEIGHT model: it is meaningless")
+    print(f"  details: {final / 'run.json'}, LoadGen logs in {final}/<mode>/")
