@@ -139,25 +139,34 @@ class PeerTable:
         return True
 
 
-def decode_from(peers: PeerTable, drops: DropLog, peer: Any, frames: Any, who: str) -> tuple[int | None, Any] | None:
-    """Decode ``frames`` from ``peer`` as the coordinator side of every transport does.
+def accept_from(peers: PeerTable, drops: DropLog, peer: Any, frames: Any, who: str, *,
+                rank_must_be: int | None = None) -> tuple[int, Any] | None:
+    """The coordinator side's receive rule, shared by every transport.
 
-    Returns ``(worker, message)``: ``worker`` is the peer's worker id, or None for a stranger, whose
-    only admissible message is a ``Hello`` (the caller then runs ``peers.admit``). Returns None when
-    the message is dropped (logged and counted): a stranger's non-Hello, a bad Hello, garbage.
+    Returns ``(worker, message)`` for a message from a known worker, or for a ``Hello`` that
+    ``peers.admit`` accepts (``rank_must_be``: the rank the Hello must claim, where the transport
+    knows it, as MPI does). Anything else is dropped (logged and counted) and None returned: a
+    stranger's non-Hello (never decoded: strangers get no parser surface beyond one byte), a bad or
+    refused Hello, garbage from a worker.
     """
     from distbert.messages import Hello, MessageError, decode, peek_tag  # noqa: PLC0415 - no import cycle
 
     worker = peers.worker_of.get(peer)
     if worker is None and (not frames or peek_tag(frames[0]) != Hello.TAG):
-        # Not decoded on purpose: strangers get no parser surface beyond one byte.
         drops.drop("unknown-peer", "message from %s, which has not said Hello", who)
         return None
     try:
-        return worker, decode(frames)
+        msg = decode(frames)
     except MessageError as exc:
         if worker is None:
             drops.drop("bad-hello", "bad Hello from %s: %s", who, exc)
         else:
             drops.drop("malformed", "malformed message from worker %d: %s", worker, exc)
         return None
+    if type(msg) is not Hello:
+        return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
+    if rank_must_be is not None and msg.rank != rank_must_be:
+        # e.g. under MPI the worker id *is* the sender's rank; a Hello claiming another is forged
+        drops.drop("rank-change", "Hello claiming rank %d from %s", msg.rank, who)
+        return None
+    return (msg.rank, msg) if peers.admit(peer, msg, worker) else None

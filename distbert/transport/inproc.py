@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from distbert.messages import Hello, Message, MessageError, decode, encode
-from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after, decode_from
+from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,7 @@ class InprocCoordinatorTransport(CoordinatorTransport):
                 return got
 
     def _accept(self, sender: InprocWorkerTransport, frames: list[Any]) -> tuple[int, Message] | None:
-        got = decode_from(self._peers, self._drops, sender, frames, "an in-process peer")
-        if got is None:
-            return None
-        worker, msg = got
-        if type(msg) is not Hello:
-            return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
-        return (msg.rank, msg) if self._peers.admit(sender, msg, worker) else None
+        return accept_from(self._peers, self._drops, sender, frames, "an in-process peer")
 
     def wake(self) -> None:
         self._inbox.wake()

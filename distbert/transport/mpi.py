@@ -42,7 +42,7 @@ import numpy as np
 
 from distbert.errors import UserError
 from distbert.messages import Hello, Message, MessageError, decode, encode
-from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, deadline_after, decode_from
+from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -297,19 +297,10 @@ class MpiCoordinatorTransport(_MpiPeer, CoordinatorTransport):
             if got is None:
                 return None
             source, frames = got
-            got = decode_from(self._peers, self._drops, source, frames, f"rank {source}")
-            if got is None:
-                continue
-            worker, msg = got
-            if type(msg) is not Hello:
-                return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
-            assert isinstance(msg, Hello)
-            if msg.rank != source:
-                # Under MPI the worker id *is* the sender's rank; a Hello claiming another is forged.
-                self._drops.drop("rank-change", "Hello claiming rank %d from MPI rank %d", msg.rank, source)
-                continue
-            if self._peers.admit(source, msg, worker):
-                return source, msg
+            accepted = accept_from(self._peers, self._drops, source, frames, f"MPI rank {source}",
+                                   rank_must_be=source)
+            if accepted is not None:
+                return accepted
 
 
 class MpiWorkerTransport(_MpiPeer, WorkerTransport):

@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 
 from distbert.messages import Hello, Message, MessageError, decode, encode
-from distbert.transport._common import DropLog, PeerTable, TransportClosed, decode_from
+from distbert.transport._common import DropLog, PeerTable, TransportClosed, accept_from
 from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -317,13 +317,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
 
     def _accept(self, frames: list[zmq.Frame]) -> tuple[int, Message] | None:
         ident = frames[0].bytes
-        got = decode_from(self._peers, self._drops, ident, frames[1:], f"peer {ident!r}")
-        if got is None:
-            return None
-        worker, msg = got
-        if type(msg) is not Hello:
-            return worker, msg  # type: ignore[return-value]  # only known workers get past a non-Hello
-        return (msg.rank, msg) if self._peers.admit(ident, msg, worker) else None
+        return accept_from(self._peers, self._drops, ident, frames[1:], f"peer {ident!r}")
 
     @property
     def drops(self) -> dict[str, int]:
