@@ -64,7 +64,6 @@ class RunConfig:
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
     ready_timeout_s: float = 600.0
-    worker_threads: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -74,13 +74,11 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self.failure: str | None = None
         self._inbox: collections.deque[Any] = collections.deque()
-        self._results: dict[int, m.Result] = {}
         self._stop = threading.Event()
         self._all_ready = threading.Event()
         self._all_bye = threading.Event()
         self._shutting_down = False
         self._driver: threading.Thread | None = None
-        self._want_logits = False
         self._sleeping = False
         self._progress_mark = (0.0, 0)
         self._completer: Completer | None = None
@@ -89,8 +87,8 @@ class Coordinator:
 
     def start(self) -> None:
         # LoadGen's issue thread must take the GIL to call us; with Python's default 5 ms switch
-        # interval it waits behind the driver and completion threads and falls behind its Server
-        # schedule. 0.5 ms: highest VALID Server QPS with the null backend 75k -> 90k+ (measured).
+        # interval it waits behind the driver thread and falls behind its Server schedule.
+        # 0.5 ms: highest VALID Server QPS with the null backend 75k -> 90k+ (measured).
         sys.setswitchinterval(SWITCH)
         self._driver = threading.Thread(target=self._drive, name="distbert-driver", daemon=True)
         self._driver.start()
@@ -134,7 +132,6 @@ class Coordinator:
         ready = [h for h in self.workers.values() if h.ready and not h.lost]
         if not ready:
             raise RunFailed("no worker is ready")
-        self._want_logits = want_logits
         dispatcher = Dispatcher(scenario, self._policy(), self.lengths, want_logits)
         if self._completer is None:
             self._completer = Completer()
@@ -142,9 +139,6 @@ class Coordinator:
         self._inbox.append(("begin", dispatcher, done))
         self.transport.wake()
         done.wait()
-
-    def policy(self) -> BatchPolicy | None:
-        return self.dispatcher.policy if self.dispatcher else None
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -265,9 +259,7 @@ class Coordinator:
         if isinstance(msg, m.Result):
             if self.dispatcher is None:
                 return
-            self._results[msg.batch_id] = msg
-            self._execute(self.dispatcher.on_result(worker, msg.batch_id, now))
-            self._results.pop(msg.batch_id, None)
+            self._execute(self.dispatcher.on_result(worker, msg.batch_id, now), result=msg)
         elif isinstance(msg, m.Heartbeat):
             pass
         elif isinstance(msg, m.Hello):
@@ -349,7 +341,8 @@ class Coordinator:
             return
         self._execute(self.dispatcher.on_samples(np.asarray(ids, np.uint64), np.asarray(indices, np.int64), now))
 
-    def _execute(self, instructions: list[Any]) -> None:
+    def _execute(self, instructions: list[Any], result: m.Result | None = None) -> None:
+        """Carry out dispatcher instructions; ``result`` is the message behind a ``Complete``."""
         for ins in instructions:
             if isinstance(ins, SendBatch):
                 if self.workers[ins.worker].lost:
@@ -361,11 +354,10 @@ class Coordinator:
                 except KeyError:
                     self._lose(self.workers[ins.worker], "transport does not know it")
             elif isinstance(ins, Complete):
-                result = self._results.get(ins.batch_id)
                 if result is not None and not np.array_equal(result.ids, ins.ids):
                     self._fail(f"worker {ins.worker} answered batch {ins.batch_id} with other ids (protocol bug)")
-                logits = result.logits if (result is not None and self._want_logits) else None
-                self._complete(ins.ids, logits)
+                # a result without logits (performance mode) carries a (B, 0, 2) array
+                self._complete(ins.ids, result.logits if result is not None else None)
             elif isinstance(ins, NoWorkers):
                 self._fail(f"every worker is lost; {ins.pending} samples cannot be processed")
                 self._abort_outstanding()

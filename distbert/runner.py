@@ -79,17 +79,14 @@ def run(cfg: RunConfig, topology: Topology | None = None) -> int:
 def launched_worker_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
     from distbert.worker import worker_run  # noqa: PLC0415
 
+    hello = _bcast_json(comm, None)  # rank 0 says where to connect, or that it failed first
+    if "error" in hello:
+        return 2
     if cfg.transport == "mpi":
         from distbert.transport.mpi import MpiWorkerTransport  # noqa: PLC0415
 
-        hello = _bcast_json(comm, None)
-        if "error" in hello:
-            return 2
         transport: Any = MpiWorkerTransport(comm, key=hello["key"])
     else:
-        hello = _bcast_json(comm, None)
-        if "error" in hello:
-            return 2
         from distbert.transport.base import Endpoint  # noqa: PLC0415
         from distbert.transport.zmq import ZmqWorkerTransport  # noqa: PLC0415
 

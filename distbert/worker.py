@@ -15,6 +15,7 @@ timeout, or (single-node mode) when its parent process is gone - so no run leave
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -91,10 +92,8 @@ class Worker:
             self.binding = bind_worker(spec.device, self.local_index, self.local_count)
         else:  # in-process workers (tests) must not pin the whole process
             self.binding = DeviceBinding(spec.device, tuple(sorted(os.sched_getaffinity(0))))
-        threads = spec.threads or cfg.worker_threads or len(self.binding.cores)
-        import dataclasses  # noqa: PLC0415
-
-        spec = dataclasses.replace(spec, device=self.binding.device if spec.device != "cpu" else "cpu",
+        threads = spec.threads or len(self.binding.cores)
+        spec = dataclasses.replace(spec, device=self.binding.device,
                                    threads=threads)
         log.info("device %s, cores %s, %d threads, backend %s", self.binding.device,
                  _ranges(self.binding.cores), threads, spec.name)
