@@ -122,22 +122,22 @@ def core_set(index: int, count: int, cores: list[int] | None = None) -> list[int
 
 @dataclasses.dataclass(frozen=True)
 class DeviceBinding:
-    device: str            # "cpu" or "cuda:N"
+    device: str            # "cpu", "cuda:N" or "rocm:N"
     cores: tuple[int, ...]  # CPU core set (all allowed cores for GPU workers)
 
 
 def bind_worker(requested: str, local_index: int, local_count: int) -> DeviceBinding:
     """Bind this worker process: pick its GPU or pin it to its core set. Returns what it got.
 
-    ``requested`` is the user's ``--device`` ("cpu", "cuda", "cuda:N", "rocm"). For "cuda"/"rocm"
-    the local index picks the GPU; an explicit "cuda:N" is respected as given.
+    ``requested`` is the user's ``--device`` ("cpu", "cuda", "cuda:N", "rocm", "rocm:N"). For
+    "cuda"/"rocm" the local index picks the GPU; an explicit ":N" is respected as given.
     """
     allowed = sorted(os.sched_getaffinity(0))
     if requested in ("cuda", "rocm"):
         ngpu = visible_gpus()
         gpu = local_index % ngpu if ngpu else 0
-        return DeviceBinding(f"cuda:{gpu}", tuple(allowed))
-    if requested.startswith("cuda:"):
+        return DeviceBinding(f"{requested}:{gpu}", tuple(allowed))  # keep the kind: rocm picks ROCm's provider
+    if requested.startswith(("cuda:", "rocm:")):
         return DeviceBinding(requested, tuple(allowed))
     cores = core_set(local_index, local_count, allowed)
     try:
