@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -78,7 +79,7 @@ def _direct_oracle_f1(squad_dev: Path, vocab: Path, session_cache: Path, max_exa
     for i in range(n):
         length = int(store.lengths[i])
         s, e = oracle_logits([i], length, store.oracle_start, store.oracle_end)
-        logits[i] = __import__("numpy").stack([s[0], e[0]], axis=-1)
+        logits[i] = np.stack([s[0], e[0]], axis=-1)
     return score_logits(store, logits).f1
 
 
