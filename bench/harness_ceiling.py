@@ -50,27 +50,14 @@ def _settings(lg, scenario: str, qps: float, duration_ms: int, offline_samples: 
     return s
 
 
-def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: int, recycle: bool = False) -> dict:
-    """In-process FastSUT; runs in a child process so every probe starts clean.
-
-    recycle=False builds a response object per sample (what every Python SUT does); recycle=True
-    reuses response objects as distbert's completion thread does (LoadGen copies them on the call).
-    """
+def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: int) -> dict:
+    """In-process FastSUT; runs in a child process so every probe starts clean."""
     import mlperf_loadgen as lg
 
     Response = lg.QuerySampleResponse
-    pool: list = []
 
     def issue(ids, indices):
-        if not recycle:
-            lg.QuerySamplesComplete([Response(i, 0, 0) for i in ids])
-            return
-        if len(pool) < len(ids):
-            pool.extend(Response(0, 0, 0) for _ in range(len(ids) - len(pool)))
-        out = pool[:len(ids)]
-        for r, i in zip(out, ids):
-            r.id = i
-        lg.QuerySamplesComplete(out)
+        lg.QuerySamplesComplete([Response(i, 0, 0) for i in ids])
 
     sut = lg.ConstructFastSUT(issue, lambda: None)
     qsl = lg.ConstructQSL(QSL, QSL, lambda s: None, lambda s: None)
@@ -84,9 +71,9 @@ def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: in
     return read_detail(Path(out) / "mlperf_log_detail.txt")
 
 
-def _child_ceiling(scenario: str, qps: float, duration_ms: int, offline_samples: int, recycle: bool = False) -> dict:
+def _child_ceiling(scenario: str, qps: float, duration_ms: int, offline_samples: int) -> dict:
     code = (f"import json,sys; sys.path.insert(0,{str(REPO)!r}); from bench.harness_ceiling import ceiling_run; "
-            f"d=ceiling_run({scenario!r},{qps},{duration_ms},{offline_samples},{recycle}); "
+            f"d=ceiling_run({scenario!r},{qps},{duration_ms},{offline_samples}); "
             "print(json.dumps({k:v for k,v in d.items() if k.startswith('result_') or k=='early_stopping_met'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
