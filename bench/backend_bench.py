@@ -13,7 +13,10 @@ mix is the real one) go through:
   backend's ``batch_hint()`` (or ``--calibrate``), each batch trimmed to its longest real length;
 * ``ort-fuse``: the same with ``ort_fuse=1`` (ORT's offline BERT fusions: Attention, SkipLayerNorm);
 * ``torch-fp32``, ``torch-bf16``, ``openvino``: the same batches on other backends;
-* ``ref-int8`` / ``ort-int8``: the reference way and distbert's way on the int8 model.
+* ``ref-int8`` / ``ort-int8``: the reference way and distbert's way on the int8 model;
+* ``ort-static`` / ``ort-static-padded``: the model with its sequence dim declared static 384, as the
+  official fp32 ``model.onnx`` has it: rewritten to a symbolic length at load (the default) vs
+  ``seq_trim=0`` (padded to 384, what any runtime does with that file as published).
 
 Prints one line per config and a Markdown table. ``--sweep`` instead times ORT at several token
 budgets (used to choose the CPU default hint). Example::
@@ -41,7 +44,8 @@ from distbert.backends.base import BackendSpec, BatchHint, ModelInputs  # noqa: 
 
 log = logging.getLogger("backend_bench")
 SEQ = 384
-ALL = ("ref", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "openvino", "ref-int8", "ort-int8")
+ALL = ("ref", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "openvino", "ref-int8", "ort-int8",
+       "ort-static", "ort-static-padded")
 
 
 def load_samples(dataset: Path, vocab: Path, count: int) -> tuple[np.ndarray, ...]:
@@ -94,6 +98,22 @@ def bench_ref(model: Path, data: tuple[np.ndarray, ...], rows: np.ndarray) -> fl
     for i in rows:
         sess.run(None, feed(int(i)))
     return len(rows) / (time.perf_counter() - t0)
+
+
+def static_copy(onnx_path: Path) -> Path:
+    """``onnx_path`` with inputs and outputs declared ``[batch, 384]`` (the official model's dims)."""
+    import onnx
+
+    out = onnx_path.parent.with_name(onnx_path.parent.name + "-static384") / onnx_path.name
+    if not out.is_file():
+        model = onnx.load(str(onnx_path))
+        for vi in list(model.graph.input) + list(model.graph.output):
+            vi.type.tensor_type.shape.dim[1].ClearField("dim_param")
+            vi.type.tensor_type.shape.dim[1].dim_value = SEQ
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(out) + ".tmp")
+        os.replace(str(out) + ".tmp", out)
+    return out
 
 
 def bench_backend(spec: BackendSpec, data: tuple[np.ndarray, ...], rows: np.ndarray,
@@ -179,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                 "torch-bf16": BackendSpec("torch", str(modelmaker.ensure_random_model(args.shape, "torch")),
                                           precision="bf16", threads=threads),
                 "openvino": BackendSpec("openvino", str(onnx_path), threads=threads),
+                "ort-static": lambda: BackendSpec("onnxruntime", str(static_copy(onnx_path)), threads=threads),
+                "ort-static-padded": lambda: BackendSpec("onnxruntime", str(static_copy(onnx_path)), threads=threads,
+                                                         options=(("seq_trim", "0"),)),
             }[name]
+            spec = spec() if callable(spec) else spec
             sel = subset(args.slow_samples) if name == "torch-bf16" else rows
             rate, hint, nb = bench_backend(spec, data, sel, override, args.calibrate)
             how = f"sorted+trimmed, {nb} batches (max_batch {hint.max_batch}, token_budget {hint.token_budget})"

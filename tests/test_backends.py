@@ -198,7 +198,7 @@ VARIANTS = {"static-384": _fix_seq, "hf-names": _hf_names, "single-logits": _sin
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("name", [pytest.param("onnxruntime", marks=needs["onnxruntime"]),
                                   pytest.param("openvino", marks=needs["openvino"])])
-def test_graph_variants_give_the_same_logits(tiny, tmp_path, variant, name):
+def test_graph_variants_give_the_same_logits(tiny, tmp_path, own_cache, variant, name):
     path = _variant(tiny["onnx"], tmp_path / f"{variant}.onnx", VARIANTS[variant])
     inputs = batch()
     ref = loaded(name, tiny["onnx"]).run(inputs)
@@ -208,7 +208,79 @@ def test_graph_variants_give_the_same_logits(tiny, tmp_path, variant, name):
         assert b.shape == inputs.shape and b.dtype == np.float32
         assert np.abs(a - b)[real(inputs)].max() <= 1e-4
     if variant == "static-384":
-        assert backend.info()["static_seq_len"] == 384
+        # the declared 384 is rewritten away (the graph computes its shapes from the input)
+        assert backend.info()["static_seq_len"] is None
+        assert backend.info()["seq_len_mode"].startswith("static length 384 rewritten as dynamic")
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("DISTBERT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _hardcode_384(graph) -> None:
+    """Static 384 in the declared dims *and* in the position-embedding slice (as some exports bake it)."""
+    _fix_seq(graph)
+    shape_node = next(n for n in graph.node if n.op_type == "Shape")
+    graph.node.remove(shape_node)
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([384], np.int64), shape_node.output[0]))
+
+
+def _hardcode_wrong_values(graph) -> None:
+    """Static 384 declared, and padding that is *not* masked out: other lengths give other numbers."""
+    _fix_seq(graph)
+    init = next(t for t in graph.initializer if t.name == "mask_value")
+    init.CopyFrom(onnx.numpy_helper.from_array(np.array(0.0, np.float32), "mask_value"))
+
+
+@pytest.mark.parametrize("name", [pytest.param("onnxruntime", marks=needs["onnxruntime"]),
+                                  pytest.param("openvino", marks=needs["openvino"])])
+def test_static_384_graph_is_rewritten_once_and_runs_trimmed(tiny, tmp_path, own_cache, name):
+    path = _variant(tiny["onnx"], tmp_path / "static.onnx", _fix_seq)
+    backend = loaded(name, path)
+    copies = list((own_cache / "models" / "dynamic-seq").glob("*/static.onnx"))
+    assert len(copies) == 1
+    stamp = copies[0].stat().st_mtime_ns
+    inputs = batch()
+    ref = loaded(name, tiny["onnx"]).run(inputs)
+    for a, b in zip(ref, backend.run(inputs)):
+        assert b.shape == inputs.shape
+        assert np.abs(a - b)[real(inputs)].max() <= 1e-4
+    again = loaded(name, path)                              # a second worker reuses the copy
+    assert again.info()["static_seq_len"] is None
+    assert copies[0].stat().st_mtime_ns == stamp
+    assert list((own_cache / "models" / "dynamic-seq").glob("*/.*tmp")) == []
+
+
+@pytest.mark.parametrize("edit,why", [(_hardcode_384, "fails"), (_hardcode_wrong_values, "differ")])
+@pytest.mark.parametrize("name", [pytest.param("onnxruntime", marks=needs["onnxruntime"]),
+                                  pytest.param("openvino", marks=needs["openvino"])])
+def test_length_dependent_static_graph_keeps_padding_and_says_why(tiny, tmp_path, own_cache, caplog,
+                                                                  name, edit, why):
+    path = _variant(tiny["onnx"], tmp_path / "baked.onnx", edit)
+    with caplog.at_level(logging.WARNING):
+        backend = loaded(name, path)
+    info = backend.info()
+    assert info["static_seq_len"] == 384
+    assert info["seq_len_mode"].startswith("padded to its static length 384") and why in info["seq_len_mode"]
+    assert any("static sequence length 384" in r.getMessage() for r in caplog.records)
+    inputs = batch()
+    start, end = backend.run(inputs)              # padded to 384 inside, sliced back
+    assert start.shape == inputs.shape
+    if edit is _hardcode_384:                     # the unmasked variant is a different model
+        for a, b in zip(loaded(name, tiny["onnx"]).run(inputs), (start, end)):
+            assert np.abs(a - b)[real(inputs)].max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", [pytest.param("onnxruntime", marks=needs["onnxruntime"]),
+                                  pytest.param("openvino", marks=needs["openvino"])])
+def test_seq_trim_0_keeps_the_static_graph(tiny, tmp_path, own_cache, name):
+    path = _variant(tiny["onnx"], tmp_path / "static.onnx", _fix_seq)
+    backend = loaded(name, path, options=(("seq_trim", "0"),))
+    assert backend.info()["static_seq_len"] == 384
+    assert "seq_trim=0" in backend.info()["seq_len_mode"]
+    assert not (own_cache / "models" / "dynamic-seq").exists()
 
 
 def _bogus_names(graph) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from distbert.backends import batching, onnx_io
+from distbert.backends import batching, onnx_io, seqlen
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
 from distbert import envs
 from distbert.errors import UserError
@@ -109,6 +109,7 @@ class OnnxRuntimeBackend(Backend):
         self._threads = 0
         self._binding = False
         self._fused_ops: dict[str, int] = {}
+        self._seq_mode = "dynamic"
 
     # ---------------------------------------------------------------------------------- load
     def load(self) -> None:
@@ -130,6 +131,16 @@ class OnnxRuntimeBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3          # shape-merge warnings are noise for BERT graphs
 
+        self._session, self._io = self._open(path, provider, available, opts)
+        self._provider, self._path = provider, path
+        self._binding = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        if self._io.fixed_len:
+            self._make_trimmable(path, provider, available, opts)
+        log.info("onnxruntime %s: %s on %s, %d intra-op threads, inputs %s, %s", ort.__version__, path.name,
+                 provider, self._threads, (self._io.ids, self._io.mask, self._io.segments), self._seq_mode)
+
+    def _open(self, path: Path, provider: str, available: list[str],
+              opts: ort.SessionOptions) -> tuple[ort.InferenceSession, onnx_io.IoMap]:
         providers: list[Any] = [(provider, self._provider_options(provider, path))]
         if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
             providers.append(("CUDAExecutionProvider", {"device_id": device_index(self.spec.device)}))
@@ -148,14 +159,34 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(f"onnxruntime created the session on {active[:1]} instead of {provider} "
                             "(the provider failed to initialise: check the driver/CUDA libraries) "
                             "for --model " + str(path))
-        self._io = onnx_io.resolve_io(_descs(session.get_inputs()), _descs(session.get_outputs()), str(path))
-        self._session, self._provider, self._path = session, provider, path
-        self._binding = provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-        if self._io.fixed_len:
-            log.warning("%s has a static sequence length %d: batches are padded to it, so trimming "
-                        "saves no compute with this model", path, self._io.fixed_len)
-        log.info("onnxruntime %s: %s on %s, %d intra-op threads, inputs %s", ort.__version__, path.name,
-                 provider, self._threads, (self._io.ids, self._io.mask, self._io.segments))
+        return session, onnx_io.resolve_io(_descs(session.get_inputs()), _descs(session.get_outputs()), str(path))
+
+    def _make_trimmable(self, path: Path, provider: str, available: list[str], opts: ort.SessionOptions) -> None:
+        """Swap a static-length graph for its symbolic-length copy when a probe shows it is exact."""
+        assert self._io is not None and self._io.fixed_len
+        static = self._io.fixed_len
+        why = "option seq_trim=0" if self.spec.option("seq_trim") == "0" else None
+        if why is None:
+            try:
+                dyn = seqlen.dynamic_copy(path, [self._io.ids, self._io.mask, self._io.segments]
+                                          + self._io.output_names)
+                session, io = self._open(dyn, provider, available, opts)
+            except (UserError, OSError, ValueError) as exc:
+                why = f"the rewritten graph does not load ({str(exc)[:200]})"
+            else:
+                why = None if io.fixed_len is None else "the rewritten graph still has a static length"
+                if why is None:
+                    quiet = ort.RunOptions()
+                    quiet.log_severity_level = 4      # a failing probe is expected; it is reported below
+                    why = seqlen.probe(lambda x: onnx_io.run_graph(
+                        io, x, lambda f: session.run(io.output_names, f, quiet)), static)
+                if why is None:
+                    self._session, self._io = session, io
+                    self._seq_mode = f"static length {static} rewritten as dynamic (probe exact)"
+                    return
+        self._seq_mode = f"padded to its static length {static}: {why}"
+        log.warning("%s declares a static sequence length %d and is run padded to it, so trimming saves "
+                    "no compute: %s", path, static, why)
 
     def _fused(self, path: Path) -> str | bytes:
         """The graph after ORT's offline BERT fusions (Attention, SkipLayerNorm, BiasGelu), or ``path``.
@@ -254,6 +285,7 @@ class OnnxRuntimeBackend(Backend):
                     "intra_op_threads": self._threads,
                     "inputs": [self._io.ids, self._io.mask, self._io.segments] if self._io else None,
                     "static_seq_len": self._io.fixed_len if self._io else None,
+                    "seq_len_mode": self._seq_mode,
                     "fused_ops": self._fused_ops})
         return out
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import openvino as ov
 
-from distbert.backends import batching, onnx_io
+from distbert.backends import batching, onnx_io, seqlen
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
 from distbert.errors import UserError
 
@@ -55,6 +55,7 @@ class OpenVinoBackend(Backend):
         self._path: Path | None = None
         self._config: dict[str, Any] = {}
         self._threads = 0
+        self._seq_mode = "dynamic"
 
     def load(self) -> None:
         path = onnx_io.resolve_model_file(self.spec.model, self.name)
@@ -72,21 +73,48 @@ class OpenVinoBackend(Backend):
         hint = (self.spec.option("ov_hint") or "LATENCY").upper()
         if hint not in ("LATENCY", "THROUGHPUT"):
             raise UserError(f"option ov_hint={hint}: use LATENCY or THROUGHPUT")
+        threads = self._threads = self.spec.threads or batching.usable_cores()
+        self._config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+                        "INFERENCE_PRECISION_HINT": ov_precision}
+        self._path = path
+        self._compile(core, path)
+        assert self._io is not None
+        if self._io.fixed_len:
+            self._make_trimmable(core, path)
+        log.info("openvino %s: %s on CPU, %s, %d threads, %s, %s", ov.get_version(), path.name, hint,
+                 threads, ov_precision, self._seq_mode)
+
+    def _compile(self, core: Any, path: Path) -> None:
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line text
             raise UserError(f"--model {path}: openvino cannot read it "
                             f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from exc
         self._io = onnx_io.resolve_io(_descs(model.inputs), _descs(model.outputs), str(path))
-        threads = self._threads = self.spec.threads or batching.usable_cores()
-        self._config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
-                        "INFERENCE_PRECISION_HINT": ov_precision}
         self._compiled = core.compile_model(model, "CPU", self._config)
         self._request = self._compiled.create_infer_request()
         self._outputs = [self._compiled.output(name) for name in self._io.output_names]
-        self._path = path
-        log.info("openvino %s: %s on CPU, %s, %d threads, %s", ov.get_version(), path.name, hint,
-                 threads, ov_precision)
+
+    def _make_trimmable(self, core: Any, path: Path) -> None:
+        """Use the symbolic-length copy of a static-length graph when a probe shows it is exact."""
+        assert self._io is not None and self._io.fixed_len
+        static, io = self._io.fixed_len, self._io
+        why = "option seq_trim=0" if self.spec.option("seq_trim") == "0" else None
+        if why is None:
+            try:
+                self._compile(core, seqlen.dynamic_copy(path, [io.ids, io.mask, io.segments] + io.output_names))
+            except Exception as exc:  # a graph OpenVINO cannot reshape fails in read or compile
+                why = f"the rewritten graph does not load ({str(exc).strip()[:200]})"
+            else:
+                why = ("the rewritten graph still has a static length" if self._io.fixed_len
+                       else seqlen.probe(self.run, static))
+            if why is None:
+                self._seq_mode = f"static length {static} rewritten as dynamic (probe exact)"
+                return
+            self._compile(core, path)
+        self._seq_mode = f"padded to its static length {static}: {why}"
+        log.warning("%s declares a static sequence length %d and is run padded to it, so trimming saves "
+                    "no compute: %s", path, static, why)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self._request.infer(feed)
@@ -105,7 +133,8 @@ class OpenVinoBackend(Backend):
         out = super().info()
         out.update({"runtime": f"openvino {ov.get_version()}", "model_file": str(self._path) if self._path else None,
                     "config": {k: str(v) for k, v in self._config.items()},
-                    "static_seq_len": self._io.fixed_len if self._io else None})
+                    "static_seq_len": self._io.fixed_len if self._io else None,
+                    "seq_len_mode": self._seq_mode})
         return out
 
     def close(self) -> None:
