@@ -30,7 +30,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        description="Run MLPerf BERT through LoadGen on rank 0 and workers on every other rank.")
     g = p.add_argument_group("LoadGen")
     g.add_argument("--scenario", default="Offline", help="Offline | Server | SingleStream (default Offline)")
-    g.add_argument("--mode", default="performance", help="performance | accuracy | both (default performance)")
+    g.add_argument("--mode", default="performance",
+                   help="performance | accuracy | both | submission (both, then compliance TEST01; default performance)")
     g.add_argument("--execution-mode", default="test",
                    help="test: short run, min duration 0 (default); valid: the full MLPerf rules (600 s)")
     g.add_argument("--test-query-count", type=int, help="test mode: samples (Offline) or queries to issue")
@@ -40,6 +41,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-duration-ms", type=int, help="override LoadGen's max duration")
     g.add_argument("--user-conf", help="a LoadGen user.conf (model key 'bert')")
     g.add_argument("--audit-conf", help="compliance audit.config (TEST01)")
+    g.add_argument("--benchmark", default="bert-99",
+                   help="bert-99 | bert-99.9: the accuracy target for verdicts and TEST01 (default bert-99)")
     g.add_argument("--max-examples", type=int, help="use only the first N features as the QSL (quick runs)")
     g = p.add_argument_group("backend")
     g.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(NAMES)} (default onnxruntime)")
@@ -95,7 +98,7 @@ def _config_from_args(args: argparse.Namespace):
                               user_conf=args.user_conf, target_qps=args.target_qps,
                               target_latency_ms=args.target_latency_ms, test_query_count=args.test_query_count,
                               min_duration_ms=args.min_duration_ms, max_duration_ms=args.max_duration_ms,
-                              audit_conf=args.audit_conf),
+                              audit_conf=args.audit_conf, benchmark=args.benchmark),
         backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
                             threads=args.threads, options=tuple(options)),
         batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,

@@ -14,7 +14,7 @@ from distbert.backends.base import BackendSpec
 from distbert.errors import UserError
 
 SCENARIOS = ("Offline", "Server", "SingleStream")
-MODES = ("performance", "accuracy", "both")
+MODES = ("performance", "accuracy", "both", "submission")
 TRANSPORTS = ("zmq", "mpi")
 
 
@@ -23,7 +23,7 @@ class LoadGenConfig:
     """What goes into LoadGen's ``TestSettings``, on top of the embedded mlperf.conf."""
 
     scenario: str = "Offline"
-    mode: str = "performance"             # performance | accuracy | both
+    mode: str = "performance"             # performance | accuracy | both | submission (both + TEST01)
     execution_mode: str = "test"          # test: short run (min duration lowered); valid: mlperf.conf rules
     user_conf: str | None = None
     target_qps: float | None = None       # Offline expected qps / Server target qps
@@ -32,6 +32,7 @@ class LoadGenConfig:
     min_duration_ms: int | None = None    # override (test mode default 0)
     max_duration_ms: int | None = None
     audit_conf: str | None = None         # compliance (TEST01) audit.config
+    benchmark: str = "bert-99"            # bert-99 | bert-99.9: the accuracy target TEST01 and submissions use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"unknown --scenario {lg.scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if lg.mode not in MODES:
         raise UserError(f"unknown --mode {lg.mode!r}: choose one of {', '.join(MODES)}")
+    if lg.benchmark not in ("bert-99", "bert-99.9"):
+        raise UserError(f"unknown --benchmark {lg.benchmark!r}: choose bert-99 or bert-99.9")
+    if lg.mode == "submission" and lg.audit_conf:
+        raise UserError("--mode submission runs TEST01 with its own audit.config: drop --audit-conf")
     if lg.execution_mode not in ("test", "valid"):
         raise UserError(f"unknown --execution-mode {lg.execution_mode!r}: choose test or valid")
     if cfg.transport not in TRANSPORTS:

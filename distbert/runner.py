@@ -29,6 +29,7 @@ from typing import Any
 from distbert import topology as topo_mod
 from distbert.config import RunConfig
 from distbert.errors import UserError
+from distbert.sysinfo import host_facts
 from distbert.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,17 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
 
         # 4. the LoadGen tests
         results: dict[str, Any] = {}
-        modes = ["performance", "accuracy"] if cfg.loadgen.mode == "both" else [cfg.loadgen.mode]
+        modes = {"both": ["performance", "accuracy"], "submission": ["performance", "accuracy", "TEST01"]
+                 }.get(cfg.loadgen.mode, [cfg.loadgen.mode])
+        settings: list[Any] = []           # one TestSettings for every test of this process
         for mode in modes:
-            results[mode] = _run_test(cfg, coordinator, store, len(lengths), mode, work / mode)
+            audit = None
+            if mode == "TEST01":      # a performance run with the compliance audit.config
+                from distbert.submission.compliance import write_audit_config  # noqa: PLC0415
+
+                (work / mode).mkdir(parents=True, exist_ok=True)
+                audit = write_audit_config(work / mode)
+            results[mode] = _run_test(cfg, coordinator, store, len(lengths), mode, work / mode, audit, settings)
             if coordinator.failure:
                 raise RunFailed(coordinator.failure)
         coordinator.stop()
@@ -205,6 +214,13 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
         # 5. accuracy, record, summary
         if "accuracy" in results:
             results["accuracy"].update(_score(cfg, store, work / "accuracy"))
+        if "TEST01" in results:
+            from distbert.submission.compliance import verify_test01  # noqa: PLC0415
+
+            verdict = verify_test01(work, store, cfg.loadgen.benchmark)
+            results["TEST01"].update({"accuracy_pass": verdict.accuracy_pass,
+                                      "first_element_pass": verdict.first_element_pass,
+                                      "performance_pass": verdict.performance_pass})
         record = _record(cfg, topology, coordinator, results, started)
         (work / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         _plots(record, work)
@@ -253,27 +269,32 @@ def _resolve_model(cfg: RunConfig) -> Any:
     return dataclasses.replace(spec, model=str(path))
 
 
-def _run_test(cfg: RunConfig, coordinator: Any, store: Any, qsl_size: int, mode: str, logdir: Path) -> dict[str, Any]:
+def _run_test(cfg: RunConfig, coordinator: Any, store: Any, qsl_size: int, mode: str, logdir: Path,
+              audit: Path | None = None, settings_box: list[Any] | None = None) -> dict[str, Any]:
+    """One LoadGen test; ``mode`` "TEST01" is a performance test under ``audit`` (a compliance audit.config)."""
     import mlperf_loadgen as lg  # noqa: PLC0415
 
     from distbert.loadgen_settings import headline, make_settings, read_detail, write_user_conf  # noqa: PLC0415
 
     logdir.mkdir(parents=True, exist_ok=True)
     user_conf = write_user_conf(cfg.loadgen, logdir / "user.conf")
-    settings = make_settings(cfg.loadgen, mode, user_conf, qsl_size)
+    box = settings_box if settings_box is not None else []
+    settings = make_settings(cfg.loadgen, "performance" if mode == "TEST01" else mode, user_conf, qsl_size,
+                             base=box[0] if box else None)
+    box[:] = [settings]
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = str(logdir)
     log_settings.log_output.copy_summary_to_stdout = False
     log_settings.enable_trace = False
-    want_logits = mode == "accuracy" or bool(cfg.loadgen.audit_conf)
+    want_logits = mode == "accuracy" or bool(audit or cfg.loadgen.audit_conf)
     coordinator.begin_test(cfg.loadgen.scenario, want_logits)
     sut = lg.ConstructFastSUT(coordinator.issue, coordinator.flush)
     qsl = lg.ConstructQSL(qsl_size, min(qsl_size, 10833), lambda s: None, lambda s: None)
-    audit = cfg.loadgen.audit_conf or str(logdir / "audit.config")  # absent file = no audit
+    audit_path = str(audit or cfg.loadgen.audit_conf or logdir / "audit.config")  # absent file = no audit
     log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
     t0 = time.monotonic()
     try:
-        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit)
+        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit_path)
     finally:
         lg.DestroyQSL(qsl)
         lg.DestroyFastSUT(sut)
@@ -342,6 +363,7 @@ def _record(cfg: RunConfig, topology: Topology, coordinator: Any, results: dict[
         "results": results,
         "accuracy_meaningful": _meaningful(cfg),
         "versions": _versions(),
+        "system": host_facts(),
     }
 
 
@@ -381,6 +403,10 @@ def _print_summary(record: dict[str, Any], final: Path) -> None:
         if "verdicts" in res:
             print(f"  accuracy: {res['coverage']}")
             print("  accuracy: " + "; ".join(res["verdicts"]))
+        if "performance_pass" in res:
+            how = "same first bytes" if res["first_element_pass"] else "first bytes differ, F1 within the tolerance"
+            print(f"  TEST01: accuracy {'PASS (' + how + ')' if res['accuracy_pass'] else 'FAIL'}, "
+                  f"performance {'PASS' if res['performance_pass'] else 'FAIL'} (see {final}/TEST01/verify_*.txt)")
     if "accuracy" in record["results"] and not record["accuracy_meaningful"]:
         print("  note: this accuracy comes from a harness backend or a RANDOM-WEIGHT model: it is meaningless")
     print(f"  details: {final / 'run.json'}, LoadGen logs in {final}/<mode>/")

@@ -27,6 +27,19 @@ def store(squad_dev, vocab, session_cache):
     return load_features(squad_dev, vocab, cache_dir=session_cache)
 
 
+def _errors_besides_repeated_from_config(logdir: Path) -> list[str]:
+    """LoadGen errors of a test, except the one these in-process tests cause on purpose.
+
+    LoadGen counts ``FromConfig`` calls per process, and this module runs many tests (with other
+    scenarios) in the pytest process: every test after the first logs ``error_invalid_config``.
+    ``distbert run`` calls it once per process (tests/test_submission.py checks its logs are clean).
+    """
+    from distbert.loadgen_settings import read_detail
+
+    errors = read_detail(logdir / "mlperf_log_detail.txt")["_errors"]
+    return [e for e in errors if not e.startswith("error_invalid_config: Multiple conf files")]
+
+
 def _cluster(cfg: RunConfig, store, n: int):
     hub = InprocHub(key="k")
     cfg = cfg.replace(features_path=str(store.path))
@@ -62,7 +75,7 @@ def test_oracle_accuracy_full_dev_set_equals_direct_scoring(store, tmp_path, sce
         stats = coord.dispatcher.stats
     finally:
         _stop(coord, threads, hub)
-    assert result["loadgen_errors"] == 0
+    assert _errors_besides_repeated_from_config(tmp_path) == []
     log = json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
     assert sorted(e["qsl_idx"] for e in log) == list(range(len(store)))
     distributed = score_log(tmp_path / "mlperf_log_accuracy.json", store)
@@ -91,7 +104,7 @@ def test_performance_mode_completes_every_sample_once(store, tmp_path):
     finally:
         _stop(coord, threads, hub)
     assert result["result_validity"] == "VALID"  # test mode: min duration 0, 2000 samples
-    assert result["loadgen_errors"] == 0
+    assert _errors_besides_repeated_from_config(tmp_path) == []
     assert result["batch_policy"]["token_budget"] == 8192
     assert stats["samples_issued"] == stats["samples_completed"] == 2000
     assert stats["duplicates_dropped"] == 0

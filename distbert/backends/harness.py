@@ -3,7 +3,8 @@
 * ``null``   - zeros, instantly: the ceiling of the harness itself.
 * ``oracle`` - logits that point at each feature's gold answer span (from the feature cache), so an
   accuracy run proves every response reached the right sample: its F1 must equal the F1 of the same
-  logits scored directly.
+  logits scored directly. Option ``oracle_latency`` (the ``sim`` latency model) makes it sleep per
+  batch too: long rule-abiding runs (600 s, TEST01) of the whole pipeline without a model.
 * ``sim``    - sleeps per batch by a latency model ``a + b*tokens + c*rows`` (seconds), to study
   scaling without hardware. ``tokens`` = rows x trimmed length of the batch.
 """
@@ -51,6 +52,8 @@ class OracleBackend(Backend):
         super().__init__(spec)
         self._start: np.ndarray | None = None
         self._end: np.ndarray | None = None
+        text = spec.option("oracle_latency")
+        self._latency = parse_latency_model(text) if text else (0.0, 0.0, 0.0)
 
     def load(self) -> None:
         pass
@@ -65,6 +68,10 @@ class OracleBackend(Backend):
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
         if self._start is None or self._end is None:
             raise RuntimeError("oracle backend used before attach_features()")
+        if any(self._latency):
+            rows, length = inputs.input_ids.shape
+            a, b, c = self._latency
+            time.sleep(a + b * rows * length + c * rows)
         return oracle_logits(inputs.indices, inputs.input_ids.shape[1], self._start, self._end)
 
     def batch_hint(self) -> BatchHint:

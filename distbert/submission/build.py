@@ -1,0 +1,320 @@
+"""Build an MLPerf submission tree, tarball and summary from ``distbert run --mode submission`` runs.
+
+One run directory per scenario (closed bert: Offline and SingleStream), each holding the
+performance, accuracy and TEST01 logs. The tree follows the v6.x layout the official checker
+accepts (``../shared/MLPERF.md``, Appendix)::
+
+    OUT/<division>/<submitter>/systems/<system>.json
+    OUT/<division>/<submitter>/src/<benchmark>/README.md
+    OUT/<division>/<submitter>/documentation/calibration.md
+    OUT/<division>/<submitter>/results/<system>/<benchmark>/<Scenario>/...
+    OUT/mlperf_submission.tar.gz, OUT/summary.csv, OUT/summary.txt
+
+Accuracy logs are truncated as ``truncate_accuracy_log.py`` does (first and last 4 KiB, the sha256 of
+the full log appended to ``accuracy.txt`` as ``hash=``). The tree is written under a temporary name
+and renamed into place, then checked with :mod:`distbert.submission.check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from distbert.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TRUNCATE_KEEP = 4096          # truncate_accuracy_log.py keeps the first and the last 4 KiB
+REQUIRED_SCENARIOS = ("Offline", "SingleStream")   # closed bert-99/bert-99.9, edge suite
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+# official starting weights, by the file name distbert ran (MLPERF.md: public download locations)
+STARTING_WEIGHTS = {"model.onnx": "model.onnx (zenodo 3733910)",
+                    "bert_large_v1_1_fake_quant.onnx": "bert_large_v1_1_fake_quant.onnx (zenodo 3750364)",
+                    "model.pytorch": "model.pytorch (zenodo 3733896)"}
+
+# system-description fields distbert cannot know; they must come from --system-json
+USER_FIELDS = ("host_memory_configuration", "host_storage_type", "cooling")
+GPU_USER_FIELDS = ("accelerator_host_interconnect", "accelerator_memory_configuration", "accelerator_interconnect")
+NETWORK_USER_FIELDS = ("host_networking", "host_network_card_count", "host_networking_topology")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def scenario(self) -> str:
+        return self.record["config"]["loadgen"]["scenario"]
+
+    @property
+    def loadgen(self) -> dict[str, Any]:
+        return self.record["config"]["loadgen"]
+
+    @property
+    def backend(self) -> dict[str, Any]:
+        return self.record["config"]["backend"]
+
+
+def load_run(path: Path) -> Run:
+    record_path = path / "run.json"
+    if not record_path.is_file():
+        hint = " (a failed run)" if path.name.endswith(".failed") else ""
+        raise UserError(f"{path}{hint} has no run.json: give a directory written by `distbert run --mode submission`")
+    record = json.loads(record_path.read_text())
+    mode = record["config"]["loadgen"]["mode"]
+    if mode != "submission":
+        raise UserError(f"{path} is a --mode {mode} run: a submission needs `distbert run --mode submission` "
+                        "(performance, accuracy and TEST01)")
+    for sub in ("performance/mlperf_log_detail.txt", "accuracy/mlperf_log_accuracy.json", "accuracy/accuracy.txt",
+                "TEST01/mlperf_log_accuracy.json", "TEST01/verify_accuracy.txt", "TEST01/verify_performance.txt"):
+        if not (path / sub).is_file():
+            raise UserError(f"{path / sub} is missing: rerun `distbert run --mode submission`")
+    return Run(path, record)
+
+
+def why_invalid(run: Run, benchmark: str) -> list[str]:
+    """Reasons this run cannot be part of a real submission (empty = none)."""
+    reasons = []
+    if run.loadgen["execution_mode"] != "valid":
+        reasons.append("it ran with --execution-mode test (short run, not the MLPerf rules)")
+    if run.record["config"].get("max_examples"):
+        reasons.append(f"it used --max-examples {run.record['config']['max_examples']} (not the whole dev set)")
+    if not run.record.get("accuracy_meaningful"):
+        reasons.append("its model is a harness backend or random weights (accuracy meaningless)")
+    if run.loadgen.get("benchmark", "bert-99") != benchmark:
+        reasons.append(f"it ran for --benchmark {run.loadgen.get('benchmark')}, not {benchmark}")
+    return reasons
+
+
+def truncate_accuracy(src_log: Path, src_txt: Path | None, dst_dir: Path) -> None:
+    """Copy an accuracy log truncated, and accuracy.txt with ``hash=<sha256 of the full log>``."""
+    data = src_log.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    if len(data) > 2 * TRUNCATE_KEEP:
+        data = data[:TRUNCATE_KEEP] + b"\n\n...\n\n" + data[-TRUNCATE_KEEP:]
+    (dst_dir / "mlperf_log_accuracy.json").write_bytes(data)
+    text = src_txt.read_text() if src_txt is not None and src_txt.is_file() else ""
+    (dst_dir / "accuracy.txt").write_text(text.rstrip("\n") + f"\nhash={digest}\n")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+
+
+def _framework(run: Run) -> str:
+    runtimes = sorted({str(w.get("info", {}).get("runtime")) for w in run.record.get("workers", [])
+                       if w.get("info", {}).get("runtime")})
+    return ", ".join(runtimes) or run.backend["name"]
+
+
+def _software(run: Run) -> str:
+    versions = run.record.get("versions", {})
+    keys = ("python", "distbert", "mlcommons-loadgen", "numpy", "pyzmq", "mpi4py", "onnxruntime", "torch",
+            "openvino", "transformers")
+    return ", ".join(f"{k} {versions[k]}" for k in keys if k in versions)
+
+
+def system_description(runs: Sequence[Run], submitter: str, system: str, division: str,
+                       overrides: dict[str, Any], allow_invalid: bool) -> dict[str, Any]:
+    """``systems/<system>.json``: measured facts, then the user's ``overrides``."""
+    facts = runs[0].record.get("system") or {}
+    workers = [w for run in runs for w in run.record.get("workers", [])]
+    hosts = sorted({w.get("host") for w in workers if w.get("host")}) or [facts.get("hostname")]
+    gpu_devices = {(w.get("host"), w.get("device")) for w in workers
+                   if str(w.get("device", "")).startswith(("cuda", "rocm"))}
+    per_node = max(1, round(len(gpu_devices) / max(1, len(hosts)))) if gpu_devices else 0
+    gpus = facts.get("gpus") or []
+    sockets = facts.get("sockets") or 1
+    desc: dict[str, Any] = {
+        "division": division, "submitter": submitter, "status": "available", "system_name": system,
+        "system_type": "edge", "system_type_detail": "N/A", "number_of_nodes": len(hosts),
+        "host_processor_model_name": facts.get("cpu_model") or "",
+        "host_processors_per_node": sockets,
+        "host_processor_core_count": max(1, (facts.get("cores") or 1) // sockets),
+        "host_processor_frequency": "", "host_processor_caches": "", "host_processor_interconnect": "",
+        "host_memory_capacity": f"{facts['memory_gb']} GB" if facts.get("memory_gb") else "",
+        "host_memory_configuration": "",
+        "host_storage_capacity": f"{facts['disk_gb']} GB" if facts.get("disk_gb") else "",
+        "host_storage_type": "",
+        "host_networking": "N/A" if len(hosts) == 1 else "", "host_networking_topology": "N/A" if len(hosts) == 1 else "",
+        "host_network_card_count": "N/A" if len(hosts) == 1 else "",
+        "accelerators_per_node": str(per_node),
+        "accelerator_model_name": gpus[0]["name"] if per_node and gpus else ("" if per_node else "N/A"),
+        "accelerator_memory_capacity": gpus[0]["memory"] if per_node and gpus else ("" if per_node else "N/A"),
+        "accelerator_frequency": "", "accelerator_host_interconnect": "" if per_node else "N/A",
+        "accelerator_interconnect": "" if per_node else "N/A", "accelerator_interconnect_topology": "",
+        "accelerator_memory_configuration": "" if per_node else "N/A", "accelerator_on-chip_memories": "",
+        "cooling": "", "framework": _framework(runs[0]), "operating_system": facts.get("os") or "",
+        "other_software_stack": _software(runs[0]), "hw_notes": "",
+        "sw_notes": f"distbert harness: {len(hosts)} node(s), {len(workers) // max(1, len(runs))} worker(s) per run",
+    }
+    desc.update(overrides)
+    desc["division"], desc["submitter"], desc["system_name"] = division, submitter, overrides.get("system_name", system)
+    needed = list(USER_FIELDS) + (list(GPU_USER_FIELDS) if per_node else []) \
+        + (list(NETWORK_USER_FIELDS) if len(hosts) > 1 else []) \
+        + ["host_processor_model_name", "host_memory_capacity", "host_storage_capacity", "operating_system"]
+    if per_node:
+        needed += ["accelerator_model_name", "accelerator_memory_capacity"]
+    missing = [k for k in needed if desc.get(k) in ("", None)]
+    if missing and not allow_invalid:
+        raise UserError(f"the system description needs {', '.join(missing)}: distbert cannot measure them; "
+                        "give them in a JSON file with --system-json (e.g. {\"cooling\": \"air\", ...})")
+    for k in missing:
+        desc[k] = "N/A (not given)"
+    return desc
+
+
+def measurements(run: Run) -> dict[str, Any]:
+    model = Path(run.backend.get("model") or "")
+    precision = run.backend.get("precision", "fp32")
+    weights = STARTING_WEIGHTS.get(model.name) or STARTING_WEIGHTS.get(
+        "model.pytorch" if (model / "model.pytorch").exists() else "", "")
+    if not weights:
+        weights = (f"{model.name or run.backend['name']} (not an official MLPerf model: "
+                   "random weights or a harness backend)" if not run.record.get("accuracy_meaningful")
+                   else model.name)
+    return {"input_data_types": "int64", "retraining": "No", "starting_weights_filename": weights,
+            "weight_data_types": precision,
+            "weight_transformations": "none" if precision in ("fp32", "int8") else f"cast to {precision} at load"}
+
+
+def _scenario_readme(run: Run, benchmark: str) -> str:
+    res = run.record.get("results", {})
+    perf, acc, t01 = res.get("performance", {}), res.get("accuracy", {}), res.get("TEST01", {})
+    lines = [f"# {benchmark} {run.scenario}", "",
+             f"Produced by distbert {run.record.get('versions', {}).get('distbert', '?')} on "
+             f"{run.record.get('started')}, {len(run.record.get('workers', []))} worker(s), backend "
+             f"{run.backend['name']} ({run.backend.get('precision')}, {run.backend.get('device')}).", "",
+             "Command:", "", "```", " ".join(run.record.get("command", [])), "```", "",
+             f"- performance: {json.dumps({k: v for k, v in perf.items() if k.startswith('result_')})}",
+             f"- accuracy: exact_match {acc.get('exact_match')}, f1 {acc.get('f1')}",
+             f"- TEST01: accuracy {'PASS' if t01.get('accuracy_pass') else 'FAIL'}, "
+             f"performance {'PASS' if t01.get('performance_pass') else 'FAIL'}", ""]
+    return "\n".join(lines)
+
+
+def _src_readme(runs: Sequence[Run], benchmark: str) -> str:
+    version = runs[0].record.get("versions", {}).get("distbert", "?")
+    lines = [f"# {benchmark} with distbert {version}", "",
+             "distbert is a distributed harness for MLPerf Inference BERT: rank 0 runs LoadGen and scatters "
+             "length-sorted, trimmed batches of sample indices over ZeroMQ or MPI to worker ranks that run "
+             "ONNX Runtime, PyTorch or OpenVINO.", "", "Install: `launch/setup.sh` (creates .venv).", "",
+             "Commands used:", ""]
+    lines += [f"- {run.scenario}: `{' '.join(run.record.get('command', []))}`" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def _calibration(runs: Sequence[Run]) -> str:
+    precisions = sorted({run.backend.get("precision", "fp32") for run in runs})
+    if "int8" in precisions:
+        return ("# Calibration\n\nThe int8 model is the MLPerf-provided `bert_large_v1_1_fake_quant.onnx` "
+                "(zenodo 3750364), used as published; distbert did no further calibration.\n")
+    return (f"# Calibration\n\nNo quantization or calibration: the model ran in {', '.join(precisions)} "
+            "from the MLPerf starting weights.\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    root: Path
+    tarball: Path
+    report: Any          # distbert.submission.check.CheckReport
+    invalid: dict[str, list[str]]
+
+
+def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, division: str = "closed",
+          benchmark: str = "bert-99", system_json: Path | None = None, allow_invalid: bool = False) -> BuildResult:
+    """Write the tree, tarball and summary into ``out`` (which must not exist or be empty)."""
+    from distbert.submission.check import check_tree  # noqa: PLC0415
+
+    for label, name in (("--submitter", submitter), ("--system", system)):
+        if not _NAME.match(name):
+            raise UserError(f"{label} {name!r}: use letters, digits and _.+- only (it becomes a directory name)")
+    if division not in ("closed", "open"):
+        raise UserError(f"--division {division}: choose closed or open (bert has no network-division result)")
+    if benchmark not in ("bert-99", "bert-99.9"):
+        raise UserError(f"--benchmark {benchmark}: choose bert-99 or bert-99.9")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not empty: choose a new directory")
+    runs = [load_run(Path(p)) for p in run_dirs]
+    seen: dict[str, Path] = {}
+    for run in runs:
+        if run.scenario in seen:
+            raise UserError(f"{seen[run.scenario]} and {run.path} are both {run.scenario} runs: give one per scenario")
+        seen[run.scenario] = run.path
+    if division == "closed" and set(seen) != set(REQUIRED_SCENARIOS):
+        raise UserError(f"closed {benchmark} needs exactly one run per scenario {', '.join(REQUIRED_SCENARIOS)} "
+                        f"(got {', '.join(sorted(seen)) or 'none'}); any other scenario fails the whole benchmark")
+    invalid = {str(run.path): why_invalid(run, benchmark) for run in runs}
+    invalid = {k: v for k, v in invalid.items() if v}
+    if invalid and not allow_invalid:
+        path, reasons = next(iter(invalid.items()))
+        raise UserError(f"{path} cannot be in a submission: {'; '.join(reasons)} "
+                        "(--allow-invalid builds a dry-run tree anyway)")
+    overrides: dict[str, Any] = {}
+    if system_json is not None:
+        try:
+            overrides = json.loads(Path(system_json).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"--system-json {system_json}: {exc}") from exc
+        if not isinstance(overrides, dict):
+            raise UserError(f"--system-json {system_json}: expected a JSON object of system fields")
+    desc = system_description(runs, submitter, system, division, overrides, allow_invalid)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        top = work / division / submitter
+        (top / "systems").mkdir(parents=True)
+        (top / "systems" / f"{system}.json").write_text(json.dumps(desc, indent=2) + "\n")
+        (top / "src" / benchmark).mkdir(parents=True)
+        (top / "src" / benchmark / "README.md").write_text(_src_readme(runs, benchmark))
+        (top / "documentation").mkdir()
+        (top / "documentation" / "calibration.md").write_text(_calibration(runs))
+        for run in runs:
+            _scenario(run, top / "results" / system / benchmark / run.scenario, benchmark)
+        with tarfile.open(work / "mlperf_submission.tar.gz", "w:gz") as tar:
+            tar.add(work / division, arcname=division)
+        report = check_tree(work)
+        (work / "summary.txt").write_text("\n".join(report.summary_lines()) + "\n")
+        report.write_csv(work / "summary.csv")
+        if out.exists():
+            out.rmdir()
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return BuildResult(root=out, tarball=out / "mlperf_submission.tar.gz", report=report, invalid=invalid)
+
+
+def _scenario(run: Run, dst: Path, benchmark: str) -> None:
+    src = run.path
+    for name in ("mlperf_log_detail.txt", "mlperf_log_summary.txt"):
+        _copy(src / "performance" / name, dst / "performance" / "run_1" / name)
+        _copy(src / "accuracy" / name, dst / "accuracy" / name)
+        _copy(src / "TEST01" / name, dst / "TEST01" / "performance" / "run_1" / name)
+    truncate_accuracy(src / "accuracy" / "mlperf_log_accuracy.json", src / "accuracy" / "accuracy.txt",
+                      dst / "accuracy")
+    truncate_accuracy(src / "TEST01" / "mlperf_log_accuracy.json", src / "TEST01" / "accuracy.txt",
+                      dst / "TEST01" / "accuracy")
+    for name in ("verify_accuracy.txt", "verify_performance.txt"):
+        _copy(src / "TEST01" / name, dst / "TEST01" / name)
+    for name in ("baseline_accuracy.txt", "compliance_accuracy.txt"):
+        if (src / "TEST01" / name).is_file():
+            _copy(src / "TEST01" / name, dst / "TEST01" / "accuracy" / name)
+    _copy(src / "performance" / "user.conf", dst / "user.conf")
+    (dst / "measurements.json").write_text(json.dumps(measurements(run), indent=2) + "\n")
+    (dst / "README.md").write_text(_scenario_readme(run, benchmark))
+

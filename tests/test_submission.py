@@ -1,0 +1,248 @@
+"""Submission runs (performance + accuracy + TEST01) and the tree built from them.
+
+Real runs: ``distbert run --mode submission`` in subprocesses (real LoadGen, ZeroMQ, workers) with
+the oracle backend, whose logits are deterministic, so TEST01's byte comparison must pass. The
+runs are test-mode runs (seconds, not 600 s), so the built tree is a dry run: the checks must fail
+for exactly the reasons a short run gives, and pass everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from distbert.errors import UserError
+from distbert.submission import build as build_mod
+from distbert.submission import compliance
+from tests.conftest import REPO
+
+PY = sys.executable
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def env(session_cache) -> dict[str, str]:
+    e = dict(os.environ)
+    e["DISTBERT_CACHE"] = str(session_cache)
+    e["DISTBERT_NO_PROGRESS"] = "1"
+    e["PYTHONPATH"] = str(REPO)
+    return e
+
+
+@pytest.fixture(scope="module")
+def runs(env, squad_dev, vocab, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("submission-runs")
+    out = {}
+    for scenario, workers in (("Offline", "2"), ("SingleStream", "1")):
+        out[scenario] = root / scenario
+        proc = subprocess.run([PY, "-m", "distbert", "run", "--backend", "oracle", "--mode", "submission",
+                               "--scenario", scenario, "--workers", workers, "--dataset", str(squad_dev),
+                               "--vocab", str(vocab), "--output", str(out[scenario])],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "TEST01: accuracy PASS (same first bytes)" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(squad_dev, vocab, session_cache):
+    from distbert.squad.features import load_features
+
+    return load_features(squad_dev, vocab, cache_dir=session_cache)
+
+
+def _entries(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------- TEST01 run
+
+@pytest.mark.timeout(600)
+def test_submission_run_holds_performance_accuracy_and_test01(runs):
+    for scenario, run in runs.items():
+        record = json.loads((run / "run.json").read_text())
+        assert list(record["results"]) == ["performance", "accuracy", "TEST01"]
+        for sub in record["results"]:
+            # three LoadGen tests in one process, one FromConfig: a second one logs an ERROR
+            # ("Multiple conf files are used") that fails the submission checker
+            assert compliance.read_detail(run / sub / "mlperf_log_detail.txt")["_errors"] == [], sub
+        assert (run / "performance" / "user.conf").read_text().strip()     # never empty
+        assert (run / "TEST01" / "audit.config").read_text() == compliance.AUDIT_CONFIG
+        t01 = record["results"]["TEST01"]
+        assert t01["accuracy_pass"] is True and t01["first_element_pass"] is True
+        lines = (run / "TEST01" / "verify_accuracy.txt").read_text().splitlines()
+        counts = dict(line.split(" = ") for line in lines if " = " in line)
+        assert counts["num_acc_log_entries"] == "10833"
+        assert counts["num_perf_log_data_mismatch"] == "0" and counts["num_missing_qsl_idxs"] == "0"
+        sampled = _entries(run / "TEST01" / "mlperf_log_accuracy.json")
+        assert int(counts["num_perf_log_entries"]) == len(sampled) > 0
+        assert lines[-1] == "TEST PASS"
+        if scenario == "Offline":      # LoadGen samples ~4096 of the responses (accuracy_log_sampling_target)
+            assert 3000 < len(sampled) < 6000
+        perf = (run / "TEST01" / "verify_performance.txt").read_text()
+        assert "Reference score = " in perf and "Test score = " in perf
+        # the plain performance run logged no responses; the TEST01 one did
+        assert _entries(run / "performance" / "mlperf_log_accuracy.json") == []
+
+
+def test_a_changed_first_byte_fails_the_byte_check_but_not_the_f1_fallback(runs, store, tmp_path):
+    run = tmp_path / "run"
+    for sub in ("accuracy", "performance", "TEST01"):
+        (run / sub).mkdir(parents=True)
+        for f in (runs["Offline"] / sub).iterdir():
+            (run / sub / f.name).write_bytes(f.read_bytes())
+    test_log = run / "TEST01" / "mlperf_log_accuracy.json"
+    entries = _entries(test_log)
+    first = entries[0]["data"]
+    entries[0]["data"] = f"{(int(first[:2], 16) ^ 1):02X}" + first[2:]   # last mantissa bit of start[0]
+    test_log.write_text(json.dumps(entries))
+    verdict = compliance.verify_test01(run, store)
+    assert not verdict.first_element_pass
+    assert "num_perf_log_data_mismatch = 1" in verdict.lines["verify_accuracy.txt"]
+    assert verdict.accuracy_pass                          # F1 identical: the fallback accepts it
+    assert (run / "TEST01" / "baseline_accuracy.txt").read_text() == \
+        (run / "TEST01" / "compliance_accuracy.txt").read_text()
+
+    # wrong answers in performance mode: start logits moved to another token on every sampled entry
+    # (start[0] nudged too: the byte check compares only that one value, so it alone would not notice)
+    import numpy as np
+
+    for entry in entries:
+        rows = np.frombuffer(bytes.fromhex(entry["data"]), np.float32).reshape(-1, 2).copy()
+        rows[:, 0] = np.roll(rows[:, 0], 3)
+        rows[0, 0] = np.nextafter(rows[0, 0], np.float32(np.inf))
+        entry["data"] = rows.tobytes().hex().upper()
+    test_log.write_text(json.dumps(entries))
+    verdict = compliance.verify_test01(run, store)
+    assert not verdict.accuracy_pass
+    assert "TEST FAIL" in verdict.lines["verify_accuracy.txt"]
+
+
+def test_verify_performance_needs_valid_runs_within_ten_percent(runs, tmp_path):
+    ref = runs["Offline"] / "performance" / "mlperf_log_detail.txt"
+    text = ref.read_text()
+    score = float(compliance.read_detail(ref)["result_samples_per_second"])
+
+    def variant(name: str, old: str, new: str) -> Path:
+        assert old in text
+        path = tmp_path / name
+        path.write_text(text.replace(old, new))
+        return path
+
+    same, lines = compliance.verify_performance(ref, ref)
+    assert same and lines[-1] == "TEST PASS"
+    key = '"key": "result_samples_per_second", "value": '
+    line = next(ln for ln in text.splitlines() if key in ln)
+    value = line.split(key)[1].split(",")[0]
+    slower = variant("slow.txt", key + value, key + repr(score * 0.85))
+    ok, lines = compliance.verify_performance(ref, slower)
+    assert not ok and lines[-1] == "TEST FAIL: Test score invalid"
+    invalid = variant("invalid.txt", '"value": "VALID"', '"value": "INVALID"')
+    ok, lines = compliance.verify_performance(ref, invalid)
+    assert not ok and lines[-1].startswith("TEST FAIL: Invalid results")
+
+
+def test_submission_mode_refuses_an_audit_conf(env, tmp_path):
+    proc = subprocess.run([PY, "-m", "distbert", "run", "--backend", "null", "--mode", "submission",
+                           "--audit-conf", "x.config", "--output", str(tmp_path / "r")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["distbert: error: --mode submission runs TEST01 with its own "
+                                                "audit.config: drop --audit-conf"]
+
+
+# ---------------------------------------------------------------------------------- the tree
+
+def test_build_refuses_test_mode_runs_unless_asked(runs, tmp_path):
+    with pytest.raises(UserError, match=r"--execution-mode test.*--allow-invalid"):
+        build_mod.build([runs["Offline"], runs["SingleStream"]], tmp_path / "out", "Org", "box")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["Offline"], r"exactly one run per scenario Offline, SingleStream \(got Offline\)"),
+    (["Offline", "Offline"], r"both Offline runs"),
+])
+def test_build_refuses_wrong_scenario_sets_in_closed(runs, tmp_path, args, match):
+    with pytest.raises(UserError, match=match):
+        build_mod.build([runs[a] for a in args], tmp_path / "out", "Org", "box", allow_invalid=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_refuses_a_non_submission_run_and_a_non_empty_out(runs, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        build_mod.build([runs["Offline"], runs["SingleStream"]], tmp_path / "full", "Org", "box", allow_invalid=True)
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(UserError, match="has no run.json"):
+        build_mod.build([tmp_path / "full"], tmp_path / "out", "Org", "box", division="open", allow_invalid=True)
+
+
+def test_system_fields_distbert_cannot_measure_must_be_given(runs):
+    run = build_mod.load_run(runs["Offline"])
+    with pytest.raises(UserError, match=r"needs host_memory_configuration, host_storage_type, cooling.*--system-json"):
+        build_mod.system_description([run], "Org", "box", "closed", {}, allow_invalid=False)
+    given = {"host_memory_configuration": "1x24GB", "host_storage_type": "SSD", "cooling": "air"}
+    desc = build_mod.system_description([run], "Org", "box", "closed", given, allow_invalid=False)
+    assert desc["accelerators_per_node"] == "0" and desc["accelerator_model_name"] == "N/A"
+    assert desc["number_of_nodes"] == 1 and desc["system_type"] == "edge" and desc["cooling"] == "air"
+    assert desc["host_processor_core_count"] >= 1 and desc["host_memory_capacity"].endswith(" GB")
+
+
+@pytest.mark.timeout(300)
+def test_dry_run_tree_is_complete_truncated_and_checked(runs, env, tmp_path):
+    out = tmp_path / "sub"
+    proc = subprocess.run([PY, "-m", "distbert", "submission", "build", str(runs["Offline"]), str(runs["SingleStream"]),
+                           "--out", str(out), "--submitter", "Org", "--system", "box", "--allow-invalid"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    # a dry run from test-mode runs: written, and the checks say it is not a valid submission
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "SUMMARY: submission has errors" in proc.stdout
+    top = out / "closed" / "Org"
+    for scenario, run in runs.items():
+        d = top / "results" / "box" / "bert-99" / scenario
+        for rel in ("README.md", "user.conf", "measurements.json", "performance/run_1/mlperf_log_detail.txt",
+                    "performance/run_1/mlperf_log_summary.txt", "accuracy/accuracy.txt",
+                    "accuracy/mlperf_log_accuracy.json", "accuracy/mlperf_log_detail.txt",
+                    "accuracy/mlperf_log_summary.txt", "TEST01/verify_accuracy.txt", "TEST01/verify_performance.txt",
+                    "TEST01/performance/run_1/mlperf_log_detail.txt", "TEST01/performance/run_1/mlperf_log_summary.txt",
+                    "TEST01/accuracy/accuracy.txt", "TEST01/accuracy/mlperf_log_accuracy.json"):
+            assert (d / rel).is_file() and (d / rel).stat().st_size > 0, rel
+        for acc, src in ((d / "accuracy", run / "accuracy"), (d / "TEST01" / "accuracy", run / "TEST01")):
+            full = (src / "mlperf_log_accuracy.json").read_bytes()
+            assert (acc / "mlperf_log_accuracy.json").stat().st_size <= 10 * 1024 < len(full)
+            text = (acc / "accuracy.txt").read_text()
+            assert text.splitlines()[-1] == f"hash={hashlib.sha256(full).hexdigest()}"
+            assert text.startswith('{"exact_match": ')
+        assert json.loads((d / "measurements.json").read_text())["weight_data_types"] == "fp32"
+    assert (top / "systems" / "box.json").is_file() and (top / "documentation" / "calibration.md").is_file()
+    assert (top / "src" / "bert-99" / "README.md").is_file()
+    with tarfile.open(out / "mlperf_submission.tar.gz") as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+    on_disk = {str(p.relative_to(out)) for p in (out / "closed").rglob("*") if p.is_file()}
+    assert names == on_disk
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3                             # header + Offline + SingleStream
+    assert list(out.parent.glob(".sub.partial-*")) == []
+
+    # the checker on the tree agrees with the build; only what a seconds-long run cannot meet fails:
+    # the 600 s minimum (main and TEST01 performance logs of both scenarios) and, by chance at these
+    # durations, TEST01's 10 % performance match
+    from distbert.submission.check import check_tree
+
+    report = check_tree(out)
+    rules = [p.rule for p in report.problems]
+    assert rules.count("min-duration") == 4, report.problems
+    assert set(rules) <= {"min-duration", "test01-verify"}, report.problems
+    check = subprocess.run([PY, "-m", "distbert", "submission", "check", str(out)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "SUMMARY: submission has errors" in check.stdout
+    assert check.stdout.count("ERROR closed/Org/results/box/bert-99/") == len(rules)
