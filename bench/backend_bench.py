@@ -13,6 +13,8 @@ mix is the real one) go through:
   backend's ``batch_hint()`` (or ``--calibrate``), each batch trimmed to its longest real length;
 * ``ort-fuse``: the same with ``ort_fuse=1`` (ORT's offline BERT fusions: Attention, SkipLayerNorm);
 * ``torch-fp32``, ``torch-bf16``, ``openvino``: the same batches on other backends;
+* ``ref-threads``: the reference's own concurrency: a thread per sample, ``os.cpu_count()`` at once
+  (reported beside ``ref``; the ratios stay against the back-to-back ``ref``: on 2 cores both ran at the same rate);
 * ``ref-int8`` / ``ort-int8``: the reference way and distbert's way on the int8 model;
 * ``ort-static`` / ``ort-static-padded``: the model with its sequence dim declared static 384, as the
   official fp32 ``model.onnx`` has it: rewritten to a symbolic length at load (the default) vs
@@ -44,7 +46,7 @@ from distbert.backends.base import BackendSpec, BatchHint, ModelInputs  # noqa: 
 
 log = logging.getLogger("backend_bench")
 SEQ = 384
-ALL = ("ref", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "openvino", "ref-int8", "ort-int8",
+ALL = ("ref", "ref-threads", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "openvino", "ref-int8", "ort-int8",
        "ort-static", "ort-static-padded")
 
 
@@ -81,8 +83,13 @@ def trimmed(data: tuple[np.ndarray, ...], rows: np.ndarray) -> ModelInputs:
     return ModelInputs(rows.astype(np.int64), ids[rows, :width], mask[rows, :width], seg[rows, :width], lengths[rows])
 
 
-def bench_ref(model: Path, data: tuple[np.ndarray, ...], rows: np.ndarray) -> float:
-    """MLPerf reference style: default ORT session, [1, 384] int64 per sample. Returns samples/s."""
+def bench_ref(model: Path, data: tuple[np.ndarray, ...], rows: np.ndarray, concurrency: int = 1) -> float:
+    """MLPerf reference style: default ORT session, [1, 384] int64 per sample. Returns samples/s.
+
+    ``concurrency`` 1 runs the samples back to back; more runs them from that many threads at once,
+    as ``onnxruntime_SUT.py`` does (a thread per sample, at most ``MLC_MAX_NUM_THREADS`` =
+    ``os.cpu_count()`` running, each a full-width ORT session run).
+    """
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model), ort.SessionOptions(), providers=["CPUExecutionProvider"])
@@ -95,8 +102,14 @@ def bench_ref(model: Path, data: tuple[np.ndarray, ...], rows: np.ndarray) -> fl
 
     sess.run(None, feed(int(rows[0])))                   # warm-up, untimed
     t0 = time.perf_counter()
-    for i in rows:
-        sess.run(None, feed(int(i)))
+    if concurrency <= 1:
+        for i in rows:
+            sess.run(None, feed(int(i)))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(lambda i: sess.run(None, feed(int(i))), rows))
     return len(rows) / (time.perf_counter() - t0)
 
 
@@ -183,11 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     refs: dict[str, float] = {}       # "ref"/"ref-int8" -> samples/s: each config is compared with its precision's
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         t0 = time.perf_counter()
-        if name in ("ref", "ref-int8"):
+        if name in ("ref", "ref-int8", "ref-threads"):
             sel = subset(args.ref_samples)
-            path = onnx_path if name == "ref" else modelmaker.ensure_random_model(args.shape, "onnx-int8")
-            rate, how = bench_ref(path, data, sel), "ORT default options, batch 1, padded to 384"
-            refs[name] = rate
+            path = onnx_path if name != "ref-int8" else modelmaker.ensure_random_model(args.shape, "onnx-int8")
+            if name == "ref-threads":
+                n = os.cpu_count() or 1
+                rate = bench_ref(path, data, sel, concurrency=n)
+                how = f"as onnxruntime_SUT.py: a thread per sample, {n} at once, batch 1, padded to 384"
+            else:
+                rate, how = bench_ref(path, data, sel), "ORT default options, batch 1, padded to 384"
+                refs[name] = rate
         else:
             spec = {
                 "ort": BackendSpec("onnxruntime", str(onnx_path), threads=threads),

@@ -30,6 +30,8 @@ from typing import Any
 
 from distbert.errors import UserError
 from distbert.loadgen_settings import read_detail
+from distbert.squad.accuracy import TARGETS
+from distbert.submission.compliance import ACCURACY_DELTA
 
 # --- constants; each names its source in /work/shared/MLPERF.md --------------------------------
 
@@ -44,7 +46,7 @@ KNOWN_SCENARIOS = ("Offline", "SingleStream", "Server", "MultiStream")
 # sections 0 and 4 (`constants.py` required-scenarios-edge, v5.0...v6.1): closed/network bert
 REQUIRED_SCENARIOS_EDGE = frozenset({"SingleStream", "Offline"})
 # sections 0 and 3 (`constants.py` accuracy-target): F1 >= 99% / 99.9% of the fp32 90.874
-ACCURACY_TARGETS = {"bert-99": 89.96526, "bert-99.9": 90.78313}
+ACCURACY_TARGETS = TARGETS
 # section 0 (checker `seeds`, loadgen 6.0.17's embedded mlperf.conf); detail-log keys effective_<name>
 SEEDS = {
     "v6.1": {"qsl_rng_seed": 2085463073848966840,
@@ -68,7 +70,7 @@ HASH_PATTERN = re.compile(r"^hash=[0-9a-fA-F]+\s*$")
 # section 5: TEST01's verify_*.txt must contain this
 TEST_PASS = "TEST PASS"
 # section 5: when verify_accuracy fails, baseline vs compliance F1 must agree within 1% / 0.1%
-TEST01_ACCURACY_DELTA = {"bert-99": 0.01, "bert-99.9": 0.001}
+TEST01_ACCURACY_DELTA = ACCURACY_DELTA
 # section 5 (SYSTEM_DESC_REQUIRED_FIELDS)
 SYSTEM_DESC_REQUIRED_FIELDS = (
     "division", "submitter", "status", "system_name", "number_of_nodes", "host_processor_model_name",
