@@ -76,7 +76,10 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
             settings.min_query_count = min(count, qsl_size) if qsl_size < FULL_SET else count
         else:
             settings.min_query_count = count
-            settings.max_query_count = count
+            # Server's schedule already holds exactly min_query_count queries; a max there makes
+            # LoadGen log error_runtime ("Max query count reached") into every test-mode Server log
+            if cfg.scenario != "Server":
+                settings.max_query_count = count
     else:
         if cfg.min_duration_ms is not None:
             settings.min_duration_ms = cfg.min_duration_ms
