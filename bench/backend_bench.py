@@ -13,6 +13,8 @@ mix is the real one) go through:
   backend's ``batch_hint()`` (or ``--calibrate``), each batch trimmed to its longest real length;
 * ``ort-fuse``: the same with ``ort_fuse=1`` (ORT's offline BERT fusions: Attention, SkipLayerNorm);
 * ``torch-fp32``, ``torch-bf16``, ``openvino``: the same batches on other backends;
+  ``deepsparse`` too, from its own venv (``PYTHONPATH=. .venv-deepsparse/bin/python bench/backend_bench.py
+  --configs ref,ort,deepsparse``): static engines per length bucket (128/256/384) at batch 16;
 * ``ref-threads``: the reference's own concurrency: a thread per sample, ``os.cpu_count()`` at once
   (reported beside ``ref``; the ratios stay against the back-to-back ``ref``: on 2 cores both ran at the same rate);
 * ``ref-int8`` / ``ort-int8``: the reference way and distbert's way on the int8 model;
@@ -47,7 +49,7 @@ from distbert.backends.base import BackendSpec, BatchHint, ModelInputs  # noqa: 
 log = logging.getLogger("backend_bench")
 SEQ = 384
 ALL = ("ref", "ref-threads", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "openvino", "ref-int8", "ort-int8",
-       "ort-static", "ort-static-padded")
+       "ort-static", "ort-static-padded", "deepsparse")
 
 
 def load_samples(dataset: Path, vocab: Path, count: int) -> tuple[np.ndarray, ...]:
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch-bf16": BackendSpec("torch", str(modelmaker.ensure_random_model(args.shape, "torch")),
                                           precision="bf16", threads=threads),
                 "openvino": BackendSpec("openvino", str(onnx_path), threads=threads),
+                "deepsparse": BackendSpec("deepsparse", str(onnx_path), threads=threads),
                 "ort-static": lambda: BackendSpec("onnxruntime", str(static_copy(onnx_path)), threads=threads),
                 "ort-static-padded": lambda: BackendSpec("onnxruntime", str(static_copy(onnx_path)), threads=threads,
                                                          options=(("seq_trim", "0"),)),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
+
+MAX_SEQ = 384   # the longest SQuAD feature: the largest bucket is always at least this
 
 INSTALL_HINT = ("install deepsparse in its own venv (it pins numpy<2): "
                 "python -m venv ds && ds/bin/pip install 'numpy<2' deepsparse -e . (see notes/backends.md)")
@@ -72,6 +76,7 @@ class DeepSparseBackend(Backend):
         self._buckets: list[int] = []
         self._batch = 16
         self._cores = 0
+        self._tmp: Path | None = None
 
     def load(self) -> None:
         self._ds = _import_deepsparse()
@@ -92,6 +97,8 @@ class DeepSparseBackend(Backend):
             raise UserError("options ds_buckets (e.g. 128,256,384) and ds_batch (e.g. 16) must be integers") from exc
         if self._io.fixed_len:
             self._buckets = [self._io.fixed_len]
+        elif self._buckets[-1] < MAX_SEQ:   # a SQuAD feature can be 384 tokens long: never fail mid-run
+            self._buckets.append(MAX_SEQ)
         if self._io.fixed_batch:
             self._batch = self._io.fixed_batch
         self._cores = self.spec.threads or batching.usable_cores()
@@ -105,7 +112,7 @@ class DeepSparseBackend(Backend):
         if bucket not in self._engines:
             log.info("deepsparse: compiling the engine for [%d, %d]", self._batch, bucket)
             self._engines[bucket] = self._ds.Engine(
-                model=str(self._path), batch_size=self._batch, num_cores=self._cores,
+                model=str(self._private_copy()), batch_size=self._batch, num_cores=self._cores,
                 input_shapes=[[self._batch, bucket]] * len(self._input_order))
         return self._engines[bucket], bucket
 
@@ -125,9 +132,12 @@ class DeepSparseBackend(Backend):
         return onnx_io.run_graph(padded, inputs, run_fn)
 
     def warmup(self) -> None:
+        # compile and touch every bucket's engine (the base warmup's 128 tokens may exceed the smallest)
         for bucket in self._buckets:
-            self._engine(bucket)
-        super().warmup()
+            ids = np.zeros((1, bucket), np.int64)
+            ids[0, 0] = 101
+            self.run(ModelInputs(np.zeros(1, np.int64), ids, np.ones_like(ids), np.zeros_like(ids),
+                                 np.full(1, bucket, np.int32)))
 
     def batch_hint(self) -> BatchHint:
         return BatchHint(max_batch=self._batch, token_budget=None)
@@ -138,6 +148,23 @@ class DeepSparseBackend(Backend):
                     "buckets": self._buckets, "engine_batch": self._batch, "cores": self._cores})
         return out
 
+    def _private_copy(self) -> Path:
+        """The model file the engines compile from: a private copy, deleted on close.
+
+        deepsparse 1.8.0's ``Engine(input_shapes=...)`` writes the overridden shapes *into the model
+        file it is given* (measured: the file's inputs become ``[batch, bucket]``), which would
+        corrupt the user's model (and the sha256 recorded for an official download).
+        """
+        assert self._path is not None
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="distbert-deepsparse-"))
+            for src in [self._path, *self._path.parent.glob(self._path.name + ".data")]:
+                shutil.copyfile(src, self._tmp / src.name)
+        return self._tmp / self._path.name
+
     def close(self) -> None:
         self._engines.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
