@@ -61,6 +61,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--token-budget", type=int, help="Offline: max rows x length per batch (default: the backend's)")
     g.add_argument("--max-wait-ms", type=float, default=2.0, help="Server: max wait of a sample in an open batch")
     g.add_argument("--credits", type=int, default=2, help="batches in flight per worker (default 2)")
+    g.add_argument("--batch-timeout", type=float, default=60.0,
+                   help="requeue a batch with no result after max(this, 10 x the slowest batch) seconds "
+                        "(a message lost on a reconnect); 0 = off (default 60)")
     g.add_argument("--calibrate", action="store_true",
                    help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
                         "max batch / token budget (instead of the backend's static hint)")
@@ -102,7 +105,7 @@ def _config_from_args(args: argparse.Namespace):
         backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
                             threads=args.threads, options=tuple(options)),
         batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,
-                          credits=args.credits, calibrate=args.calibrate),
+                          credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout),
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker, output=args.output,

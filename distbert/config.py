@@ -44,6 +44,7 @@ class BatchConfig:
     max_wait_ms: float = 2.0
     credits: int = 2
     calibrate: bool = False          # each worker measures its backend at start-up (batching.calibrate)
+    batch_timeout_s: float = 60.0    # a batch without a result after max(this, 10 x slowest batch) is requeued; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--max-batch must be at least 1")
     if b.credits < 1:
         raise UserError("--credits must be at least 1")
+    if b.batch_timeout_s < 0:
+        raise UserError("--batch-timeout must be 0 (off) or a number of seconds")
     if b.token_budget is not None and b.token_budget < 384:
         raise UserError("--token-budget must be at least 384 (one full-length sample)")
     return cfg

@@ -28,7 +28,7 @@ import numpy as np
 
 from distbert import messages as m
 from distbert.config import RunConfig
-from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, SendBatch
+from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 from distbert.errors import UserError
 from distbert.transport.base import CoordinatorTransport
 
@@ -110,7 +110,8 @@ class Coordinator:
             budget = min(known) if known else None
         max_batch = self.cfg.batch.max_batch or max(h.max_batch for h in self.workers.values() if h.ready)
         return BatchPolicy(max_batch=max_batch, token_budget=budget,
-                           max_wait_s=self.cfg.batch.max_wait_ms / 1000.0, credits=self.cfg.batch.credits)
+                           max_wait_s=self.cfg.batch.max_wait_ms / 1000.0, credits=self.cfg.batch.credits,
+                           batch_timeout_s=self.cfg.batch.batch_timeout_s)
 
     # --- LoadGen callbacks: enqueue only --------------------------------------------------------
 
@@ -358,6 +359,9 @@ class Coordinator:
                     self._fail(f"worker {ins.worker} answered batch {ins.batch_id} with other ids (protocol bug)")
                 # a result without logits (performance mode) carries a (B, 0, 2) array
                 self._complete(ins.ids, result.logits if result is not None else None)
+            elif isinstance(ins, Requeued):
+                log.warning("batch %d on worker %d has had no result for %.1f s: requeued (a message lost "
+                            "on a reconnect?); a late result will be dropped", ins.batch_id, ins.worker, ins.waited_s)
             elif isinstance(ins, NoWorkers):
                 self._fail(f"every worker is lost; {ins.pending} samples cannot be processed")
                 self._abort_outstanding()

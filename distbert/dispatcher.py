@@ -37,6 +37,11 @@ are **retired**; when re-sent they get new ids. A result for a retired id (a lat
 worker, or a second reply) is therefore a duplicate and is dropped, as are results for ids never
 sent and results from a worker other than the one the batch was sent to. Response ids are opaque:
 the dispatcher never keys on them (LoadGen does not promise they are unique across a whole run).
+
+Lost batches (a message ZeroMQ dropped while a worker reconnected: the worker stays alive, so no
+loss event comes): a batch in flight longer than ``max(policy.batch_timeout_s, 10 x the slowest
+batch completed so far)`` is retired and requeued like a lost worker's, and its worker's credit is
+freed. A late result for it is a duplicate. ``batch_timeout_s = 0`` turns this off.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class BatchPolicy:
     token_budget: int | None = None  # Offline: max (rows x longest real length); None = by max_batch only
     max_wait_s: float = 0.002        # Server: upper bound on how long the oldest open sample waits for a free credit
     credits: int = 2                 # max batches in flight per worker
+    batch_timeout_s: float = 0.0     # floor of the lost-batch timeout (10 x slowest batch seen); 0 = off
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -66,6 +72,8 @@ class BatchPolicy:
             raise ValueError(f"BatchPolicy.max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.credits < 1:
             raise ValueError(f"BatchPolicy.credits must be >= 1, got {self.credits}")
+        if not self.batch_timeout_s >= 0.0:
+            raise ValueError(f"BatchPolicy.batch_timeout_s must be >= 0, got {self.batch_timeout_s}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,13 +101,23 @@ class Complete:
 
 
 @dataclass(frozen=True, slots=True)
+class Requeued:
+    """Batch ``batch_id`` on ``worker`` passed the lost-batch timeout: its id is retired and its
+    samples are back at the front of the queue (the driver logs it; a late result is dropped)."""
+
+    worker: int
+    batch_id: int
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class NoWorkers:
     """Work is pending and no worker is left: the driver aborts the run with a clear error."""
 
     pending: int
 
 
-Instr = Union[SendBatch, Complete, NoWorkers]
+Instr = Union[SendBatch, Complete, Requeued, NoWorkers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +146,13 @@ class _Worker:
 
 
 class _Flight:
-    __slots__ = ("worker", "ids", "indices")
+    __slots__ = ("worker", "ids", "indices", "sent")
 
-    def __init__(self, worker: int, ids: np.ndarray, indices: np.ndarray) -> None:
+    def __init__(self, worker: int, ids: np.ndarray, indices: np.ndarray, sent: float) -> None:
         self.worker = worker
         self.ids = ids
         self.indices = indices
+        self.sent = sent
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -173,7 +192,9 @@ class Dispatcher:
         self._open_idx: list[int] = []
         self._open_deadline = 0.0                     # arrival of its oldest sample + max_wait_s
         self._open_due = False                        # its wait has passed; it leaves at the next free credit
-        self._flights: dict[int, _Flight] = {}
+        self._flights: dict[int, _Flight] = {}          # in send order: the first is the oldest
+        self._slowest = 0.0                           # longest send-to-result time seen (s)
+        self._timed_out = 0
         self._next_batch_id = 0
         self._rr = 0  # round-robin start for ties in _pick
         self._issued = 0
@@ -291,6 +312,8 @@ class Dispatcher:
             self._wrong_worker_dropped += 1           # the batch stays in flight on its own worker
             return []
         del self._flights[batch_id]
+        if now - f.sent > self._slowest:
+            self._slowest = now - f.sent
         w = self._workers[worker]                     # present: removal retires all its flights
         del w.inflight[batch_id]
         self._free_total += 1
@@ -305,10 +328,37 @@ class Dispatcher:
         return out
 
     def on_tick(self, now: float) -> list[Instr]:
-        """Timers: the Server open batch whose oldest sample has waited ``max_wait_s``."""
+        """Timers: the Server open batch whose oldest sample has waited ``max_wait_s``, and batches
+        in flight past the lost-batch timeout (``Requeued``, then back at the front of the queue)."""
         out: list[Instr] = []
+        timeout = self._batch_timeout()
+        expired: list[tuple[int, _Flight]] = []
+        if timeout:
+            for bid, f in self._flights.items():
+                if f.sent + timeout > now:
+                    break                             # send order: the rest are younger
+                expired.append((bid, f))
+        for bid, f in expired:
+            del self._flights[bid]
+            w = self._workers[f.worker]               # present: removal retires all its flights
+            del w.inflight[bid]
+            self._free_total += 1
+            if not w.inflight:
+                self._idle_count += 1
+            self._requeued_batches += 1
+            self._requeued_samples += len(f.ids)
+            w.requeued_batches += 1
+            self._timed_out += 1
+            out.append(Requeued(f.worker, bid, now - f.sent))
+        for _, f in reversed(expired):                # oldest ends up first in the queue
+            self._queue.appendleft((f.ids, f.indices))
+            self._queued_samples += len(f.ids)
         self._pump(now, out)
         return out
+
+    def _batch_timeout(self) -> float:
+        floor = self.policy.batch_timeout_s
+        return max(floor, 10.0 * self._slowest) if floor else 0.0
 
     def next_deadline(self) -> float | None:
         """When the driver must call ``on_tick`` next; ``None`` = no timer armed.
@@ -316,9 +366,12 @@ class Dispatcher:
         Once the open batch is due but no credit is free, no timer is armed: it leaves on the event
         that frees a credit (a result, a new worker), so the driver never spins on a past deadline.
         """
-        if self._open_ids and not self._open_due:
-            return self._open_deadline
-        return None
+        deadline = self._open_deadline if self._open_ids and not self._open_due else None
+        timeout = self._batch_timeout()
+        if timeout and self._flights:
+            oldest = next(iter(self._flights.values())).sent + timeout
+            deadline = oldest if deadline is None else min(deadline, oldest)
+        return deadline
 
     def abort(self) -> np.ndarray:
         """Give up on all outstanding work after a fatal failure; return its response ids (uint64).
@@ -389,6 +442,8 @@ class Dispatcher:
             "batches_completed": sum(w["batches_completed"] for w in per.values()),
             "requeued_batches": self._requeued_batches,
             "requeued_samples": self._requeued_samples,
+            "timed_out_batches": self._timed_out,
+            "slowest_batch_s": round(self._slowest, 6),
             "duplicates_dropped": self._dup_dropped,
             "unknown_dropped": self._unknown_dropped,
             "wrong_worker_dropped": self._wrong_worker_dropped,
@@ -456,7 +511,7 @@ class Dispatcher:
             self._rr = pos + 1
         return best
 
-    def _send(self, w: _Worker, ids: np.ndarray, idx: np.ndarray, out: list[Instr]) -> None:
+    def _send(self, w: _Worker, ids: np.ndarray, idx: np.ndarray, out: list[Instr], now: float) -> None:
         if len(ids) > w.cap:                          # the tail waits at the front of the queue
             self._queue.appendleft((ids[w.cap:], idx[w.cap:]))
             self._queued_samples += len(ids) - w.cap
@@ -467,7 +522,7 @@ class Dispatcher:
             self._idle_count -= 1
         w.inflight[bid] = None
         self._free_total -= 1
-        self._flights[bid] = _Flight(w.id, ids, idx)
+        self._flights[bid] = _Flight(w.id, ids, idx, now)
         w.batches_sent += 1
         w.samples_sent += len(ids)
         out.append(SendBatch(w.id, bid, ids, idx, self.want_logits))
@@ -488,7 +543,7 @@ class Dispatcher:
                     break
                 ids, idx = queue.popleft()
                 self._queued_samples -= len(ids)
-                self._send(worker, ids, idx, out)
+                self._send(worker, ids, idx, out, now)
             if not self._open_ids:
                 break
             if len(self._open_ids) >= self._cap:      # the cap shrank: a worker left

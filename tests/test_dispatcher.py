@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, SendBatch
+from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 
 
 def ids_of(*xs: int) -> np.ndarray:
@@ -46,6 +46,7 @@ class Sim:
         self.issued: dict[int, int] = {}                    # response id -> qsl index
         self.completed: dict[int, int] = {}                 # response id -> times completed
         self.sent_batches: list[SendBatch] = []
+        self.requeued: list[Requeued] = []
         self.no_workers: list[NoWorkers] = []
         self.no_workers_armed = False                       # a worker joined since the last NoWorkers
         self.next_id = 0
@@ -114,6 +115,12 @@ class Sim:
                     assert i in self.issued, f"completed id {i} was never issued"
                     self.completed[i] = self.completed.get(i, 0) + 1
                     assert self.completed[i] == 1, f"id {i} completed twice"
+            elif isinstance(ins, Requeued):
+                assert ins.batch_id in self.held.get(ins.worker, {}), f"requeued batch {ins.batch_id} was not held"
+                assert ins.waited_s >= self.d.policy.batch_timeout_s > 0
+                self.held[ins.worker].pop(ins.batch_id)
+                self.retired.append((ins.worker, ins.batch_id))   # the worker may still answer: a duplicate
+                self.requeued.append(ins)
             elif isinstance(ins, NoWorkers):
                 assert not self.held, "NoWorkers while a worker is alive"
                 assert self.no_workers_armed, "NoWorkers twice in one episode, or before any worker joined"
@@ -752,13 +759,17 @@ def test_stats_add_up():
 # randomized: joins, losses, results in random order, duplicates, ticks, flushes
 
 
+@pytest.mark.parametrize("timeout", [0.0, 0.004])
 @pytest.mark.parametrize("scenario", ["Offline", "Server", "SingleStream"])
 @pytest.mark.parametrize("seed", range(12))
-def test_randomized_every_id_completed_exactly_once(scenario, seed):
+def test_randomized_every_id_completed_exactly_once(scenario, seed, timeout):
+    """With ``timeout`` > 0 (~8 steps of this fake clock), batches also time out and are requeued
+    while their worker may still answer them: every id must still complete exactly once."""
     rng = random.Random(seed * 7919 + len(scenario))
     lengths = np.array([rng.randint(1, 384) for _ in range(500)])
     policy = BatchPolicy(max_batch=rng.choice([1, 3, 8, 32]), credits=rng.choice([1, 2, 3]),
-                         token_budget=rng.choice([None, 500, 3000]), max_wait_s=rng.choice([0.0, 0.001, 0.01]))
+                         token_budget=rng.choice([None, 500, 3000]), max_wait_s=rng.choice([0.0, 0.001, 0.01]),
+                         batch_timeout_s=timeout)
     d = Dispatcher(scenario, policy, lengths, want_logits=bool(seed % 2))
     sim = Sim(d, lengths)
     now = 0.0
@@ -803,7 +814,8 @@ def test_randomized_every_id_completed_exactly_once(scenario, seed):
         else:
             dl = d.next_deadline()
             if dl is not None:
-                assert dl <= now + policy.max_wait_s + 1e-12
+                if not timeout:
+                    assert dl <= now + policy.max_wait_s + 1e-12
                 now = max(now, dl)
                 sim.tick(now)
     # Wind down: make sure someone is alive, flush, drain everything.
@@ -826,3 +838,49 @@ def test_randomized_every_id_completed_exactly_once(scenario, seed):
     st = d.stats
     assert st["samples_completed"] + st["samples_aborted"] == st["samples_issued"] == len(sim.issued)
     assert d.next_deadline() is None
+    assert st["timed_out_batches"] == len(sim.requeued)
+
+
+# ---------------------------------------------------------------------------------------------
+# lost batches: a batch in flight past the timeout is requeued (ZeroMQ may drop a message while
+# a worker reconnects; the worker stays alive, so no loss event ever comes)
+
+
+def test_a_lost_batch_is_requeued_after_the_timeout_and_its_late_result_dropped():
+    sim = offline_sim(np.full(4, 10), BatchPolicy(max_batch=4, credits=1, batch_timeout_s=5.0), workers=(1, 2))
+    sent = sim.issue(4, now=0.0)
+    (lost,) = [i for i in sent if isinstance(i, SendBatch)]
+    assert sim.d.next_deadline() == pytest.approx(5.0)
+    assert sim.tick(4.999) == []                                      # not yet
+    out = sim.tick(5.0)
+    assert isinstance(out[0], Requeued) and (out[0].worker, out[0].batch_id) == (lost.worker, lost.batch_id)
+    resend = out[1]
+    assert isinstance(resend, SendBatch) and resend.batch_id != lost.batch_id
+    assert resend.ids.tolist() == lost.ids.tolist()
+    assert sim.d.on_result(lost.worker, lost.batch_id, 6.0) == []        # the late reply: a duplicate
+    done = sim.result(resend.worker, resend.batch_id, 6.0)
+    assert isinstance(done[0], Complete) and done[0].ids.tolist() == lost.ids.tolist()
+    assert sim.all_done_once() and sim.d.idle()
+    st = sim.d.stats
+    assert st["timed_out_batches"] == 1 and st["duplicates_dropped"] == 1 and st["requeued_samples"] == 4
+
+
+def test_the_timeout_grows_with_the_slowest_batch_seen():
+    sim = offline_sim(np.full(8, 10), BatchPolicy(max_batch=2, credits=1, batch_timeout_s=1.0), workers=(1,))
+    first = [i for i in sim.issue(8, now=0.0) if isinstance(i, SendBatch)][0]
+    out = sim.result(first.worker, first.batch_id, 0.5)                # 0.5 s: timeout max(1, 5) = 5 s
+    nxt = [i for i in out if isinstance(i, SendBatch)][0]
+    assert sim.d.next_deadline() == pytest.approx(0.5 + 5.0)
+    assert sim.tick(5.4) == []
+    assert [type(i) for i in sim.tick(5.5)][:1] == [Requeued]
+    assert nxt.batch_id not in sim.held[1]
+    assert sim.d.stats["slowest_batch_s"] == pytest.approx(0.5)
+
+
+def test_no_timeout_by_default():
+    sim = offline_sim(np.full(4, 10), BatchPolicy(max_batch=4, credits=1), workers=(1,))
+    sim.issue(4, now=0.0)
+    assert sim.d.next_deadline() is None
+    assert sim.tick(1e9) == [] and sim.d.in_flight() == 1
+    with pytest.raises(ValueError, match="batch_timeout_s"):
+        BatchPolicy(batch_timeout_s=-1.0)
