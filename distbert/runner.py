@@ -407,6 +407,9 @@ def _print_summary(record: dict[str, Any], final: Path) -> None:
             how = "same first bytes" if res["first_element_pass"] else "first bytes differ, F1 within the tolerance"
             print(f"  TEST01: accuracy {'PASS (' + how + ')' if res['accuracy_pass'] else 'FAIL'}, "
                   f"performance {'PASS' if res['performance_pass'] else 'FAIL'} (see {final}/TEST01/verify_*.txt)")
+            if not res["performance_pass"] and lg["execution_mode"] == "test":
+                print("  TEST01: test-mode runs last seconds, so their scores rarely match within 10 %; "
+                      "use --execution-mode valid for a submission")
     if "accuracy" in record["results"] and not record["accuracy_meaningful"]:
         print("  note: this accuracy comes from a harness backend or a RANDOM-WEIGHT model: it is meaningless")
     print(f"  details: {final / 'run.json'}, LoadGen logs in {final}/<mode>/")
