@@ -228,28 +228,6 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _loadgen_errors(path: Path) -> list[str]:
-    """Errors LoadGen logged: entries with ``metadata.is_error`` (keys such as ``error_invalid_config``).
-
-    ``read_detail`` collects only the key ``error``; real LoadGen errors use ``error_<kind>`` keys
-    and mark ``"is_error": true`` in the metadata, which is what the official log parser counts.
-    """
-    found: list[str] = []
-    for line in path.read_text(errors="replace").splitlines():
-        start = line.find(":::MLLOG ")
-        if start < 0:
-            continue
-        try:
-            entry = json.loads(line[start + len(":::MLLOG "):])
-        except json.JSONDecodeError:
-            continue
-        key = str(entry.get("key", ""))
-        meta = entry.get("metadata") if isinstance(entry.get("metadata"), dict) else {}
-        if meta.get("is_error") is True or key == "error" or key.startswith("error_"):
-            found.append(f"{key}: {entry.get('value')}")
-    return found
-
-
 def _flag(value: Any, want: bool) -> bool:
     """``value`` is the string "true"/"false" (any case) for ``want``."""
     return isinstance(value, str) and value.strip().lower() == str(want).lower()
@@ -458,11 +436,12 @@ class _Checker:
         """Parse a detail log (None when absent) and report the errors LoadGen logged in it."""
         if not self.need_file(path, what):
             return None
-        errors = _loadgen_errors(path)
+        detail = read_detail(path)
+        errors = detail["_errors"]                    # error_<kind> keys / metadata.is_error entries
         if errors:
             self.add(path, "loadgen-error", f"LoadGen logged {len(errors)} error(s), first {errors[0]!r}: "
                                             "fix the cause and rerun (a second FromConfig in one process is one)")
-        return read_detail(path)
+        return detail
 
     def need_key(self, detail: dict[str, Any], path: Path, key: str) -> Any:
         if key not in detail:
