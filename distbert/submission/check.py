@@ -31,7 +31,7 @@ from typing import Any
 from distbert.errors import UserError
 from distbert.loadgen_settings import read_detail
 from distbert.squad.accuracy import TARGETS
-from distbert.submission.compliance import ACCURACY_DELTA
+from distbert.submission.compliance import ACCURACY_DELTA, f1_gap
 
 # --- constants; each names its source in /work/shared/MLPERF.md --------------------------------
 
@@ -605,8 +605,7 @@ class _Checker:
             self.add(verify_acc, "test01-verify",
                      f"no {TEST_PASS!r}, and baseline/compliance_accuracy.txt lack an F1 line")
             return
-        # the official checker's gap is |1 - b/c|; distbert's compliance.py uses |b - c| / b: require both
-        gap = max(abs(1 - b / c), abs(b - c) / b)
+        gap = f1_gap(b, c)
         if gap > TEST01_ACCURACY_DELTA[benchmark]:
             self.add(verify_acc, "test01-verify", f"no {TEST_PASS!r}, and F1 baseline {b} vs compliance {c} "
                      f"differ by "
