@@ -182,11 +182,9 @@ class OnnxRuntimeBackend(Backend):
                         io, x, lambda f: session.run(io.output_names, f, quiet)), static)
                 if why is None:
                     self._session, self._io = session, io
-                    self._seq_mode = f"static length {static} rewritten as dynamic (probe exact)"
+                    self._seq_mode = seqlen.rewritten_mode(static)
                     return
-        self._seq_mode = f"padded to its static length {static}: {why}"
-        log.warning("%s declares a static sequence length %d and is run padded to it, so trimming saves "
-                    "no compute: %s", path, static, why)
+        self._seq_mode = seqlen.padded_mode(path, static, why)
 
     def _fused(self, path: Path) -> str | bytes:
         """The graph after ORT's offline BERT fusions (Attention, SkipLayerNorm, BiasGelu), or ``path``.

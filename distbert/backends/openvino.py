@@ -109,12 +109,10 @@ class OpenVinoBackend(Backend):
                 why = ("the rewritten graph still has a static length" if self._io.fixed_len
                        else seqlen.probe(self.run, static))
             if why is None:
-                self._seq_mode = f"static length {static} rewritten as dynamic (probe exact)"
+                self._seq_mode = seqlen.rewritten_mode(static)
                 return
             self._compile(core, path)
-        self._seq_mode = f"padded to its static length {static}: {why}"
-        log.warning("%s declares a static sequence length %d and is run padded to it, so trimming saves "
-                    "no compute: %s", path, static, why)
+        self._seq_mode = seqlen.padded_mode(path, static, why)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self._request.infer(feed)

@@ -96,13 +96,14 @@ def probe_inputs(length: int | None = None, dtype: type = np.int64) -> ModelInpu
 
 def probe(run: Callable[[ModelInputs], tuple[np.ndarray, np.ndarray]], static_len: int) -> str | None:
     """``None`` when trimmed and padded-to-``static_len`` runs agree on real positions, else why not."""
+    batch = probe_inputs()
     try:
-        trimmed = run(probe_inputs())
+        trimmed = run(batch)
         padded = run(probe_inputs(static_len))
     except Exception as exc:  # runtimes raise their own types; any failure means "keep padding"
         text = str(exc).strip().splitlines()
         return f"a {max(PROBE_LENGTHS)}-token batch fails ({text[0][:200] if text else type(exc).__name__})"
-    real = probe_inputs().input_mask.astype(bool)
+    real = batch.input_mask.astype(bool)
     width = real.shape[1]
     worst, scale = 0.0, 1.0
     for t, p in zip(trimmed, padded):
@@ -113,3 +114,15 @@ def probe(run: Callable[[ModelInputs], tuple[np.ndarray, np.ndarray]], static_le
     if not np.isfinite(worst) or worst > PROBE_RTOL * scale:
         return f"trimmed and padded logits differ by {worst:.3g} (the graph depends on its length)"
     return None
+
+
+def rewritten_mode(static_len: int) -> str:
+    """The backend's ``seq_len_mode`` when the rewritten graph passed the probe."""
+    return f"static length {static_len} rewritten as dynamic (probe exact)"
+
+
+def padded_mode(path: Path, static_len: int, why: str) -> str:
+    """Log why a static-length graph keeps padding; return the backend's ``seq_len_mode``."""
+    log.warning("%s declares a static sequence length %d and is run padded to it, so trimming saves "
+                "no compute: %s", path, static_len, why)
+    return f"padded to its static length {static_len}: {why}"
