@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A rule-abiding submission dry run of the whole pipeline, without a model (about 22 minutes).
+# A rule-abiding submission dry run of the whole pipeline, without a model (23 minutes when measured on 2 vCPUs).
 #
 # Two `distbert run --mode submission --execution-mode valid` runs (Offline and SingleStream, each
 # 600 s performance + accuracy + 600 s TEST01, the MLPerf rules from LoadGen's mlperf.conf) with the
