@@ -42,7 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distbert import envs, modelmaker  # noqa: E402
+from distbert import envs
+from distbert.backends import modelmaker  # noqa: E402
 from distbert.backends import create  # noqa: E402
 from distbert.backends.base import BackendSpec, BatchHint, ModelInputs  # noqa: E402
 
@@ -54,7 +55,7 @@ ALL = ("ref", "ref-threads", "ort", "ort-fuse", "torch-fp32", "torch-bf16", "ope
 
 def load_samples(dataset: Path, vocab: Path, count: int) -> tuple[np.ndarray, ...]:
     """``count`` features evenly spaced over the dev set: ids, mask, segments int32 [N, 384], lengths."""
-    from distbert.squad.features import load_features
+    from distbert.data.squad.features import load_features
 
     store = load_features(dataset, vocab)
     pick = np.linspace(0, len(store) - 1, count).round().astype(np.int64)

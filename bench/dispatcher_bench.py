@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout, no install needed
-from distbert.dispatcher import BatchPolicy, Dispatcher, SendBatch
+from distbert.engine.dispatcher import BatchPolicy, Dispatcher, SendBatch
 
 
 def _timed(fn, *args):

@@ -4,7 +4,7 @@
 For every run directory holding ``performance/mlperf_log_detail.txt`` it prints a Markdown row:
 scenario, samples/s (Offline: ``result_samples_per_second``; Server: completed samples/s), p99
 and mean latency, LoadGen's validity verdict and error count, parsing LoadGen's ``:::MLLOG`` lines
-with :func:`distbert.loadgen_settings.read_detail`.
+with :func:`distbert.run.loadgen.read_detail`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distbert.loadgen_settings import read_detail as _read_detail  # noqa: E402
+from distbert.data.loadgen_logs import read_detail as _read_detail  # noqa: E402
 
 
 def read_detail(path: Path) -> dict:

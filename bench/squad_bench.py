@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distbert.squad.accuracy import score_log  # noqa: E402
-from distbert.squad.features import FeatureStore, build_features, load_features  # noqa: E402
+from distbert.data.squad.accuracy import score_log  # noqa: E402
+from distbert.data.squad.features import FeatureStore, build_features, load_features  # noqa: E402
 
 
 def _timed(fn, runs: int) -> tuple[float, float, float, object]:
@@ -85,7 +85,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reference-questions", type=int, default=300)
     args = ap.parse_args()
-    from distbert.artifacts import resolve_squad
+    from distbert.data.artifacts import resolve_squad
 
     dataset, vocab = (Path(p) for p in resolve_squad(args.dataset, args.vocab))
     rows = []

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distbert.messages import Batch, Result, Shutdown, decode, encode  # noqa: E402
+from distbert.wire.messages import Batch, Result, Shutdown, decode, encode  # noqa: E402
 
 L = 384
 
@@ -125,8 +125,8 @@ def _run_cases(label: str, coord, worker_id: int, seconds: float) -> None:
 
 
 def bench_threads(quick: bool, tmp: str) -> None:
-    from distbert.transport.inproc import InprocHub
-    from distbert.transport.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
+    from distbert.wire.inproc import InprocHub
+    from distbert.wire.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
 
     seconds = 0.5 if quick else 2.0
     hub = InprocHub("k")
@@ -154,7 +154,7 @@ def bench_process(quick: bool) -> None:
     import os
     import subprocess
 
-    from distbert.transport.zmq import ZmqCoordinatorTransport
+    from distbert.wire.zmq import ZmqCoordinatorTransport
 
     coord = ZmqCoordinatorTransport.bind("tcp://127.0.0.1:0", "k")
     env = dict(os.environ, DISTBERT_SESSION_KEY="k")
@@ -173,8 +173,8 @@ def bench_process(quick: bool) -> None:
 def echo_worker(address: str) -> None:
     import os
 
-    from distbert.transport import Endpoint
-    from distbert.transport.zmq import ZmqWorkerTransport
+    from distbert.wire import Endpoint
+    from distbert.wire.zmq import ZmqWorkerTransport
 
     _echo(ZmqWorkerTransport.connect(Endpoint(address, os.environ["DISTBERT_SESSION_KEY"]), 1))
 
@@ -182,7 +182,7 @@ def echo_worker(address: str) -> None:
 def bench_mpi(quick: bool) -> None:
     from mpi4py import MPI
 
-    from distbert.transport.mpi import MpiCoordinatorTransport, MpiWorkerTransport
+    from distbert.wire.mpi import MpiCoordinatorTransport, MpiWorkerTransport
 
     if MPI.COMM_WORLD.Get_rank() == 0:
         coord = MpiCoordinatorTransport(key="k")

@@ -1,3 +1,3 @@
-from distbert.cli import main
+from distbert.cli.main import main
 
 raise SystemExit(main())

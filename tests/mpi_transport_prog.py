@@ -46,7 +46,7 @@ def _check_wake(recv, wake, who: str) -> None:
 
 
 def _check_closed(send, recv, who: str) -> None:
-    from distbert.transport import TransportClosed
+    from distbert.wire import TransportClosed
 
     for call in (send, recv):
         try:
@@ -59,8 +59,8 @@ def _check_closed(send, recv, who: str) -> None:
 def coordinator(mode: str) -> None:
     from mpi4py import MPI
 
-    from distbert.messages import Batch, Bye, Heartbeat, Hello, Ready, Result, Setup, Shutdown
-    from distbert.transport.mpi import MpiCoordinatorTransport
+    from distbert.wire.messages import Batch, Bye, Heartbeat, Hello, Ready, Result, Setup, Shutdown
+    from distbert.wire.mpi import MpiCoordinatorTransport
 
     size = MPI.COMM_WORLD.Get_size()
     bad = size - 1 if mode == "badkey" else None
@@ -141,8 +141,8 @@ def coordinator(mode: str) -> None:
 def worker(mode: str) -> None:
     from mpi4py import MPI
 
-    from distbert.messages import Batch, Bye, Heartbeat, Ready, Result, Setup, Shutdown, encode
-    from distbert.transport.mpi import TAG_TO_COORDINATOR, MpiWorkerTransport, pack_frames
+    from distbert.wire.messages import Batch, Bye, Heartbeat, Ready, Result, Setup, Shutdown, encode
+    from distbert.wire.mpi import TAG_TO_COORDINATOR, MpiWorkerTransport, pack_frames
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -183,7 +183,7 @@ def worker(mode: str) -> None:
 
 def threadlevel() -> None:
     from distbert.errors import UserError
-    from distbert.transport.mpi import MpiCoordinatorTransport, MpiWorkerTransport
+    from distbert.wire.mpi import MpiCoordinatorTransport, MpiWorkerTransport
 
     for cls in (MpiCoordinatorTransport, MpiWorkerTransport):
         try:

@@ -1,4 +1,4 @@
-"""distbert.artifacts and ``distbert download`` against a real threaded HTTP server on 127.0.0.1.
+"""distbert.data.artifacts and ``distbert download`` against a real threaded HTTP server on 127.0.0.1.
 
 The server (written here) serves small generated files, honours or ignores ``Range``, can cut the
 connection after N bytes (clean close or TCP reset) and can answer 404. No other address is contacted:
@@ -24,7 +24,8 @@ from typing import Iterator
 
 import pytest
 
-from distbert import artifacts, download_cli
+from distbert.cli import download as download_cli
+from distbert.data import artifacts
 from distbert.errors import UserError
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
+from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 
 
 def ids_of(*xs: int) -> np.ndarray:

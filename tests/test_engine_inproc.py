@@ -14,15 +14,15 @@ import pytest
 from distbert.backends.base import BackendSpec
 from distbert.backends.harness import oracle_logits
 from distbert.config import BatchConfig, LoadGenConfig, RunConfig
-from distbert.coordinator import Coordinator
-from distbert.runner import _run_test
-from distbert.transport.inproc import InprocHub
-from distbert.worker import worker_run
+from distbert.engine.coordinator import Coordinator
+from distbert.run.launch import _run_test
+from distbert.wire.inproc import InprocHub
+from distbert.engine.worker import worker_run
 
 
 @pytest.fixture(scope="module")
 def store(squad_dev, vocab, session_cache):
-    from distbert.squad.features import load_features
+    from distbert.data.squad.features import load_features
 
     return load_features(squad_dev, vocab, cache_dir=session_cache)
 
@@ -34,7 +34,7 @@ def _errors_besides_repeated_from_config(logdir: Path) -> list[str]:
     scenarios) in the pytest process: every test after the first logs ``error_invalid_config``.
     ``distbert run`` calls it once per process (tests/test_submission.py checks its logs are clean).
     """
-    from distbert.loadgen_settings import read_detail
+    from distbert.data.loadgen_logs import read_detail
 
     errors = read_detail(logdir / "mlperf_log_detail.txt")["_errors"]
     return [e for e in errors if not e.startswith("error_invalid_config: Multiple conf files")]
@@ -65,7 +65,7 @@ def _stop(coord, threads, hub):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("scenario,extra", [("Offline", {}), ("Server", {"target_qps": 20000.0})])
 def test_oracle_accuracy_full_dev_set_equals_direct_scoring(store, tmp_path, scenario, extra):
-    from distbert.squad.accuracy import score_log, score_logits
+    from distbert.data.squad.accuracy import score_log, score_logits
 
     cfg = RunConfig(loadgen=LoadGenConfig(scenario=scenario, mode="accuracy", **extra),
                     backend=BackendSpec("oracle"), batch=BatchConfig(max_batch=128, credits=2))
@@ -121,7 +121,7 @@ class _DropFirstBatch:
         self.dropped: list[int] = []
 
     def send(self, worker, msg) -> None:
-        from distbert import messages as msgs
+        from distbert.wire import messages as msgs
 
         if isinstance(msg, msgs.Batch) and not self.dropped:
             self.dropped.append(msg.batch_id)
@@ -134,7 +134,7 @@ class _DropFirstBatch:
 
 @pytest.mark.timeout(120)
 def test_a_batch_lost_in_transit_is_requeued_after_the_timeout(store, tmp_path):
-    from distbert.squad.accuracy import score_log
+    from distbert.data.squad.accuracy import score_log
 
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode="accuracy"), backend=BackendSpec("oracle"),
                     batch=BatchConfig(max_batch=256, credits=2, batch_timeout_s=1.0))

@@ -70,8 +70,8 @@ def _run(args: list[str], env: dict[str, str], squad_dev: Path, vocab: Path, out
 
 def _direct_oracle_f1(squad_dev: Path, vocab: Path, session_cache: Path, max_examples: int | None) -> float:
     from distbert.backends.harness import oracle_logits
-    from distbert.squad.accuracy import score_logits
-    from distbert.squad.features import load_features
+    from distbert.data.squad.accuracy import score_logits
+    from distbert.data.squad.features import load_features
 
     store = load_features(squad_dev, vocab, cache_dir=session_cache)
     n = max_examples or len(store)

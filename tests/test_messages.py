@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from distbert import messages as m
-from distbert.messages import (
+from distbert.wire import messages as m
+from distbert.wire.messages import (
     Batch, Bye, Failure, Heartbeat, Hello, MessageError, Ready, Result, Setup, Shutdown, decode, encode,
 )
 

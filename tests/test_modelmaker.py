@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbert import modelmaker
+from distbert.backends import modelmaker
 from distbert.errors import UserError
 
 onnx = pytest.importorskip("onnx")
@@ -201,7 +201,7 @@ def test_bad_shape_or_format_is_a_user_error(tmp_path):
 
 
 def test_cli_model_make_prints_the_model_path(tmp_path, capsys):
-    from distbert.cli import main
+    from distbert.cli.main import main
 
     assert main(["model", "make", "--shape", "tiny", "--format", "onnx", "--seed", "2",
                  "--out", str(tmp_path / "cli")]) == 0

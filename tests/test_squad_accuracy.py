@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from distbert.errors import UserError
-from distbert.squad import accuracy as A
-from distbert.squad import cli
-from distbert.squad.evaluate import evaluate, f1_score, normalize_answer
-from distbert.squad.features import load_features
+from distbert.data.squad import accuracy as A
+from distbert.cli import squad as cli
+from distbert.data.squad.evaluate import evaluate, f1_score, normalize_answer
+from distbert.data.squad.features import load_features
 
 REPO = Path(__file__).resolve().parent.parent
 # the submission checker's ACC_PATTERN["F1"]

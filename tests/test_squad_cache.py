@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbert.squad import cache as C
-from distbert.squad import features as F
-from distbert.squad.features import FeatureParams, FeatureStore, load_features
+from distbert.data.squad import cache as C
+from distbert.data.squad import features as F
+from distbert.data.squad.features import FeatureParams, FeatureStore, load_features
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_corruption_is_detected_and_rebuilt(small_dev, vocab, tmp_path, monkeypa
         FeatureStore.open(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     counter = BuildCounter(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="distbert.squad.cache"):
+    with caplog.at_level(logging.WARNING, logger="distbert.data.squad.cache"):
         again = load_features(small_dev, vocab, cache_dir=tmp_path)
     assert counter.calls == 1 and again.path == path
     assert any("rebuilding" in r.getMessage() for r in caplog.records)
@@ -163,8 +163,8 @@ def test_full_dev_set_warm_open_is_fast(squad_dev, vocab, session_cache):
 _CHILD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    import distbert.squad.cache as C
-    import distbert.squad.features as F
+    import distbert.data.squad.cache as C
+    import distbert.data.squad.features as F
     dataset, vocab, cache, start_at, use_lock = sys.argv[1:6]
     C.USE_LOCK = use_lock == "1"
     real, calls = F.build_features, []

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from distbert.errors import UserError
-from distbert.squad import features as F
-from distbert.squad.features import FeatureParams, build_features, load_features
+from distbert.data.squad import features as F
+from distbert.data.squad.features import FeatureParams, build_features, load_features
 
 # ---------------------------------------------------------------------------------------------
 # A pure-Python statement of the reference algorithm, used as the oracle of these tests.

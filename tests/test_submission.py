@@ -53,7 +53,7 @@ def runs(env, squad_dev, vocab, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def store(squad_dev, vocab, session_cache):
-    from distbert.squad.features import load_features
+    from distbert.data.squad.features import load_features
 
     return load_features(squad_dev, vocab, cache_dir=session_cache)
 

@@ -283,7 +283,7 @@ def test_duration_met_tree_is_ok_with_real_figures(tree, tmp_path):
 
 
 def test_the_real_loadgen_keys_the_checker_relies_on(loadgen_logs):
-    from distbert.loadgen_settings import read_detail
+    from distbert.data.loadgen_logs import read_detail
 
     offline = read_detail(loadgen_logs / "Offline-performance" / "mlperf_log_detail.txt")
     assert offline["effective_qsl_rng_seed"] == 2085463073848966840
@@ -515,7 +515,7 @@ def test_logs_swapped_between_scenarios(tree, loadgen_logs):
     (tree / "tmp").rename(single)
     # an edge system may infer Offline from a SingleStream run (MLPERF.md section 4), not the reverse
     assert added(tree) == {("scenario-mismatch", f"{BENCH}/SingleStream/{PERF}")}
-    from distbert.loadgen_settings import read_detail
+    from distbert.data.loadgen_logs import read_detail
 
     single_detail = read_detail(loadgen_logs / "SingleStream-performance" / "mlperf_log_detail.txt")
     offline_row = check_tree(tree).results[0]

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbert.messages import (
+from distbert.wire.messages import (
     Batch, Bye, Failure, Heartbeat, Hello, Ready, Result, Setup, Shutdown, encode,
 )
-from distbert.transport import CoordinatorTransport, Endpoint, TransportClosed, WorkerTransport
-from distbert.transport.inproc import InprocHub
-from distbert.transport.mpi import pack_frames, unpack_frames
-from distbert.transport.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
+from distbert.wire import CoordinatorTransport, Endpoint, TransportClosed, WorkerTransport
+from distbert.wire.inproc import InprocHub
+from distbert.wire.mpi import pack_frames, unpack_frames
+from distbert.wire.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -377,7 +377,7 @@ def test_worker_restart_replaces_the_old_connection(cluster):
 
 def test_importing_the_package_initializes_neither_mpi_nor_zmq():
     code = (
-        "import sys, distbert.transport as t; "
+        "import sys, distbert.wire as t; "
         "assert 'mpi4py' not in sys.modules and 'zmq' not in sys.modules, sorted(sys.modules); "
         "t.InprocHub; assert 'zmq' not in sys.modules; "
         "t.ZmqCoordinatorTransport; assert 'zmq' in sys.modules and 'mpi4py' not in sys.modules"
@@ -456,9 +456,9 @@ _SUBPROCESS_WORKER = textwrap.dedent(
     """
     import os, sys
     import numpy as np
-    from distbert.messages import Batch, Bye, Result, Shutdown
-    from distbert.transport import Endpoint
-    from distbert.transport.zmq import ZmqWorkerTransport
+    from distbert.wire.messages import Batch, Bye, Result, Shutdown
+    from distbert.wire import Endpoint
+    from distbert.wire.zmq import ZmqWorkerTransport
 
     rank = int(sys.argv[2])
     w = ZmqWorkerTransport.connect(Endpoint(sys.argv[1], os.environ["DISTBERT_SESSION_KEY"]), rank)
@@ -535,7 +535,7 @@ def test_mpi_frame_packing_round_trips_and_is_aligned():
     ],
 )
 def test_mpi_frame_unpacking_rejects_garbage(buf, match):
-    from distbert.messages import MessageError
+    from distbert.wire.messages import MessageError
 
     with pytest.raises(MessageError, match=match):
         unpack_frames(buf)

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from distbert.errors import UserError
-from distbert.loadgen_settings import read_detail
-from distbert.squad.accuracy import TARGETS
+from distbert.data.loadgen_logs import read_detail
+from distbert.data.squad import DEV_FEATURES
+from distbert.data.squad.accuracy import TARGETS
 from distbert.submission.compliance import ACCURACY_DELTA, f1_gap
 
 # --- constants; each names its source in /work/shared/MLPERF.md --------------------------------
@@ -54,11 +55,11 @@ SEEDS = {
              "schedule_rng_seed": 16159082839903944936},
 }
 # sections 0 and 3: QSL size, and the sample count an accuracy run must cover
-DATASET_SIZE = 10833
+DATASET_SIZE = DEV_FEATURES
 # sections 0 and 5: effective_performance_sample_count lower bound
-PERFORMANCE_SAMPLE_COUNT = 10833
+PERFORMANCE_SAMPLE_COUNT = DEV_FEATURES
 # sections 0 and 5 (checker OFFLINE_MIN_SPQ_SINCE_V4["bert-99"]): closed Offline samples per query
-OFFLINE_MIN_SAMPLES_PER_QUERY = 10833
+OFFLINE_MIN_SAMPLES_PER_QUERY = DEV_FEATURES
 # sections 0 and 5 (checker TEST_DURATION_MS): effective_min_duration_ms lower bound
 MIN_DURATION_MS = 600_000
 # section 5: the checker fails any mlperf_log_accuracy.json larger than 10 KiB (untruncated)

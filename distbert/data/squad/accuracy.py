@@ -11,7 +11,7 @@ Equivalent to ``accuracy-squad.py`` + ``evaluate_v1.1.py`` (MLPERF.md section 3)
   start, at most 30 tokens; the best span by start + end logit (ties: first feature, then start
   rank, then end rank), de-tokenized (``" ##"``) and projected onto the original words with
   ``get_final_text``; ``"empty"`` when no span is valid.
-* Then the official SQuAD v1.1 metrics (:mod:`distbert.squad.evaluate`) over every question.
+* Then the official SQuAD v1.1 metrics (:mod:`distbert.data.squad.evaluate`) over every question.
 
 Deviation: NaN logits (which Python's ``sorted`` orders unpredictably) are treated as -inf.
 """
@@ -31,8 +31,9 @@ import numpy as np
 from tokenizers import normalizers, pre_tokenizers
 
 from distbert.errors import UserError
-from distbert.squad.cache import FeatureStore
-from distbert.squad.evaluate import aggregate, official_line, question_scores
+from distbert.util.fs import atomic_write_text
+from distbert.data.squad.cache import FeatureStore
+from distbert.data.squad.evaluate import aggregate, official_line, question_scores
 
 log = logging.getLogger(__name__)
 
@@ -319,23 +320,11 @@ def _score(store: FeatureStore, logits: _Logits, dtype: str) -> AccuracyResult:
         exact_match_scored=partial["exact_match"], f1_scored=partial["f1"], predictions=predictions)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_accuracy_txt(result: AccuracyResult, path: Path) -> None:
     """``accuracy.txt`` as the submission expects before ``truncate_accuracy_log.py`` adds the hash."""
-    _write_atomic(Path(path), result.official_line() + "\n")
+    atomic_write_text(Path(path), result.official_line() + "\n")
 
 
 def write_predictions_json(result: AccuracyResult, path: Path) -> None:
     """The official ``predictions.json`` (question id -> answer text)."""
-    _write_atomic(Path(path), json.dumps(dict(result.predictions), indent=4) + "\n")
+    atomic_write_text(Path(path), json.dumps(dict(result.predictions), indent=4) + "\n")

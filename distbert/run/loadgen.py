@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from distbert.config import LoadGenConfig
+from distbert.data.squad import DEV_FEATURES
 from distbert.errors import UserError
 
 MODEL_KEY = "bert"
-FULL_SET = 10833
 
 # defaults for --execution-mode test (short runs; never a valid MLPerf result)
-TEST_QUERY_COUNT = {"Offline": FULL_SET, "Server": 2000, "SingleStream": 100}
+TEST_QUERY_COUNT = {"Offline": DEV_FEATURES, "Server": 2000, "SingleStream": 100}
 TEST_SERVER_QPS = 1000.0
 
 
@@ -73,7 +73,7 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
         count = cfg.test_query_count or TEST_QUERY_COUNT[cfg.scenario]
         settings.min_duration_ms = cfg.min_duration_ms if cfg.min_duration_ms is not None else 0
         if cfg.scenario == "Offline":
-            settings.min_query_count = min(count, qsl_size) if qsl_size < FULL_SET else count
+            settings.min_query_count = min(count, qsl_size) if qsl_size < DEV_FEATURES else count
         else:
             settings.min_query_count = count
             # Server's schedule already holds exactly min_query_count queries; a max there makes
@@ -85,49 +85,6 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
             settings.min_duration_ms = cfg.min_duration_ms
     if cfg.max_duration_ms is not None:
         settings.max_duration_ms = cfg.max_duration_ms
-    if qsl_size < FULL_SET:
+    if qsl_size < DEV_FEATURES:
         settings.performance_sample_count_override = qsl_size
     return settings
-
-
-_MLLOG = re.compile(r":::MLLOG (\{.*\})\s*$")
-
-
-def read_detail(path: Path) -> dict[str, Any]:
-    """``mlperf_log_detail.txt`` -> {key: value} (last value wins); errors (``error_*`` keys or
-    ``is_error`` entries) collected under ``"_errors"`` as ``"key: value"`` strings."""
-    out: dict[str, Any] = {"_errors": []}
-    if not path.is_file():
-        return out
-    for line in path.read_text(errors="replace").splitlines():
-        match = _MLLOG.search(line)
-        if not match:
-            continue
-        try:
-            entry = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        key = entry.get("key")
-        # LoadGen logs errors as "error_<kind>" keys (e.g. error_invalid_config) flagged is_error
-        if (key or "").startswith("error") or (entry.get("metadata") or {}).get("is_error"):
-            out["_errors"].append(f"{key}: {entry.get('value')}")
-        elif key:
-            out[key] = entry.get("value")
-    return out
-
-
-def headline(detail: dict[str, Any], scenario: str) -> dict[str, Any]:
-    """The figures a person wants after a run."""
-    keys = {
-        "Offline": ["result_samples_per_second"],
-        "Server": ["result_completed_samples_per_sec", "result_scheduled_samples_per_sec",
-                   "result_99.00_percentile_latency_ns"],
-        "SingleStream": ["result_90.00_percentile_latency_ns", "early_stopping_latency_ss",
-                         "result_samples_per_second"],
-    }[scenario]
-    out = {k: detail.get(k) for k in keys + ["result_validity", "result_mean_latency_ns",
-                                            "result_99.00_percentile_latency_ns",
-                                            "result_perf_constraints_met", "result_min_duration_met",
-                                            "result_min_queries_met", "early_stopping_met"] if k in detail}
-    out["loadgen_errors"] = len(detail.get("_errors", []))
-    return out

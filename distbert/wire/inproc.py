@@ -4,7 +4,7 @@ Semantics match the ZeroMQ transport: workers are identified by their ``Hello``,
 dropped and logged, traffic from a peer without a good ``Hello`` is dropped undecoded, nothing
 ever blocks on send, ``wake`` makes the next ``recv`` return ``None``.
 
-Every message still goes through :func:`~distbert.messages.encode` / ``decode`` so tests exercise
+Every message still goes through :func:`~distbert.wire.messages.encode` / ``decode`` so tests exercise
 the codec; the frames are handed over as they are, so arrays are not copied (the receiver's arrays
 are read-only views of the sender's buffers, exactly as with zero-copy ZeroMQ).
 
@@ -21,9 +21,9 @@ import itertools
 import logging
 from typing import Any
 
-from distbert.messages import Hello, Message, MessageError, decode, encode
-from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
-from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.messages import Hello, Message, MessageError, decode, encode
+from distbert.wire._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
+from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
 

@@ -117,11 +117,12 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from distbert import runner, topology  # noqa: PLC0415
+    from distbert import topology  # noqa: PLC0415
+    from distbert.run import launch  # noqa: PLC0415
 
     topo = topology.detect()
     _setup_logging(topo.rank)
-    return runner.run(_config_from_args(args), topo)
+    return launch.run(_config_from_args(args), topo)
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -136,9 +137,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from distbert.transport.base import Endpoint  # noqa: PLC0415
-    from distbert.transport.zmq import ZmqWorkerTransport  # noqa: PLC0415
-    from distbert.worker import worker_run  # noqa: PLC0415
+    from distbert.wire.base import Endpoint  # noqa: PLC0415
+    from distbert.wire.zmq import ZmqWorkerTransport  # noqa: PLC0415
+    from distbert.engine.worker import worker_run  # noqa: PLC0415
 
     _setup_logging(args.rank)
     if args.rank < 1:
@@ -157,7 +158,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 # modules that add their own subcommands with register(subparsers)
-_PLUGINS = ("distbert.squad.cli", "distbert.download_cli", "distbert.model_cli", "distbert.submission.cli")
+_PLUGINS = ("distbert.cli.squad", "distbert.cli.download", "distbert.cli.model", "distbert.cli.submission")
 
 
 def build_parser() -> argparse.ArgumentParser:

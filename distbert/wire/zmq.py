@@ -1,6 +1,6 @@
 """ZeroMQ transport: rank 0 binds a ROUTER, every worker connects a DEALER.
 
-Wire: one ZeroMQ multipart message per :mod:`distbert.messages` message (the ROUTER adds/strips
+Wire: one ZeroMQ multipart message per :mod:`distbert.wire.messages` message (the ROUTER adds/strips
 the peer's routing-id frame). Arrays go out zero-copy (``copy=False``; pyzmq still copies frames
 under ``copy_threshold``, 64 KiB, because that is cheaper than tracking them) and are decoded as
 read-only views of the received ``zmq.Frame`` buffers.
@@ -35,9 +35,10 @@ from typing import Any
 
 import zmq
 
-from distbert.messages import Hello, Message, MessageError, decode, encode
-from distbert.transport._common import DropLog, PeerTable, TransportClosed, accept_from
-from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.messages import Hello, Message, MessageError, decode, encode
+from distbert.util.net import host_address
+from distbert.wire._common import DropLog, PeerTable, TransportClosed, accept_from
+from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +69,6 @@ def _tune(sock: zmq.Socket, linger_s: float) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 6)
-
-
-def default_host() -> str:
-    """The address workers should dial when rank 0 binds a wildcard.
-
-    This host's FQDN's IP; if that is a loopback address (common: ``127.0.1.1`` in /etc/hosts),
-    the address of the interface the default route uses (a UDP ``connect`` sends no packet).
-    """
-    for name in (socket.getfqdn(), socket.gethostname()):
-        try:
-            ip = socket.gethostbyname(name)
-        except OSError:
-            continue
-        if not ip.startswith("127."):
-            return ip
-        break
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
-            return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 def _split_tcp(address: str) -> tuple[str, str]:
@@ -254,7 +233,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         HOST ``*`` = all interfaces) or ``ipc:///path`` (one host).
 
         ``host`` is the name or IP written into ``endpoint`` when HOST is a wildcard (default:
-        :func:`default_host`); a concrete HOST is advertised as is unless ``host`` is given.
+        :func:`distbert.util.net.host_address`); a concrete HOST is advertised as is unless ``host`` is given.
         """
         if address.startswith("tcp://"):
             bind_host, port = _split_tcp(address)
@@ -279,7 +258,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         if concrete.startswith("tcp://"):
             real_host, real_port = _split_tcp(concrete)
             if host is None and (bind_host in _WILDCARDS or real_host in _WILDCARDS):
-                host = default_host()
+                host = host_address()
                 if host.startswith("127."):
                     log.warning(
                         "bound %s on all interfaces but this host's name resolves to %s: "

@@ -1,4 +1,4 @@
-"""Transports: how rank 0 and its workers exchange :mod:`distbert.messages` (contract: :mod:`.base`).
+"""Transports: how rank 0 and its workers exchange :mod:`distbert.wire.messages` (contract: :mod:`.base`).
 
 =========  =====================================  =====================================
 kind       coordinator side                       worker side
@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from distbert.transport._common import TransportClosed
-from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire._common import TransportClosed
+from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 _LAZY = {
     "ZmqCoordinatorTransport": "zmq",

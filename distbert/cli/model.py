@@ -1,4 +1,4 @@
-"""``distbert model make``: write a deterministic random-weight BERT QA model (see :mod:`distbert.modelmaker`).
+"""``distbert model make``: write a deterministic random-weight BERT QA model (see :mod:`distbert.backends.modelmaker`).
 
 ``--out DIR`` writes the model there; without it the model goes to the cache
 (``<DISTBERT_CACHE>/models/random/<shape>-<format>-<seed>/``, reused if already complete). The
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from distbert import modelmaker
+from distbert.backends import modelmaker
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -43,10 +43,6 @@ def f1_score(prediction: str, truth: str) -> float:
     return _f1_normalized(normalize_answer(prediction), normalize_answer(truth))
 
 
-def exact_match_score(prediction: str, truth: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(truth)
-
-
 def question_scores(question_ids: Sequence[str], truths: Sequence[Sequence[str]],
                     predictions: Mapping[str, str]) -> tuple[list[bool], list[float]]:
     """Per question (dataset order): exact match and F1, each the max over its ground truths;

@@ -4,7 +4,7 @@ Threads (STYLE §5):
 
 * **LoadGen's threads** call ``issue``/``flush``; they only append to the inbox and wake the driver
   (only when it sleeps).
-* **The driver thread** owns the transport and the :class:`~distbert.dispatcher.Dispatcher` from
+* **The driver thread** owns the transport and the :class:`~distbert.engine.dispatcher.Dispatcher` from
   the first Hello to the last Bye: it hands out ``Setup``, collects ``Ready``, turns LoadGen samples
   and worker results into dispatcher events, sends batches, watches heartbeats and child processes,
   and completes each finished batch with one ``QuerySamplesComplete`` call (which releases the GIL
@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from distbert import messages as m
+from distbert.wire import messages as m
 from distbert.config import RunConfig
-from distbert.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
+from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 from distbert.errors import UserError
-from distbert.transport.base import CoordinatorTransport
+from distbert.wire.base import CoordinatorTransport
 
 log = logging.getLogger(__name__)
 

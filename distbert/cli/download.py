@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from distbert import artifacts
+from distbert.data import artifacts
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

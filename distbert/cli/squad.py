@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from distbert.errors import UserError
-from distbert.squad.accuracy import DTYPES, score_log, write_accuracy_txt, write_predictions_json
-from distbert.squad.features import FeatureStore, load_features
+from distbert.data.squad.accuracy import DTYPES, score_log, write_accuracy_txt, write_predictions_json
+from distbert.data.squad.features import FeatureStore, load_features
 
 
 def register(subparsers: Any) -> None:
@@ -63,7 +63,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> FeatureStore:
-    from distbert.artifacts import resolve_squad  # noqa: PLC0415 - keeps `--help` fast
+    from distbert.data.artifacts import resolve_squad  # noqa: PLC0415 - keeps `--help` fast
 
     dataset, vocab = resolve_squad(args.dataset, args.vocab)
     return load_features(Path(dataset), Path(vocab), cache_dir=args.cache_dir)

@@ -26,7 +26,7 @@ Scheduling (DESIGN.md "Scheduling"):
 
 Choosing a worker (all scenarios): pull-based credits. A worker holds at most ``policy.credits``
 batches in flight; a batch goes to the worker with the fewest in flight (= most free credits), ties
-to the lowest worker id. A result frees a credit, which the queue refills at once, so faster
+rotating round-robin from the worker after the last one picked. A result frees a credit, which the queue refills at once, so faster
 workers are fed more. A batch larger than the chosen worker's own ``max_batch`` is split: the head
 goes, the tail goes back to the front of the queue.
 
@@ -52,7 +52,8 @@ from typing import Union
 
 import numpy as np
 
-SCENARIOS = ("Offline", "Server", "SingleStream")
+from distbert.config import SCENARIOS
+
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class Dispatcher:
         self._offline = scenario == "Offline"
         self._credits = policy.credits
         self._max_wait = float(policy.max_wait_s)
-        # Workers sorted by id, so the first of equally loaded workers is the lowest id.
+        # Workers in order of joining; _pick rotates through them on ties.
         self._workers: dict[int, _Worker] = {}
         self._gone: dict[int, _Worker] = {}          # removed workers, for stats
         self._ever_had_worker = False

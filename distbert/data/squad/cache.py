@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from distbert.errors import UserError
+from distbert.util.fs import file_sha256, locked
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,6 @@ def cache_key(dataset_sha256: str, vocab_sha256: str, params: FeatureParams) -> 
                          "vocab_sha256": vocab_sha256, "params": params.as_dict()},
                         sort_keys=True).encode())
     return h.hexdigest()[:32]
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclasses.dataclass
@@ -157,7 +153,7 @@ class FeatureStore:
 
     ``input_ids``/``input_mask``/``segment_ids`` are int32 ``[N, S]``; ``lengths``,
     ``oracle_start``, ``oracle_end`` int32 ``[N]``. ``meta`` (post-processing data) loads on first
-    use. A store returned by :func:`distbert.squad.features.build_features` lives in memory and has
+    use. A store returned by :func:`distbert.data.squad.features.build_features` lives in memory and has
     ``path = None``; everything else behaves the same.
     """
 
@@ -297,22 +293,6 @@ class FeatureStore:
         return cls(path, params, arrays, manifest=manifest)
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path``; a no-op where the file system does not support locks."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # e.g. ENOLCK on NFS without lockd: the atomic rename still protects us
-            log.debug("no lock on %s (%s); relying on atomic rename", path, exc)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 #: Tests switch this off to exercise the lock-free race (two builders, one rename wins).
 USE_LOCK = True
 
@@ -333,7 +313,7 @@ def load_or_build(root: Path, key: str, build: Callable[[], FeatureStore],
     except OSError as exc:
         raise UserError(f"cannot create the feature cache {parent} ({exc.strerror}): "
                         f"set --cache-dir or DISTBERT_CACHE to a writable folder") from None
-    lock = _flock(parent / f".{key}.lock") if USE_LOCK else contextlib.nullcontext()
+    lock = locked(parent / f".{key}.lock") if USE_LOCK else contextlib.nullcontext()
     with lock:
         stale = False
         try:  # another process may have built or repaired it while we waited for the lock

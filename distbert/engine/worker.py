@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from distbert import messages as m
+from distbert.wire import messages as m
 from distbert.backends import create
 from distbert.backends.base import Backend, ModelInputs
 from distbert.config import RunConfig
 from distbert.errors import UserError
 from distbert.topology import DeviceBinding, bind_worker
-from distbert.transport.base import WorkerTransport
+from distbert.wire.base import WorkerTransport
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Worker:
                                    threads=threads)
         log.info("device %s, cores %s, %d threads, backend %s", self.binding.device,
                  _ranges(self.binding.cores), threads, spec.name)
-        from distbert.squad.features import FeatureStore  # noqa: PLC0415 - heavy import after setup
+        from distbert.data.squad.features import FeatureStore  # noqa: PLC0415 - heavy import after setup
 
         if cfg.features_path is None:
             raise UserError("run config has no feature cache path (rank 0 must set it)")

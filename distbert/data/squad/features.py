@@ -41,8 +41,9 @@ from tokenizers.models import WordPiece
 
 from distbert import envs
 from distbert.errors import UserError
-from distbert.progress import Progress
-from distbert.squad.cache import FeatureParams, FeatureStore, SquadMeta, cache_key, load_or_build
+from distbert.util.fs import file_sha256
+from distbert.util.progress import Progress
+from distbert.data.squad.cache import FeatureParams, FeatureStore, SquadMeta, cache_key, load_or_build
 
 __all__ = ["FeatureParams", "FeatureStore", "load_features", "build_features", "read_squad",
            "read_vocab", "make_tokenizer", "tokenize_pieces", "SquadData"]
@@ -404,8 +405,7 @@ def build_features(dataset: Path, vocab: Path, params: FeatureParams = FeaturePa
 
 def _sha256(path: Path, what: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError as exc:
         raise UserError(f"cannot read {what} {path} ({exc.strerror}): pass an existing file with "
                         f"--{what}, or run `distbert download squad`") from None

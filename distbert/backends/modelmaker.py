@@ -268,7 +268,7 @@ def build_onnx(weights: dict[str, np.ndarray], shape: BertShape,
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name in OUTPUTS],
         initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="distbert.modelmaker")
+                              producer_name="distbert.backends.modelmaker")
     # keep the IR version readable by older runtimes (onnx 1.23 defaults to a newer one)
     model.ir_version = 8
     if _weight_bytes(model) < 2**28:   # the checker copies the model: only worth it for small ones

@@ -1,4 +1,4 @@
-"""The transport contract: how rank 0 and its workers exchange :mod:`distbert.messages`.
+"""The transport contract: how rank 0 and its workers exchange :mod:`distbert.wire.messages`.
 
 Two halves, named alike (STYLE §7):
 
@@ -23,7 +23,7 @@ Shared semantics (all implementations):
 * Received arrays are read-only views of the receive buffers.
 * ``close()`` is called from the owning thread, returns within about a second (bounded linger for
   queued output) and may be called twice; ``send``/``recv`` afterwards raise
-  :class:`distbert.transport.TransportClosed`; ``wake`` afterwards is a no-op.
+  :class:`distbert.wire.TransportClosed`; ``wake`` afterwards is a no-op.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 
-from distbert.messages import Message
+from distbert.wire.messages import Message
 
 
 @dataclasses.dataclass(frozen=True)

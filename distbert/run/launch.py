@@ -29,7 +29,7 @@ from typing import Any
 from distbert import topology as topo_mod
 from distbert.config import RunConfig
 from distbert.errors import UserError
-from distbert.sysinfo import host_facts
+from distbert.util.sysinfo import host_facts
 from distbert.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -78,18 +78,18 @@ def run(cfg: RunConfig, topology: Topology | None = None) -> int:
 
 
 def launched_worker_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
-    from distbert.worker import worker_run  # noqa: PLC0415
+    from distbert.engine.worker import worker_run  # noqa: PLC0415
 
     hello = _bcast_json(comm, None)  # rank 0 says where to connect, or that it failed first
     if "error" in hello:
         return 2
     if cfg.transport == "mpi":
-        from distbert.transport.mpi import MpiWorkerTransport  # noqa: PLC0415
+        from distbert.wire.mpi import MpiWorkerTransport  # noqa: PLC0415
 
         transport: Any = MpiWorkerTransport(comm, key=hello["key"])
     else:
-        from distbert.transport.base import Endpoint  # noqa: PLC0415
-        from distbert.transport.zmq import ZmqWorkerTransport  # noqa: PLC0415
+        from distbert.wire.base import Endpoint  # noqa: PLC0415
+        from distbert.wire.zmq import ZmqWorkerTransport  # noqa: PLC0415
 
         transport = ZmqWorkerTransport.connect(Endpoint(hello["address"], hello["key"]), topology.rank)
     # ranks on this node that are workers: local index among them picks GPU / cores
@@ -113,7 +113,7 @@ def _output_dir(cfg: RunConfig) -> Path:
 
 
 def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
-    from distbert.coordinator import Coordinator, RunFailed  # noqa: PLC0415
+    from distbert.engine.coordinator import Coordinator, RunFailed  # noqa: PLC0415
 
     from distbert import envs  # noqa: PLC0415
 
@@ -130,12 +130,12 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
         # 1. transport first, so launched workers can connect while we build features
         try:
             if comm is not None and cfg.transport == "mpi":
-                from distbert.transport.mpi import MpiCoordinatorTransport  # noqa: PLC0415
+                from distbert.wire.mpi import MpiCoordinatorTransport  # noqa: PLC0415
 
                 transport = MpiCoordinatorTransport(comm, key=key)
                 _bcast_json(comm, {"key": key})
             else:
-                from distbert.transport.zmq import ZmqCoordinatorTransport  # noqa: PLC0415
+                from distbert.wire.zmq import ZmqCoordinatorTransport  # noqa: PLC0415
 
                 if cfg.listen:
                     address = cfg.listen
@@ -155,8 +155,8 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
             raise UserError("--transport mpi needs an MPI launcher (mpirun/mpiexec/srun) with 2 or more ranks")
 
         # 2. data: resolve the files and build (or map) the feature cache; workers get its path
-        from distbert.artifacts import resolve_squad  # noqa: PLC0415
-        from distbert.squad.features import load_features  # noqa: PLC0415
+        from distbert.data.artifacts import resolve_squad  # noqa: PLC0415
+        from distbert.data.squad.features import load_features  # noqa: PLC0415
 
         dataset, vocab = resolve_squad(cfg.dataset, cfg.vocab, download_missing=True)
         store = load_features(Path(dataset), Path(vocab))
@@ -173,7 +173,7 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
         if cfg.expect_workers:
             log.info("waiting for %d external workers at %s", cfg.expect_workers, transport.endpoint.address)
         if (comm is None and cfg.workers != 0) or cfg.coordinator_hosts_worker:
-            from distbert.local import LocalWorkers  # noqa: PLC0415
+            from distbert.engine.local import LocalWorkers  # noqa: PLC0415
 
             count = cfg.workers or (1 if comm is not None else topo_mod.default_local_workers())
             if comm is not None and cfg.transport == "mpi":
@@ -255,8 +255,8 @@ def _resolve_model(cfg: RunConfig) -> Any:
     spec = cfg.backend
     if spec.name in ("null", "oracle", "sim") or spec.model:
         return spec
-    from distbert.artifacts import resolve_model  # noqa: PLC0415
-    from distbert.modelmaker import ensure_random_model  # noqa: PLC0415
+    from distbert.data.artifacts import resolve_model  # noqa: PLC0415
+    from distbert.backends.modelmaker import ensure_random_model  # noqa: PLC0415
 
     fmt = "pytorch" if spec.name == "torch" else ("onnx-int8" if spec.precision == "int8" else "onnx")
     path = resolve_model(fmt, None, download_missing=False)
@@ -274,7 +274,7 @@ def _run_test(cfg: RunConfig, coordinator: Any, store: Any, qsl_size: int, mode:
     """One LoadGen test; ``mode`` "TEST01" is a performance test under ``audit`` (a compliance audit.config)."""
     import mlperf_loadgen as lg  # noqa: PLC0415
 
-    from distbert.loadgen_settings import headline, make_settings, read_detail, write_user_conf  # noqa: PLC0415
+    from distbert.run.loadgen import headline, make_settings, read_detail, write_user_conf  # noqa: PLC0415
 
     logdir.mkdir(parents=True, exist_ok=True)
     user_conf = write_user_conf(cfg.loadgen, logdir / "user.conf")
@@ -310,7 +310,7 @@ def _run_test(cfg: RunConfig, coordinator: Any, store: Any, qsl_size: int, mode:
 
 
 def _score(cfg: RunConfig, store: Any, logdir: Path) -> dict[str, Any]:
-    from distbert.squad.accuracy import score_log, write_accuracy_txt  # noqa: PLC0415
+    from distbert.data.squad.accuracy import score_log, write_accuracy_txt  # noqa: PLC0415
 
     result = score_log(logdir / "mlperf_log_accuracy.json", store)
     write_accuracy_txt(result, logdir / "accuracy.txt")
@@ -327,7 +327,7 @@ def _meaningful(cfg: RunConfig) -> bool:
     spec = cfg.backend
     if spec.name in ("null", "oracle", "sim") or not spec.model:
         return False
-    from distbert.modelmaker import is_random_model  # noqa: PLC0415
+    from distbert.backends.modelmaker import is_random_model  # noqa: PLC0415
 
     return not is_random_model(spec.model)
 
@@ -369,7 +369,7 @@ def _record(cfg: RunConfig, topology: Topology, coordinator: Any, results: dict[
 
 def _plots(record: dict[str, Any], out: Path) -> None:
     try:
-        from distbert.report import plot_run  # noqa: PLC0415
+        from distbert.run.plots import plot_run  # noqa: PLC0415
 
         plot_run(record, out)
     except Exception as exc:  # a plot must never fail a run

@@ -1,7 +1,7 @@
 """MPI transport: point-to-point on a communicator; rank 0 (``coordinator_rank``) is the coordinator,
 a worker's id is its MPI rank.
 
-Wire: one MPI message (``MPI.BYTE``) per :mod:`distbert.messages` message: the frames packed into
+Wire: one MPI message (``MPI.BYTE``) per :mod:`distbert.wire.messages` message: the frames packed into
 one buffer behind a length table (``<I`` frame count, ``<Q`` per frame length; the table and each
 frame start on 8-byte boundaries so decoded arrays are aligned). Two tags, one per direction, so a
 coordinator and a worker may even share a rank (rank 0 hosting a worker) without stealing each
@@ -9,7 +9,7 @@ other's messages. Nothing is pickled; only uppercase (buffer) MPI calls are used
 
 Receiving: a daemon thread per transport probes (``Improbe``, matched so no other thread can take
 the message between probe and receive), receives into a fresh aligned buffer and hands it to an
-:class:`~distbert.transport._common.Inbox`; ``recv`` blocks on that queue (decode happens there, on
+:class:`~distbert.wire._common.Inbox`; ``recv`` blocks on that queue (decode happens there, on
 the owner's thread) and ``wake`` posts to it. The thread polls instead of a blocking ``Probe``:
 MPICH and Open MPI implement blocking calls by spinning the progress engine, which would burn a
 whole core a worker needs for inference. Polling is *hot* (``hot_poll_s``, 50 us sleeps) while
@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from distbert.errors import UserError
-from distbert.messages import Hello, Message, MessageError, decode, encode
-from distbert.transport._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
-from distbert.transport.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.messages import Hello, Message, MessageError, decode, encode
+from distbert.wire._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
+from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from typing import Any, Iterator
 
 from distbert import __version__, envs
 from distbert.errors import UserError
-from distbert.progress import Progress
+from distbert.util.fs import atomic_write_text, file_digests, file_sha256, locked
+from distbert.util.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,6 @@ BERT_LARGE_CONFIG: dict[str, Any] = {
 }
 
 
-def mirror_url() -> str | None:
-    return envs.mirror_url()
-
-
 def get(name: str) -> Artifact:
     """The registered artifact ``name``; UserError naming the choices if unknown."""
     try:
@@ -119,7 +116,7 @@ def model_artifact(fmt: str) -> Artifact:
 def urls_for(art: Artifact, base_url_override: str | None = None) -> list[str]:
     """URLs to try in order: ``<base>/<file name>`` if an override or ``DISTBERT_MIRROR`` is set,
     else the official ones."""
-    base = base_url_override or mirror_url()
+    base = base_url_override or envs.mirror_url()
     return [base.rstrip("/") + "/" + art.filename] if base else list(art.urls)
 
 
@@ -145,26 +142,10 @@ def _read_manifest() -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)   # readers never see a half-written file
-
-
-def _digests(path: Path) -> tuple[str, str]:
-    """(md5, sha256) of ``path`` in one pass."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            md5.update(block)
-            sha.update(block)
-    return md5.hexdigest(), sha.hexdigest()
-
-
 def _check(art: Artifact, path: Path) -> tuple[bool | None, str]:
     """(True, _) verified; (False, why) mismatch; (None, why) nothing to compare against."""
     if art.md5 is not None:
-        md5, _ = _digests(path)
+        (md5,) = file_digests(path, "md5")
         return md5 == art.md5, f"md5 {md5}, expected {art.md5}"
     rec = _read_manifest()["artifacts"].get(art.name)
     if rec is None:
@@ -172,7 +153,7 @@ def _check(art: Artifact, path: Path) -> tuple[bool | None, str]:
     size = path.stat().st_size
     if size != rec["size"]:   # cheap test first: a truncated model fails without hashing 1.3 GB
         return False, f"size {size} bytes, expected {rec['size']} (recorded in {manifest_path()})"
-    _, sha = _digests(path)
+    sha = file_sha256(path)
     return sha == rec["sha256"], f"sha256 {sha}, expected {rec['sha256']} (recorded in {manifest_path()})"
 
 
@@ -186,32 +167,16 @@ def verify(artifact: str | Artifact, path: Path | str) -> bool | None:
     return ok
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock, so ranks that download the same file at once do it once:
-    the others wait, then find it present. (flock; on NFS only as good as the mount's locking.)"""
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process holding %s", path)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _record(art: Artifact, path: Path, url: str, md5: str, sha256: str) -> None:
     cache = envs.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".manifest.lock"):   # read-modify-write: two ranks must not lose an entry
+    with locked(cache / ".manifest.lock"):   # read-modify-write: two ranks must not lose an entry
         data = _read_manifest()
         data["artifacts"][art.name] = {
             "file": art.filename, "size": path.stat().st_size, "sha256": sha256, "md5": md5, "url": url,
             "downloaded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_atomic(manifest_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(manifest_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_bert_config(model_dir: Path | str) -> Path:
@@ -226,7 +191,7 @@ def write_bert_config(model_dir: Path | str) -> Path:
         if not same:
             log.warning("%s differs from the MLPerf BERT-Large config; leaving it as is", path)
         return path
-    _write_atomic(path, json.dumps(BERT_LARGE_CONFIG, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(BERT_LARGE_CONFIG, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -325,7 +290,7 @@ def _attempt(url: str, part: Path, meta_path: Path, art: Artifact) -> None:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         # Written before any byte, so a .part on disk is always described by its .part.json.
-        _write_atomic(meta_path, json.dumps({"url": url, "total": total, "etag": resp.headers.get("ETag"),
+        atomic_write_text(meta_path, json.dumps({"url": url, "total": total, "etag": resp.headers.get("ETag"),
                                              "last_modified": resp.headers.get("Last-Modified")}))
         label = f"downloading {art.filename}" + (f" (resuming at {offset / 1e6:,.1f} MB)" if offset else "")
         got = 0
@@ -395,7 +360,7 @@ def download(artifact: str | Artifact, dest_dir: Path | str | None = None, *,
     except OSError as e:
         raise UserError(f"cannot create {dest} ({e.strerror}): pass a writable --dest or set DISTBERT_CACHE") from None
     part, meta_path = _part_paths(target)
-    with _locked(dest / f".{art.filename}.lock"):
+    with locked(dest / f".{art.filename}.lock"):
         if target.exists() and not force:
             ok, why = _check(art, target)
             if ok is not False:
@@ -429,7 +394,7 @@ def download(artifact: str | Artifact, dest_dir: Path | str | None = None, *,
             url, why = unreachable[0]
             raise UserError(f"cannot reach {urllib.parse.urlsplit(url).hostname} ({why}): this machine looks offline; "
                             f"download {url} elsewhere and pass {art.flag}, or put it in {target}")
-        md5, sha256 = _digests(part)
+        md5, sha256 = file_digests(part, "md5", "sha256")
         if art.md5 is not None and md5 != art.md5:
             _discard(part, meta_path)
             raise UserError(f"md5 mismatch for {url}: expected {art.md5}, got {md5}; the download was deleted, "
@@ -491,7 +456,7 @@ def _resolve(art: Artifact, explicit: Path | str | None, download_missing: bool)
 
 def _warn_unofficial(art: Artifact, path: Path) -> None:
     if art.md5 is not None:
-        md5, _ = _digests(path)
+        (md5,) = file_digests(path, "md5")
         if md5 != art.md5:
             log.warning("%s has md5 %s, not the official %s: results are not MLPerf-comparable", path, md5, art.md5)
 

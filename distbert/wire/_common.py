@@ -18,13 +18,6 @@ def keys_match(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
-def remaining(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` (``time.monotonic()`` based), ``None`` = forever, never negative."""
-    if deadline is None:
-        return None
-    return max(0.0, deadline - time.monotonic())
-
-
 def deadline_after(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + max(0.0, timeout)
 
@@ -149,7 +142,7 @@ def accept_from(peers: PeerTable, drops: DropLog, peer: Any, frames: Any, who: s
     stranger's non-Hello (never decoded: strangers get no parser surface beyond one byte), a bad or
     refused Hello, garbage from a worker.
     """
-    from distbert.messages import Hello, MessageError, decode, peek_tag  # noqa: PLC0415 - no import cycle
+    from distbert.wire.messages import Hello, MessageError, decode, peek_tag  # noqa: PLC0415 - no import cycle
 
     worker = peers.worker_of.get(peer)
     if worker is None and (not frames or peek_tag(frames[0]) != Hello.TAG):
