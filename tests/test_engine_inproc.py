@@ -15,7 +15,7 @@ from distbert.backends.base import BackendSpec
 from distbert.backends.harness import oracle_logits
 from distbert.config import BatchConfig, LoadGenConfig, RunConfig
 from distbert.engine.coordinator import Coordinator
-from distbert.run.launch import _run_test
+from distbert.run.loadgen import run_test
 from distbert.wire.inproc import InprocHub
 from distbert.engine.worker import worker_run
 
@@ -71,7 +71,7 @@ def test_oracle_accuracy_full_dev_set_equals_direct_scoring(store, tmp_path, sce
                     backend=BackendSpec("oracle"), batch=BatchConfig(max_batch=128, credits=2))
     coord, threads, hub = _cluster(cfg, store, 3)
     try:
-        result = _run_test(cfg, coord, store, len(store), "accuracy", tmp_path)
+        result = run_test(cfg, coord, len(store), "accuracy", tmp_path)
         stats = coord.dispatcher.stats
     finally:
         _stop(coord, threads, hub)
@@ -99,7 +99,7 @@ def test_performance_mode_completes_every_sample_once(store, tmp_path):
                     backend=BackendSpec("null"), batch=BatchConfig(max_batch=64, token_budget=8192))
     coord, threads, hub = _cluster(cfg, store, 2)
     try:
-        result = _run_test(cfg, coord, store, len(store), "performance", tmp_path)
+        result = run_test(cfg, coord, len(store), "performance", tmp_path)
         stats = coord.dispatcher.stats
     finally:
         _stop(coord, threads, hub)
@@ -148,7 +148,7 @@ def test_a_batch_lost_in_transit_is_requeued_after_the_timeout(store, tmp_path):
         t.start()
     coord.start()
     try:
-        _run_test(cfg, coord, store, len(store), "accuracy", tmp_path)
+        run_test(cfg, coord, len(store), "accuracy", tmp_path)
         stats = coord.dispatcher.stats
     finally:
         _stop(coord, threads, hub)

@@ -24,6 +24,8 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
 }
 
 NAMES = tuple(_REGISTRY)
+#: Backends that run no model (the harness ceiling, the oracle, the latency simulator).
+HARNESS = frozenset({"null", "oracle", "sim"})
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -1,187 +1,48 @@
 """``distbert``: the command line.
 
-Subcommands: ``run`` (a benchmark run in any launch mode), ``worker`` (join a running coordinator),
-``accuracy`` and ``squad features`` (the SQuAD data path), ``download`` (official data and models),
-``model make`` (random-weight models). User errors print one line and exit with status 2.
+Subcommands, one module each under :mod:`distbert.cli`: ``run`` (a benchmark run in any launch
+mode), ``worker`` (join a running coordinator), ``squad features`` and ``accuracy`` (the SQuAD data
+path), ``download`` (official data and models), ``model make`` (random-weight models) and
+``submission build|check``. A command line that starts with a flag is a ``run``
+(``mpirun -n 8 distbert --scenario Offline``). User errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import sys
 
-from distbert import envs
+from distbert.cli import download, model, squad, submission
+from distbert.cli import run as run_cmd
+from distbert.cli import worker as worker_cmd
+from distbert.cli.logs import setup_logging
 from distbert.errors import UserError
 
-
-def _setup_logging(rank: int | str) -> None:
-    logging.basicConfig(level=getattr(logging, envs.log_level(), logging.INFO), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname).1s [rank {rank}] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-
-
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    from distbert.backends import NAMES  # noqa: PLC0415
-
-    p = sub.add_parser("run", help="run the benchmark (mpirun/srun: rank 0 coordinates; no launcher: local workers)",
-                       description="Run MLPerf BERT through LoadGen on rank 0 and workers on every other rank.")
-    g = p.add_argument_group("LoadGen")
-    g.add_argument("--scenario", default="Offline", help="Offline | Server | SingleStream (default Offline)")
-    g.add_argument("--mode", default="performance",
-                   help="performance | accuracy | both | submission (both, then compliance TEST01; default performance)")
-    g.add_argument("--execution-mode", default="test",
-                   help="test: short run, min duration 0 (default); valid: the full MLPerf rules (600 s)")
-    g.add_argument("--test-query-count", type=int, help="test mode: samples (Offline) or queries to issue")
-    g.add_argument("--target-qps", type=float, help="Offline expected / Server target queries per second")
-    g.add_argument("--target-latency-ms", type=float, help="SingleStream expected latency / Server bound")
-    g.add_argument("--min-duration-ms", type=int, help="override LoadGen's min duration")
-    g.add_argument("--max-duration-ms", type=int, help="override LoadGen's max duration")
-    g.add_argument("--user-conf", help="a LoadGen user.conf (model key 'bert')")
-    g.add_argument("--audit-conf", help="compliance audit.config (TEST01)")
-    g.add_argument("--benchmark", default="bert-99",
-                   help="bert-99 | bert-99.9: the accuracy target for verdicts and TEST01 (default bert-99)")
-    g.add_argument("--max-examples", type=int, help="use only the first N features as the QSL (quick runs)")
-    g = p.add_argument_group("backend")
-    g.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(NAMES)} (default onnxruntime)")
-    g.add_argument("--model", help="model file or directory (default: official model in the cache, "
-                                   "else a generated random-weight BERT-Large)")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | rocm (default cpu)")
-    g.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | int8 (default fp32)")
-    g.add_argument("--threads", type=int, help="intra-op threads per worker (default: its cores)")
-    g.add_argument("--ort-provider", help="force an ONNX Runtime execution provider (CPU, CUDA, TensorRT, ROCm, OpenVINO)")
-    g.add_argument("--sim-latency", default="0.001 + 1e-6*tokens",
-                   help="sim backend latency model in seconds, e.g. '0.002 + 6e-7*tokens + 1e-5*rows'")
-    g.add_argument("--random-shape", default="large", help="shape of the generated random model: large | base | tiny")
-    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option (repeatable)")
-    g = p.add_argument_group("batching")
-    g.add_argument("--max-batch", type=int, help="max samples per batch (default: the backend's)")
-    g.add_argument("--token-budget", type=int, help="Offline: max rows x length per batch (default: the backend's)")
-    g.add_argument("--max-wait-ms", type=float, default=2.0, help="Server: max wait of a sample in an open batch")
-    g.add_argument("--credits", type=int, default=2, help="batches in flight per worker (default 2)")
-    g.add_argument("--batch-timeout", type=float, default=60.0,
-                   help="requeue a batch with no result after max(this, 10 x the slowest batch) seconds "
-                        "(a message lost on a reconnect); 0 = off (default 60)")
-    g.add_argument("--calibrate", action="store_true",
-                   help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
-                        "max batch / token budget (instead of the backend's static hint)")
-    g = p.add_argument_group("processes")
-    g.add_argument("--workers", type=int, help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
-    g.add_argument("--expect-workers", type=int, default=0,
-                   help="also wait for N workers that join with `distbert worker --connect` (key: DISTBERT_SESSION_KEY)")
-    g.add_argument("--listen", help="zmq address to bind, e.g. tcp://0.0.0.0:5555 (default: ipc locally, tcp under MPI)")
-    g.add_argument("--transport", default="zmq", help="zmq (default) | mpi (needs a launcher)")
-    g.add_argument("--coordinator-hosts-worker", action="store_true", help="under a launcher, rank 0 also runs a worker")
-    g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
-    g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
-    g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
-    g.add_argument("--vocab", help="BERT uncased vocab.txt (same defaults)")
-    g.add_argument("--output", help="run directory (default results/<time>-<scenario>-<backend>)")
-    p.set_defaults(handler=_cmd_run)
-
-
-def _config_from_args(args: argparse.Namespace):
-    from distbert.backends.base import BackendSpec  # noqa: PLC0415
-    from distbert.config import BatchConfig, LoadGenConfig, RunConfig, validate  # noqa: PLC0415
-
-    options: list[tuple[str, str]] = [("sim_latency", args.sim_latency), ("random_shape", args.random_shape)]
-    if args.ort_provider:
-        options.append(("ort_provider", args.ort_provider))
-    for item in args.option:
-        if "=" not in item:
-            raise UserError(f"--option {item!r}: write KEY=VALUE")
-        k, v = item.split("=", 1)
-        options.append((k.strip(), v.strip()))
-    cfg = RunConfig(
-        loadgen=LoadGenConfig(scenario=args.scenario, mode=args.mode, execution_mode=args.execution_mode,
-                              user_conf=args.user_conf, target_qps=args.target_qps,
-                              target_latency_ms=args.target_latency_ms, test_query_count=args.test_query_count,
-                              min_duration_ms=args.min_duration_ms, max_duration_ms=args.max_duration_ms,
-                              audit_conf=args.audit_conf, benchmark=args.benchmark),
-        backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
-                            threads=args.threads, options=tuple(options)),
-        batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,
-                          credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout),
-        dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
-        expect_workers=args.expect_workers, max_examples=args.max_examples,
-        transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker, output=args.output,
-        bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
-    from distbert.backends import backend_class  # noqa: PLC0415
-
-    backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything
-    return validate(cfg)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from distbert import topology  # noqa: PLC0415
-    from distbert.run import launch  # noqa: PLC0415
-
-    topo = topology.detect()
-    _setup_logging(topo.rank)
-    return launch.run(_config_from_args(args), topo)
-
-
-def _add_worker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="join a running coordinator (key from DISTBERT_SESSION_KEY or --key-file)")
-    p.add_argument("--connect", required=True, help="coordinator endpoint, e.g. tcp://HOST:PORT")
-    p.add_argument("--rank", type=int, required=True, help="this worker's id (unique, >= 1)")
-    p.add_argument("--key-file", help="file holding the session key (never put the key on a command line)")
-    p.add_argument("--local-index", type=int, default=0, help="index among workers on this host (device choice)")
-    p.add_argument("--local-count", type=int, default=1, help="workers on this host")
-    p.add_argument("--parent-pid", type=int, help="exit when this process is no longer our parent")
-    p.set_defaults(handler=_cmd_worker)
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
-    from distbert.wire.base import Endpoint  # noqa: PLC0415
-    from distbert.wire.zmq import ZmqWorkerTransport  # noqa: PLC0415
-    from distbert.engine.worker import worker_run  # noqa: PLC0415
-
-    _setup_logging(args.rank)
-    if args.rank < 1:
-        raise UserError("--rank must be >= 1 (rank 0 is the coordinator)")
-    key = envs.session_key()
-    if args.key_file:
-        try:
-            key = open(args.key_file).read().strip()
-        except OSError as exc:
-            raise UserError(f"--key-file {args.key_file}: {exc.strerror}") from exc
-    if not key:
-        raise UserError("no session key: set DISTBERT_SESSION_KEY or pass --key-file")
-    transport = ZmqWorkerTransport.connect(Endpoint(args.connect, key), args.rank)
-    parent = args.parent_pid if args.parent_pid and args.parent_pid == os.getppid() else None
-    return worker_run(transport, args.rank, args.local_index, args.local_count, parent)
-
-
-# modules that add their own subcommands with register(subparsers)
-_PLUGINS = ("distbert.cli.squad", "distbert.cli.download", "distbert.cli.model", "distbert.cli.submission")
+SUBCOMMANDS = (run_cmd, worker_cmd, squad, download, model, submission)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distbert", description="Distributed MLPerf Inference BERT harness")
+    parser = argparse.ArgumentParser(prog="distbert", description="Distributed MLPerf Inference BERT harness",
+                                     epilog="A command line that starts with a flag runs `distbert run`.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run(sub)
-    _add_worker(sub)
-    for name in _PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for module in SUBCOMMANDS:
         module.register(sub)
     return parser
 
 
+def _with_default_command(argv: list[str]) -> list[str]:
+    """``distbert --scenario Offline ...`` is ``distbert run --scenario Offline ...``."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        return ["run", *argv]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_default_command(sys.argv[1:] if argv is None else list(argv)))
     if not logging.getLogger().handlers:
-        _setup_logging("-")
+        setup_logging("-")
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

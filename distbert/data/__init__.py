@@ -1,0 +1,1 @@
+"""Data: the official artifacts (registry, download, resolution), SQuAD, and reading LoadGen's logs."""

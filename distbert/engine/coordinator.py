@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -30,11 +30,37 @@ from distbert.wire import messages as m
 from distbert.config import RunConfig
 from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 from distbert.errors import UserError
+from distbert.engine.completion import Completer
 from distbert.wire.base import CoordinatorTransport
 
 log = logging.getLogger(__name__)
 
-_FLUSH = object()
+
+
+# The driver's inbox holds, in arrival order: sample tuples ``(ids, indices)`` from LoadGen's issue
+# callback (plain tuples: the Server hot path), and the control items below.
+@dataclass(frozen=True)
+class _Flush:
+    """LoadGen's flush callback: cut the open batch now."""
+
+
+@dataclass(frozen=True)
+class _Begin:
+    """A new test: the driver adopts ``dispatcher``, gives it the ready workers, then sets ``done``."""
+
+    dispatcher: Dispatcher
+    done: threading.Event
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    """Tell every worker to stop with ``reason``; wait for their Bye."""
+
+    reason: str
+
+
+_FLUSH = _Flush()
+_Control = Union[_Flush, _Begin, _Shutdown]
 PROGRESS_S = 10.0
 SWITCH = 0.0005  # s; see start()
 
@@ -73,7 +99,7 @@ class Coordinator:
         self.workers: dict[int, WorkerHandle] = {}
         self.dispatcher: Dispatcher | None = None
         self.failure: str | None = None
-        self._inbox: collections.deque[Any] = collections.deque()
+        self._inbox: collections.deque[tuple[list[int], list[int]] | _Control] = collections.deque()
         self._stop = threading.Event()
         self._all_ready = threading.Event()
         self._all_bye = threading.Event()
@@ -137,7 +163,7 @@ class Coordinator:
         if self._completer is None:
             self._completer = Completer()
         done = threading.Event()
-        self._inbox.append(("begin", dispatcher, done))
+        self._inbox.append(_Begin(dispatcher, done))
         self.transport.wake()
         done.wait()
 
@@ -147,7 +173,7 @@ class Coordinator:
         """Tell workers to stop, wait for their Bye (bounded), stop our threads. Safe to call twice."""
         if self._driver is None or self._stop.is_set():
             return
-        self._inbox.append(("shutdown", reason))
+        self._inbox.append(_Shutdown(reason))
         self.transport.wake()
         self._all_bye.wait(timeout=deadline_s)
         self._stop.set()
@@ -307,32 +333,34 @@ class Coordinator:
         indices: list[int] = []
         while self._inbox:
             item = self._inbox.popleft()
-            if type(item) is tuple and type(item[0]) is not str:
+            if type(item) is tuple:
                 ids += item[0]
                 indices += item[1]
                 continue
-            self._on_samples(ids, indices, now)
+            self._on_samples(ids, indices, now)  # samples before a control item go first
             ids, indices = [], []
-            if item is _FLUSH:
-                if self.dispatcher is not None and self.failure is None:
-                    self._execute(self.dispatcher.on_flush(now))
-            elif item[0] == "begin":
-                _, dispatcher, done = item
-                self.dispatcher = dispatcher
-                for handle in sorted(self.workers.values(), key=lambda h: h.worker):
-                    if handle.ready and not handle.lost:
-                        self._execute(dispatcher.add_worker(handle.worker, now, handle.max_batch))
-                done.set()
-            elif item[0] == "shutdown":
-                self._shutting_down = True
-                for handle in self.workers.values():
-                    if not handle.lost:
-                        try:
-                            self.transport.send(handle.worker, m.Shutdown(reason=item[1]))
-                        except KeyError:
-                            pass
-                self._check_all_bye()
+            self._on_control(item, now)
         self._on_samples(ids, indices, now)
+
+    def _on_control(self, item: _Control, now: float) -> None:
+        if isinstance(item, _Flush):
+            if self.dispatcher is not None and self.failure is None:
+                self._execute(self.dispatcher.on_flush(now))
+        elif isinstance(item, _Begin):
+            self.dispatcher = item.dispatcher
+            for handle in sorted(self.workers.values(), key=lambda h: h.worker):
+                if handle.ready and not handle.lost:
+                    self._execute(item.dispatcher.add_worker(handle.worker, now, handle.max_batch))
+            item.done.set()
+        elif isinstance(item, _Shutdown):
+            self._shutting_down = True
+            for handle in self.workers.values():
+                if not handle.lost:
+                    try:
+                        self.transport.send(handle.worker, m.Shutdown(reason=item.reason))
+                    except KeyError:
+                        pass
+            self._check_all_bye()
 
     def _on_samples(self, ids: list[int], indices: list[int], now: float) -> None:
         if not ids:
@@ -379,7 +407,7 @@ class Coordinator:
         if len(ids):
             self._complete(np.asarray(ids, np.uint64), None)
 
-    # --- completion thread ----------------------------------------------------------------------
+    # --- completion (inline on the driver thread) --------------------------------------------------
 
     def _complete(self, ids: np.ndarray, logits: np.ndarray | None) -> None:
         # Inline on the driver thread. DESIGN.md had a separate completion thread; measured here it
@@ -389,38 +417,3 @@ class Coordinator:
         # and is wait-free in LoadGen, so calling it from the loop blocks nothing.
         assert self._completer is not None
         self._completer.complete(ids, logits)
-
-
-class Completer:
-    """Turns a finished batch into one ``QuerySamplesComplete`` call.
-
-    Data-less responses are recycled: LoadGen copies the list into a std::vector inside
-    QuerySamplesComplete, so after it returns the objects are free again. Setting ``.id`` costs
-    about a third of constructing a response (0.47 vs 1.39 us here), and at 300k+ samples/s
-    building responses is rank 0's largest cost.
-    """
-
-    def __init__(self) -> None:
-        import mlperf_loadgen as lg  # noqa: PLC0415
-
-        self._response = lg.QuerySampleResponse
-        self._complete = lg.QuerySamplesComplete
-        self._pool: list[Any] = []
-
-    def complete(self, ids: np.ndarray, logits: np.ndarray | None) -> None:
-        Response = self._response
-        if logits is None or logits.size == 0:
-            n = len(ids)
-            pool = self._pool
-            if len(pool) < n:
-                pool.extend(Response(0, 0, 0) for _ in range(n - len(pool)))
-            responses = pool[:n]
-            for r, i in zip(responses, ids.tolist()):
-                r.id = i
-        else:
-            logits = np.ascontiguousarray(logits, dtype=np.float32)
-            base = logits.ctypes.data
-            stride = logits.strides[0]
-            responses = [Response(i, base + k * stride, stride) for k, i in enumerate(ids.tolist())]
-        # `logits` stays referenced until this call returns: LoadGen copies what it logs.
-        self._complete(responses)

@@ -1,4 +1,5 @@
-"""LoadGen ``TestSettings`` for bert: embedded mlperf.conf, then one user.conf, then CLI overrides.
+"""The LoadGen test driver: ``TestSettings`` for bert (embedded mlperf.conf, then one user.conf, then
+CLI overrides), and one test run with rank 0's coordinator as the SUT.
 
 LoadGen must see exactly one ``FromConfig`` call (a second one logs an ERROR that fails the
 submission checker). distbert therefore writes the user.conf it actually used into the run
@@ -9,14 +10,19 @@ submission as ``user.conf``.
 
 from __future__ import annotations
 
-import json
-import re
+import dataclasses
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from distbert.config import LoadGenConfig
+from distbert.config import LoadGenConfig, RunConfig
+from distbert.data.loadgen_logs import headline, read_detail
+from distbert.engine.coordinator import Coordinator
 from distbert.data.squad import DEV_FEATURES
 from distbert.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MODEL_KEY = "bert"
 
@@ -88,3 +94,44 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
     if qsl_size < DEV_FEATURES:
         settings.performance_sample_count_override = qsl_size
     return settings
+
+
+def run_test(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, mode: str, logdir: Path,
+             audit: Path | None = None, settings_box: list[Any] | None = None) -> dict[str, Any]:
+    """One LoadGen test through ``coordinator`` (the SUT); ``mode`` "TEST01" is a performance test
+    under ``audit`` (a compliance audit.config). ``settings_box`` carries this process's one
+    ``TestSettings`` from test to test (see :func:`make_settings`). Returns the headline figures."""
+    import mlperf_loadgen as lg
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    user_conf = write_user_conf(cfg.loadgen, logdir / "user.conf")
+    box = settings_box if settings_box is not None else []
+    settings = make_settings(cfg.loadgen, "performance" if mode == "TEST01" else mode, user_conf, qsl_size,
+                             base=box[0] if box else None)
+    box[:] = [settings]
+    log_settings = lg.LogSettings()
+    log_settings.log_output.outdir = str(logdir)
+    log_settings.log_output.copy_summary_to_stdout = False
+    log_settings.enable_trace = False
+    want_logits = mode == "accuracy" or bool(audit or cfg.loadgen.audit_conf)
+    coordinator.begin_test(cfg.loadgen.scenario, want_logits)
+    # The SUT's callbacks only enqueue (STYLE §5); the QSL needs no loading: workers map the cache.
+    sut = lg.ConstructFastSUT(coordinator.issue, coordinator.flush)
+    qsl = lg.ConstructQSL(qsl_size, min(qsl_size, DEV_FEATURES), lambda s: None, lambda s: None)
+    audit_path = str(audit or cfg.loadgen.audit_conf or logdir / "audit.config")  # absent file = no audit
+    log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
+    t0 = time.monotonic()
+    try:
+        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit_path)
+    finally:
+        lg.DestroyQSL(qsl)
+        lg.DestroyFastSUT(sut)
+    wall = time.monotonic() - t0
+    detail = read_detail(logdir / "mlperf_log_detail.txt")
+    out = headline(detail, cfg.loadgen.scenario) | {"wall_s": round(wall, 3)}
+    if coordinator.dispatcher is not None:
+        out["dispatcher"] = coordinator.dispatcher.stats
+        out["batch_policy"] = dataclasses.asdict(coordinator.dispatcher.policy)
+    log.info("LoadGen %s %s test done in %.1f s: %s", cfg.loadgen.scenario, mode, wall,
+             {k: v for k, v in out.items() if k not in ("dispatcher", "batch_policy")})
+    return out

@@ -1,0 +1,106 @@
+"""``distbert run``: the benchmark in any launch mode (flags -> one frozen ``RunConfig``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from distbert.backends import NAMES, backend_class
+from distbert.backends.base import BackendSpec
+from distbert.cli.logs import setup_logging
+from distbert.config import BatchConfig, LoadGenConfig, RunConfig, validate
+from distbert.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the benchmark (mpirun/srun: rank 0 coordinates; no launcher: local workers)",
+                       description="Run MLPerf BERT through LoadGen on rank 0 and workers on every other rank.")
+    g = p.add_argument_group("LoadGen")
+    g.add_argument("--scenario", default="Offline", help="Offline | Server | SingleStream (default Offline)")
+    g.add_argument("--mode", default="performance",
+                   help="performance | accuracy | both | submission (both, then compliance TEST01; default performance)")
+    g.add_argument("--execution-mode", default="test",
+                   help="test: short run, min duration 0 (default); valid: the full MLPerf rules (600 s)")
+    g.add_argument("--test-query-count", type=int, help="test mode: samples (Offline) or queries to issue")
+    g.add_argument("--target-qps", type=float, help="Offline expected / Server target queries per second")
+    g.add_argument("--target-latency-ms", type=float, help="SingleStream expected latency / Server bound")
+    g.add_argument("--min-duration-ms", type=int, help="override LoadGen's min duration")
+    g.add_argument("--max-duration-ms", type=int, help="override LoadGen's max duration")
+    g.add_argument("--user-conf", help="a LoadGen user.conf (model key 'bert')")
+    g.add_argument("--audit-conf", help="compliance audit.config (TEST01)")
+    g.add_argument("--benchmark", default="bert-99",
+                   help="bert-99 | bert-99.9: the accuracy target for verdicts and TEST01 (default bert-99)")
+    g.add_argument("--max-examples", type=int, help="use only the first N features as the QSL (quick runs)")
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(NAMES)} (default onnxruntime)")
+    g.add_argument("--model", help="model file or directory (default: official model in the cache, "
+                                   "else a generated random-weight BERT-Large)")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | rocm (default cpu)")
+    g.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | int8 (default fp32)")
+    g.add_argument("--threads", type=int, help="intra-op threads per worker (default: its cores)")
+    g.add_argument("--ort-provider", help="force an ONNX Runtime execution provider (CPU, CUDA, TensorRT, ROCm, OpenVINO)")
+    g.add_argument("--sim-latency", default="0.001 + 1e-6*tokens",
+                   help="sim backend latency model in seconds, e.g. '0.002 + 6e-7*tokens + 1e-5*rows'")
+    g.add_argument("--random-shape", default="large", help="shape of the generated random model: large | base | tiny")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option (repeatable)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, help="max samples per batch (default: the backend's)")
+    g.add_argument("--token-budget", type=int, help="Offline: max rows x length per batch (default: the backend's)")
+    g.add_argument("--max-wait-ms", type=float, default=2.0, help="Server: max wait of a sample in an open batch")
+    g.add_argument("--credits", type=int, default=2, help="batches in flight per worker (default 2)")
+    g.add_argument("--batch-timeout", type=float, default=60.0,
+                   help="requeue a batch with no result after max(this, 10 x the slowest batch) seconds "
+                        "(a message lost on a reconnect); 0 = off (default 60)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
+                        "max batch / token budget (instead of the backend's static hint)")
+    g = p.add_argument_group("processes")
+    g.add_argument("--workers", type=int, help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
+    g.add_argument("--expect-workers", type=int, default=0,
+                   help="also wait for N workers that join with `distbert worker --connect` (key: DISTBERT_SESSION_KEY)")
+    g.add_argument("--listen", help="zmq address to bind, e.g. tcp://0.0.0.0:5555 (default: ipc locally, tcp under MPI)")
+    g.add_argument("--transport", default="zmq", help="zmq (default) | mpi (needs a launcher)")
+    g.add_argument("--coordinator-hosts-worker", action="store_true", help="under a launcher, rank 0 also runs a worker")
+    g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
+    g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
+    g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
+    g.add_argument("--vocab", help="BERT uncased vocab.txt (same defaults)")
+    g.add_argument("--output", help="run directory (default results/<time>-<scenario>-<backend>)")
+    p.set_defaults(handler=cmd_run)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    options: list[tuple[str, str]] = [("sim_latency", args.sim_latency), ("random_shape", args.random_shape)]
+    if args.ort_provider:
+        options.append(("ort_provider", args.ort_provider))
+    for item in args.option:
+        if "=" not in item:
+            raise UserError(f"--option {item!r}: write KEY=VALUE")
+        k, v = item.split("=", 1)
+        options.append((k.strip(), v.strip()))
+    cfg = RunConfig(
+        loadgen=LoadGenConfig(scenario=args.scenario, mode=args.mode, execution_mode=args.execution_mode,
+                              user_conf=args.user_conf, target_qps=args.target_qps,
+                              target_latency_ms=args.target_latency_ms, test_query_count=args.test_query_count,
+                              min_duration_ms=args.min_duration_ms, max_duration_ms=args.max_duration_ms,
+                              audit_conf=args.audit_conf, benchmark=args.benchmark),
+        backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
+                            threads=args.threads, options=tuple(options)),
+        batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,
+                          credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout),
+        dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
+        expect_workers=args.expect_workers, max_examples=args.max_examples,
+        transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker, output=args.output,
+        bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+    backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything
+    return validate(cfg)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from distbert import topology
+    from distbert.run import launch
+
+    topo = topology.detect()
+    setup_logging(topo.rank)
+    return launch.run(config_from_args(args), topo)

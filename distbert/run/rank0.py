@@ -1,0 +1,221 @@
+"""Rank 0's run, phase by phase: transport, data, workers, the LoadGen tests, the record.
+
+Each phase is one method of :class:`Rank0Run`; :func:`coordinator_main` runs them in order and, on
+any failure, stops the workers, marks the run directory failed and reports the first cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from distbert import envs
+from distbert import topology as topo_mod
+from distbert.backends import HARNESS
+from distbert.backends.base import BackendSpec
+from distbert.config import RunConfig
+from distbert.data.squad.cache import FeatureStore
+from distbert.engine.coordinator import Coordinator, RunFailed
+from distbert.engine.local import LocalWorkers
+from distbert.errors import UserError
+from distbert.run import record as rec
+from distbert.run.loadgen import run_test
+from distbert.run.rendezvous import bcast_json
+from distbert.run.rundir import RunDir, output_dir
+from distbert.topology import Topology
+from distbert.util.net import host_address
+from distbert.wire.base import CoordinatorTransport
+
+log = logging.getLogger(__name__)
+
+#: the LoadGen tests each ``--mode`` runs, in order
+MODE_TESTS = {"performance": ["performance"], "accuracy": ["accuracy"], "both": ["performance", "accuracy"],
+              "submission": ["performance", "accuracy", "TEST01"]}
+
+
+def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
+    """Rank 0 of any launch mode (``comm`` is MPI's world under a launcher, else None)."""
+    run = Rank0Run(cfg, topology, comm, RunDir(output_dir(cfg)))
+    try:
+        run.open_transport()
+        run.prepare_data()
+        run.start_workers()
+        results = run.run_tests()
+        run.finish(results)
+        return 0
+    except BaseException as exc:
+        failed = run.abort(exc)
+        if isinstance(exc, RunFailed):
+            raise UserError(f"run failed: {exc} (partial logs in {failed})") from exc
+        raise
+    finally:
+        run.close()
+
+
+class Rank0Run:
+    def __init__(self, cfg: RunConfig, topology: Topology, comm: Any, rundir: RunDir) -> None:
+        self.cfg = cfg
+        self.topology = topology
+        self.comm = comm
+        self.rundir = rundir
+        self.key = envs.session_key() or secrets.token_hex(16)
+        self.transport: CoordinatorTransport | None = None
+        self.local: LocalWorkers | None = None
+        self.coordinator: Coordinator | None = None
+        self.store: FeatureStore | None = None
+        self.qsl_size = 0
+        self.started = time.time()
+
+    # --- 1. transport first, so launched workers can connect while we build features ------------
+
+    def open_transport(self) -> None:
+        cfg, comm = self.cfg, self.comm
+        try:
+            if comm is not None and cfg.transport == "mpi":
+                from distbert.wire.mpi import MpiCoordinatorTransport
+
+                self.transport = MpiCoordinatorTransport(comm, key=self.key)
+                bcast_json(comm, {"key": self.key})
+            else:
+                from distbert.wire.zmq import ZmqCoordinatorTransport
+
+                self.transport = ZmqCoordinatorTransport.bind(self._zmq_address(), self.key)
+                if comm is not None:
+                    bcast_json(comm, {"address": self.transport.endpoint.address, "key": self.key,
+                                      "rank0_host": socket.gethostname()})
+        except BaseException as exc:
+            if comm is not None:  # never leave workers hanging in the broadcast
+                bcast_json(comm, {"error": str(exc)})
+            raise
+        if cfg.transport == "mpi" and comm is None:
+            raise UserError("--transport mpi needs an MPI launcher (mpirun/mpiexec/srun) with 2 or more ranks")
+
+    def _zmq_address(self) -> str:
+        if self.cfg.listen:
+            return self.cfg.listen
+        if self.comm is None:
+            return f"ipc://{tempfile.gettempdir()}/distbert-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        return f"tcp://{self.cfg.bind_host or host_address()}:0"
+
+    # --- 2. data: resolve the files, build (or map) the feature cache; workers get its path -----
+
+    def prepare_data(self) -> None:
+        from distbert.data.artifacts import resolve_squad
+        from distbert.data.squad.features import load_features
+
+        dataset, vocab = resolve_squad(self.cfg.dataset, self.cfg.vocab, download_missing=True)
+        self.store = load_features(Path(dataset), Path(vocab))
+        self.cfg = self.cfg.replace(dataset=str(dataset), vocab=str(vocab), features_path=str(self.store.path),
+                                    backend=resolve_model(self.cfg.backend))
+        self.qsl_size = min(len(self.store), self.cfg.max_examples or len(self.store))
+
+    # --- 3. workers: launched ranks, local processes, external joiners; wait for every Ready ----
+
+    def start_workers(self) -> None:
+        cfg, comm, topology = self.cfg, self.comm, self.topology
+        assert self.transport is not None and self.store is not None
+        expected = set(range(1, topology.world_size)) if comm is not None else set()
+        if cfg.expect_workers:
+            log.info("waiting for %d external workers at %s", cfg.expect_workers, self.transport.endpoint.address)
+        if (comm is None and cfg.workers != 0) or cfg.coordinator_hosts_worker:
+            if comm is not None and cfg.transport == "mpi":
+                raise UserError("--coordinator-hosts-worker needs --transport zmq")
+            count = cfg.workers or (1 if comm is not None else topo_mod.default_local_workers())
+            address = self.transport.endpoint.address
+            if comm is not None:  # rank 0's own worker takes rank 0's device slot on this node
+                self.local = LocalWorkers(count, address, self.key, first_rank=topology.world_size,
+                                          first_local_index=topology.local_rank, local_count=topology.local_size)
+            else:
+                self.local = LocalWorkers(count, address, self.key, first_rank=1)
+            expected |= self.local.ranks
+        self.coordinator = Coordinator(cfg, self.transport, self.store.lengths[: self.qsl_size], expected,
+                                       is_alive=self.local.is_alive if self.local else None,
+                                       external_workers=cfg.expect_workers)
+        t0 = time.monotonic()
+        self.coordinator.start()
+        log.info("all %d workers ready in %.1f s", len(expected), time.monotonic() - t0)
+
+    # --- 4. the LoadGen tests, one TestSettings for all of them ---------------------------------
+
+    def run_tests(self) -> dict[str, Any]:
+        assert self.coordinator is not None
+        results: dict[str, Any] = {}
+        settings: list[Any] = []
+        work = self.rundir.work
+        for mode in MODE_TESTS[self.cfg.loadgen.mode]:
+            audit = None
+            if mode == "TEST01":  # a performance run with the compliance audit.config
+                from distbert.submission.compliance import write_audit_config
+
+                (work / mode).mkdir(parents=True, exist_ok=True)
+                audit = write_audit_config(work / mode)
+            results[mode] = run_test(self.cfg, self.coordinator, self.qsl_size, mode, work / mode, audit, settings)
+            if self.coordinator.failure:
+                raise RunFailed(self.coordinator.failure)
+        self.coordinator.stop()
+        if self.local is not None:
+            self.local.stop()
+        return results
+
+    # --- 5. accuracy, TEST01 verdict, run.json, plots, summary; then the directory goes live ----
+
+    def finish(self, results: dict[str, Any]) -> Path:
+        assert self.coordinator is not None and self.store is not None
+        work = self.rundir.work
+        if "accuracy" in results:
+            results["accuracy"].update(rec.score(self.cfg, self.store, work / "accuracy"))
+        if "TEST01" in results:
+            from distbert.submission.compliance import verify_test01
+
+            verdict = verify_test01(work, self.store, self.cfg.loadgen.benchmark)
+            results["TEST01"].update({"accuracy_pass": verdict.accuracy_pass,
+                                      "first_element_pass": verdict.first_element_pass,
+                                      "performance_pass": verdict.performance_pass})
+        record = rec.build_record(self.cfg, self.topology, self.coordinator, results, self.started)
+        rec.write_json(work / "run.json", record)
+        rec.write_plots(record, work)
+        final = self.rundir.commit()
+        rec.print_summary(record, final)
+        return final
+
+    # --- failure and clean-up ---------------------------------------------------------------------
+
+    def abort(self, exc: BaseException) -> Path:
+        """Stop workers (bounded), mark the run directory failed with the cause; returns its path."""
+        if self.coordinator is not None:
+            self.coordinator.stop(reason=f"rank 0 failed: {exc}", deadline_s=5.0)
+        if self.local is not None:
+            self.local.stop(grace_s=5.0)
+        return self.rundir.fail(exc)
+
+    def close(self) -> None:
+        if self.transport is None:
+            return
+        self.transport.close()
+        address = self.transport.endpoint.address
+        if address.startswith("ipc://"):  # our socket file: leave nothing in /tmp
+            Path(address[len("ipc://"):]).unlink(missing_ok=True)
+
+
+def resolve_model(spec: BackendSpec) -> BackendSpec:
+    """Fill in ``--model`` for real backends: the official file if cached, else a random-weight one."""
+    if spec.name in HARNESS or spec.model:
+        return spec
+    from distbert.backends.modelmaker import ensure_random_model
+    from distbert.data.artifacts import resolve_model as resolve_official
+
+    fmt = "pytorch" if spec.name == "torch" else ("onnx-int8" if spec.precision == "int8" else "onnx")
+    path = resolve_official(fmt, None, download_missing=False)
+    if path is None:
+        shape = spec.option("random_shape", "large") or "large"
+        path = ensure_random_model(shape, "torch" if spec.name == "torch" else fmt, seed=0)
+        log.warning("no official %s model in the cache: using a RANDOM-WEIGHT BERT-%s model (%s); "
+                    "speed is representative, accuracy is meaningless", fmt, shape, path)
+    return dataclasses.replace(spec, model=str(path))
