@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -18,6 +19,8 @@ from distbert.run.rank0 import coordinator_main
 from distbert.run.rendezvous import bcast_json
 from distbert.topology import Topology
 from distbert.wire.base import WorkerTransport
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, topology: Topology | None = None) -> int:
@@ -41,6 +44,7 @@ def launched_worker_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
 
     hello = bcast_json(comm, None)  # rank 0 says where to connect, or that it failed first
     if "error" in hello:
+        log.error("rank 0 failed before the run started (%s); rank %d exits", hello["error"], topology.rank)
         return 2
     transport: WorkerTransport
     if cfg.transport == "mpi":

@@ -44,8 +44,7 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
     """Rank 0 of any launch mode (``comm`` is MPI's world under a launcher, else None)."""
     run = Rank0Run(cfg, topology, comm, RunDir(output_dir(cfg)))
     try:
-        run.open_transport()
-        run.prepare_data()
+        run.rendezvous()
         run.start_workers()
         results = run.run_tests()
         run.finish(results)
@@ -73,29 +72,41 @@ class Rank0Run:
         self.qsl_size = 0
         self.started = time.time()
 
-    # --- 1. transport first, so launched workers can connect while we build features ------------
+    # --- 1. checks and data, then the transport; launched ranks learn where to connect ----------
 
-    def open_transport(self) -> None:
-        cfg, comm = self.cfg, self.comm
+    def rendezvous(self) -> None:
+        """Everything that can fail for a user's reason happens before the broadcast, so launched
+        workers hear of it at once (and exit 2) instead of waiting for a Setup that never comes."""
+        comm = self.comm
         try:
-            if comm is not None and cfg.transport == "mpi":
-                from distbert.wire.mpi import MpiCoordinatorTransport
-
-                self.transport = MpiCoordinatorTransport(comm, key=self.key)
-                bcast_json(comm, {"key": self.key})
-            else:
-                from distbert.wire.zmq import ZmqCoordinatorTransport
-
-                self.transport = ZmqCoordinatorTransport.bind(self._zmq_address(), self.key)
-                if comm is not None:
-                    bcast_json(comm, {"address": self.transport.endpoint.address, "key": self.key,
-                                      "rank0_host": socket.gethostname()})
+            self._check_launch()
+            self.prepare_data()
+            self.transport = self._open_transport()
         except BaseException as exc:
             if comm is not None:  # never leave workers hanging in the broadcast
-                bcast_json(comm, {"error": str(exc)})
+                bcast_json(comm, {"error": f"{type(exc).__name__}: {exc}"})
             raise
-        if cfg.transport == "mpi" and comm is None:
+        if comm is not None:
+            hello: dict[str, Any] = {"key": self.key}
+            if self.cfg.transport == "zmq":
+                hello |= {"address": self.transport.endpoint.address, "rank0_host": socket.gethostname()}
+            bcast_json(comm, hello)
+
+    def _check_launch(self) -> None:
+        if self.cfg.transport == "mpi" and self.comm is None:
             raise UserError("--transport mpi needs an MPI launcher (mpirun/mpiexec/srun) with 2 or more ranks")
+        if self.cfg.transport == "mpi" and self.cfg.coordinator_hosts_worker:
+            raise UserError("--coordinator-hosts-worker needs --transport zmq (rank 0's own worker is a "
+                            "local process that connects over ZeroMQ)")
+
+    def _open_transport(self) -> CoordinatorTransport:
+        if self.comm is not None and self.cfg.transport == "mpi":
+            from distbert.wire.mpi import MpiCoordinatorTransport
+
+            return MpiCoordinatorTransport(self.comm, key=self.key)
+        from distbert.wire.zmq import ZmqCoordinatorTransport
+
+        return ZmqCoordinatorTransport.bind(self._zmq_address(), self.key)
 
     def _zmq_address(self) -> str:
         if self.cfg.listen:
@@ -125,8 +136,6 @@ class Rank0Run:
         if cfg.expect_workers:
             log.info("waiting for %d external workers at %s", cfg.expect_workers, self.transport.endpoint.address)
         if (comm is None and cfg.workers != 0) or cfg.coordinator_hosts_worker:
-            if comm is not None and cfg.transport == "mpi":
-                raise UserError("--coordinator-hosts-worker needs --transport zmq")
             count = cfg.workers or (1 if comm is not None else topo_mod.default_local_workers())
             address = self.transport.endpoint.address
             if comm is not None:  # rank 0's own worker takes rank 0's device slot on this node
