@@ -35,6 +35,9 @@ from distbert.wire.base import CoordinatorTransport
 
 log = logging.getLogger(__name__)
 
+MAX_SEQ = 384          # the longest row a worker may return logits for
+MAX_BATCH = 1 << 16    # the largest max_batch a worker may announce
+
 
 
 # The driver's inbox holds, in arrival order: sample tuples ``(ids, indices)`` from LoadGen's issue
@@ -78,12 +81,22 @@ class WorkerHandle:
     pid: int = 0
     ready: bool = False
     lost: bool = False
+    faulty: bool = False      # broke the protocol: dropped, and nothing it sends is used again
     device: str = "?"
     backend: str = "?"
     max_batch: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
     stats: dict[str, Any] | None = None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as a JSON object; None when it is not one (or not JSON at all)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Coordinator:
@@ -108,6 +121,7 @@ class Coordinator:
         self._sleeping = False
         self._progress_mark = (0.0, 0)
         self._completer: Completer | None = None
+        self._dead = False    # the driver thread died: callbacks complete at once, without data
 
     # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
 
@@ -143,12 +157,17 @@ class Coordinator:
 
     def issue(self, ids: list[int], indices: list[int]) -> None:
         self._inbox.append((ids, indices))
+        if self._dead:
+            self._complete_dead()
+            return
         # Wake the driver only when it may be blocked: it sets _sleeping *before* its last look at
         # the inbox, so an append that sees False here is always seen by that look (GIL ordering).
         if self._sleeping:
             self.transport.wake()
 
     def flush(self) -> None:
+        if self._dead:
+            return
         self._inbox.append(_FLUSH)
         self.transport.wake()
 
@@ -165,7 +184,9 @@ class Coordinator:
         done = threading.Event()
         self._inbox.append(_Begin(dispatcher, done))
         self.transport.wake()
-        done.wait()
+        while not done.wait(timeout=0.5):
+            if self._dead:
+                raise RunFailed(self.failure or "rank 0 driver died")
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -188,8 +209,26 @@ class Coordinator:
         except Exception as exc:  # a bug here must not hang LoadGen: record and abort
             log.exception("driver crashed")
             self._fail(f"rank 0 driver crashed: {type(exc).__name__}: {exc}")
+            # From here LoadGen's callbacks complete their samples themselves; what is in the inbox
+            # and in flight is completed now, so every outstanding query ends and the test returns.
+            self._dead = True
+            self._complete_dead()
             self._abort_outstanding()
             self._all_ready.set()
+            self._all_bye.set()
+
+    def _complete_dead(self) -> None:
+        """Complete every queued sample without data (fresh response objects: this may run on a
+        LoadGen thread and on the dying driver at once, so the recycled pool is not used)."""
+        import mlperf_loadgen as lg
+
+        while self._inbox:
+            try:
+                item = self._inbox.popleft()
+            except IndexError:  # the other thread took the last one
+                return
+            if type(item) is tuple:
+                lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in item[0]])
 
     def _drive_loop(self) -> None:
         cfg = self.cfg
@@ -282,7 +321,13 @@ class Coordinator:
         now = time.monotonic()
         handle = self.workers.get(worker)
         if handle is not None:
+            if handle.faulty:
+                return
             handle.last_seen = now
+        problem = self._invalid(worker, msg)
+        if problem is not None:
+            self._faulty(worker, handle, problem)
+            return
         if isinstance(msg, m.Result):
             if self.dispatcher is None:
                 return
@@ -299,7 +344,7 @@ class Coordinator:
                 handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, last_seen=now)
             handle.ready, handle.device, handle.backend = True, msg.device, msg.backend
             handle.max_batch = msg.max_batch
-            handle.info = json.loads(msg.info_json) if msg.info_json else {}
+            handle.info = _json_object(msg.info_json) or {}
             log.info("worker %d ready: %s on %s, %s", worker, msg.backend, msg.host, msg.device)
             if self.dispatcher is not None:  # a late joiner during a test
                 self._execute(self.dispatcher.add_worker(worker, now, msg.max_batch))
@@ -317,8 +362,46 @@ class Coordinator:
         elif isinstance(msg, m.Bye):
             if handle is None:
                 handle = self.workers[worker] = WorkerHandle(worker)
-            handle.stats = json.loads(msg.stats_json) if msg.stats_json else {}
+            handle.stats = _json_object(msg.stats_json) or {}
             self._check_all_bye()
+
+    def _invalid(self, worker: int, msg: m.Message) -> str | None:
+        """Why ``msg`` breaks the protocol, or None. Checked before anything acts on it, so a bad
+        message is that worker's fault and never an exception in the driver (DESIGN: trust)."""
+        if isinstance(msg, m.Result):
+            expected = self.dispatcher.expected_ids(worker, msg.batch_id) if self.dispatcher else None
+            if expected is None:
+                return None  # a duplicate or unknown batch: the dispatcher drops it
+            if not np.array_equal(msg.ids, expected):
+                return (f"Result of batch {msg.batch_id} carries {len(msg.ids)} ids that are not the "
+                        f"batch's {len(expected)}")
+            shape = msg.logits.shape
+            if msg.logits.size and not (len(shape) == 3 and shape[0] == len(expected) and 1 <= shape[1] <= MAX_SEQ
+                                        and shape[2] == 2):
+                return f"Result of batch {msg.batch_id} has logits of shape {shape} for {len(expected)} samples"
+            if self.dispatcher is not None and self.dispatcher.want_logits and not msg.logits.size:
+                return f"Result of batch {msg.batch_id} has no logits, and this test needs them"
+        elif isinstance(msg, m.Ready):
+            if not 1 <= msg.max_batch <= MAX_BATCH:
+                return f"Ready with max_batch {msg.max_batch} (allowed 1..{MAX_BATCH})"
+            if msg.info_json and _json_object(msg.info_json) is None:
+                return "Ready whose info is not a JSON object"
+        elif isinstance(msg, m.Bye):
+            if msg.stats_json and _json_object(msg.stats_json) is None:
+                return "Bye whose stats are not a JSON object"
+        return None
+
+    def _faulty(self, worker: int, handle: WorkerHandle | None, problem: str) -> None:
+        """Drop a worker that broke the protocol: its batches are requeued, it is told to stop."""
+        if handle is None:
+            handle = self.workers[worker] = WorkerHandle(worker)
+        handle.faulty = True
+        log.error("worker %d on %s broke the protocol (%s): dropping it", worker, handle.host, problem)
+        self._lose(handle, f"protocol error: {problem}")
+        try:
+            self.transport.send(worker, m.Shutdown(reason=f"protocol error: {problem}"))
+        except KeyError:
+            pass
 
     def _check_all_bye(self) -> None:
         if self._shutting_down and all(h.stats is not None or h.lost for h in self.workers.values()):
@@ -383,8 +466,7 @@ class Coordinator:
                 except KeyError:
                     self._lose(self.workers[ins.worker], "transport does not know it")
             elif isinstance(ins, Complete):
-                if result is not None and not np.array_equal(result.ids, ins.ids):
-                    self._fail(f"worker {ins.worker} answered batch {ins.batch_id} with other ids (protocol bug)")
+                # the result's ids and logits were checked against the batch in _invalid
                 # a result without logits (performance mode) carries a (B, 0, 2) array
                 self._complete(ins.ids, result.logits if result is not None else None)
             elif isinstance(ins, Requeued):

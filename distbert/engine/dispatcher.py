@@ -26,9 +26,9 @@ Scheduling (DESIGN.md "Scheduling"):
 
 Choosing a worker (all scenarios): pull-based credits. A worker holds at most ``policy.credits``
 batches in flight; a batch goes to the worker with the fewest in flight (= most free credits), ties
-rotating round-robin from the worker after the last one picked. A result frees a credit, which the queue refills at once, so faster
-workers are fed more. A batch larger than the chosen worker's own ``max_batch`` is split: the head
-goes, the tail goes back to the front of the queue.
+rotating round-robin from the worker after the last one picked. A result frees a credit, which the
+queue refills at once, so faster workers are fed more. A batch larger than the chosen worker's own
+``max_batch`` is split: the head goes, the tail goes back to the front of the queue.
 
 Exactly once (STYLE §2): every sample is in exactly one place -- the open batch, the queue, or one
 in-flight batch. Batch ids are allocated at *send* time from a counter and never reused. When a
@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
 from distbert.config import SCENARIOS
-
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ class NoWorkers:
     pending: int
 
 
-Instr = Union[SendBatch, Complete, Requeued, NoWorkers]
+Instr = SendBatch | Complete | Requeued | NoWorkers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +297,12 @@ class Dispatcher:
         out: list[Instr] = []
         self._pump(now, out)
         return out
+
+    def expected_ids(self, worker: int, batch_id: int) -> np.ndarray | None:
+        """The response ids of ``batch_id`` if it is in flight on ``worker`` (what its result must
+        carry), else None (a duplicate, unknown or wrong-worker result, which ``on_result`` drops)."""
+        f = self._flights.get(batch_id)
+        return f.ids if f is not None and f.worker == worker else None
 
     def on_result(self, worker: int, batch_id: int, now: float) -> list[Instr]:
         """``worker`` returned ``batch_id``: ``Complete`` first, then whatever the freed credit sends."""
@@ -542,6 +546,7 @@ class Dispatcher:
                     # batch; hold it for the next worker that frees up (measured: 87% -> ~100%
                     # efficiency at 16 simulated GPUs with 6 batches each).
                     break
+                assert worker is not None, "a free credit means some worker can take a batch"
                 ids, idx = queue.popleft()
                 self._queued_samples -= len(ids)
                 self._send(worker, ids, idx, out, now)
