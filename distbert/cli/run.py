@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("LoadGen")
     g.add_argument("--scenario", default="Offline", help="Offline | Server | SingleStream (default Offline)")
     g.add_argument("--mode", default="performance",
-                   help="performance | accuracy | both | submission (both, then compliance TEST01; default performance)")
+                   help="performance | accuracy | both | submission (both, then compliance TEST01; "
+                        "default performance)")
     g.add_argument("--execution-mode", default="test",
                    help="test: short run, min duration 0 (default); valid: the full MLPerf rules (600 s)")
     g.add_argument("--test-query-count", type=int, help="test mode: samples (Offline) or queries to issue")
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | rocm (default cpu)")
     g.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | int8 (default fp32)")
     g.add_argument("--threads", type=int, help="intra-op threads per worker (default: its cores)")
-    g.add_argument("--ort-provider", help="force an ONNX Runtime execution provider (CPU, CUDA, TensorRT, ROCm, OpenVINO)")
+    g.add_argument("--ort-provider",
+                   help="force an ONNX Runtime execution provider (CPU, CUDA, TensorRT, ROCm, OpenVINO)")
     g.add_argument("--sim-latency", default="0.001 + 1e-6*tokens",
                    help="sim backend latency model in seconds, e.g. '0.002 + 6e-7*tokens + 1e-5*rows'")
     g.add_argument("--random-shape", default="large", help="shape of the generated random model: large | base | tiny")
@@ -54,12 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
                         "max batch / token budget (instead of the backend's static hint)")
     g = p.add_argument_group("processes")
-    g.add_argument("--workers", type=int, help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
+    g.add_argument("--workers", type=int,
+                   help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
     g.add_argument("--expect-workers", type=int, default=0,
-                   help="also wait for N workers that join with `distbert worker --connect` (key: DISTBERT_SESSION_KEY)")
-    g.add_argument("--listen", help="zmq address to bind, e.g. tcp://0.0.0.0:5555 (default: ipc locally, tcp under MPI)")
+                   help="also wait for N workers that join with `distbert worker --connect` "
+                        "(key: DISTBERT_SESSION_KEY)")
+    g.add_argument("--listen",
+                   help="zmq address to bind, e.g. tcp://0.0.0.0:5555 (default: ipc locally, tcp under MPI)")
     g.add_argument("--transport", default="zmq", help="zmq (default) | mpi (needs a launcher)")
-    g.add_argument("--coordinator-hosts-worker", action="store_true", help="under a launcher, rank 0 also runs a worker")
+    g.add_argument("--coordinator-hosts-worker", action="store_true",
+                   help="under a launcher, rank 0 also runs a worker")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from distbert.errors import UserError
 from distbert.data.squad.accuracy import DTYPES, score_log, write_accuracy_txt, write_predictions_json
 from distbert.data.squad.features import FeatureStore, load_features
+from distbert.errors import UserError
 
 
 def register(subparsers: Any) -> None:
@@ -63,7 +63,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> FeatureStore:
-    from distbert.data.artifacts import resolve_squad  # noqa: PLC0415 - keeps `--help` fast
+    from distbert.data.artifacts import resolve_squad
 
     dataset, vocab = resolve_squad(args.dataset, args.vocab)
     return load_features(Path(dataset), Path(vocab), cache_dir=args.cache_dir)

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True)
 
     b = actions.add_parser("build", help="tree + mlperf_submission.tar.gz + summary from run directories")
-    b.add_argument("runs", nargs="+", type=Path, help="run directories, one per scenario (closed: Offline, SingleStream)")
+    b.add_argument("runs", nargs="+", type=Path,
+                   help="run directories, one per scenario (closed: Offline, SingleStream)")
     b.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     b.add_argument("--submitter", required=True, help="organization name (a directory name)")
     b.add_argument("--system", required=True, help="system name, e.g. 2xH200-distbert (a directory name)")
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from distbert.submission.build import build  # noqa: PLC0415
+    from distbert.submission.build import build
 
     result = build(args.runs, args.out, args.submitter, args.system, args.division, args.benchmark,
                    args.system_json, args.allow_invalid)
@@ -44,8 +45,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from distbert.errors import UserError  # noqa: PLC0415
-    from distbert.submission.check import check_tree  # noqa: PLC0415
+    from distbert.errors import UserError
+    from distbert.submission.check import check_tree
 
     if not args.root.is_dir():
         raise UserError(f"{args.root} is not a directory: give the folder that holds closed/ or open/")

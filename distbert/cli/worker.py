@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from distbert.engine.worker import worker_run
     from distbert.wire.base import Endpoint
     from distbert.wire.zmq import ZmqWorkerTransport
-    from distbert.engine.worker import worker_run
 
     setup_logging(args.rank)
     if args.rank < 1:

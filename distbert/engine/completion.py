@@ -17,7 +17,7 @@ class Completer:
     """
 
     def __init__(self) -> None:
-        import mlperf_loadgen as lg  # noqa: PLC0415
+        import mlperf_loadgen as lg
 
         self._response = lg.QuerySampleResponse
         self._complete = lg.QuerySamplesComplete

@@ -20,17 +20,16 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 
-from distbert.wire import messages as m
 from distbert.config import RunConfig
-from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
-from distbert.errors import UserError
 from distbert.engine.completion import Completer
+from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
+from distbert.wire import messages as m
 from distbert.wire.base import CoordinatorTransport
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class _Shutdown:
 
 
 _FLUSH = _Flush()
-_Control = Union[_Flush, _Begin, _Shutdown]
+_Control = _Flush | _Begin | _Shutdown
 PROGRESS_S = 10.0
 SWITCH = 0.0005  # s; see start()
 
@@ -227,7 +226,7 @@ class Coordinator:
                 item = self._inbox.popleft()
             except IndexError:  # the other thread took the last one
                 return
-            if type(item) is tuple:
+            if isinstance(item, tuple):
                 lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in item[0]])
 
     def _drive_loop(self) -> None:
@@ -416,7 +415,7 @@ class Coordinator:
         indices: list[int] = []
         while self._inbox:
             item = self._inbox.popleft()
-            if type(item) is tuple:
+            if isinstance(item, tuple):
                 ids += item[0]
                 indices += item[1]
                 continue

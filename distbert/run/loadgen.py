@@ -18,8 +18,8 @@ from typing import Any
 
 from distbert.config import LoadGenConfig, RunConfig
 from distbert.data.loadgen_logs import headline, read_detail
-from distbert.engine.coordinator import Coordinator
 from distbert.data.squad import DEV_FEATURES
+from distbert.engine.coordinator import Coordinator
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,15 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
     that error fails the submission checker. So ``FromConfig`` runs once; later tests reuse the
     object with only the mode and the CLI overrides set again.
     """
-    import mlperf_loadgen as lg  # noqa: PLC0415 - heavy, rank 0 only
+    import mlperf_loadgen as lg
 
     settings = base
     if settings is None:
         settings = lg.TestSettings()
         rc = settings.FromConfig(str(user_conf), MODEL_KEY, cfg.scenario)
         if rc != 0:
-            raise UserError(f"LoadGen rejected {user_conf} (code {rc}): check its 'bert.<Scenario>.<key> = value' lines")
+            raise UserError(f"LoadGen rejected {user_conf} (code {rc}): "
+                            "check its 'bert.<Scenario>.<key> = value' lines")
     settings.scenario = getattr(lg.TestScenario, cfg.scenario)
     settings.mode = lg.TestMode.AccuracyOnly if mode == "accuracy" else lg.TestMode.PerformanceOnly
     if cfg.execution_mode == "test":

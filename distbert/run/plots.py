@@ -14,10 +14,10 @@ def plot_run(record: dict[str, Any], out: Path) -> Path | None:
     workers = [w for w in record.get("workers", []) if w.get("stats")]
     if not workers:
         return None
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     labels = [f"{w['worker']}\n{w['host']}" for w in workers]
     samples = [w["stats"].get("samples", 0) for w in workers]
