@@ -36,16 +36,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distbert import envs
-from distbert.backends import modelmaker  # noqa: E402
-from distbert.backends import create  # noqa: E402
-from distbert.backends.base import BackendSpec, BatchHint, ModelInputs  # noqa: E402
+from distbert.backends import create, modelmaker
+from distbert.backends.base import BackendSpec, BatchHint, ModelInputs
 
 log = logging.getLogger("backend_bench")
 SEQ = 384
@@ -66,7 +65,9 @@ def load_samples(dataset: Path, vocab: Path, count: int) -> tuple[np.ndarray, ..
 def cut_batches(lengths: np.ndarray, hint: BatchHint) -> list[np.ndarray]:
     """Longest first; a batch closes at ``max_batch`` rows or when rows x its longest length would pass the budget."""
     order = np.argsort(-lengths, kind="stable")
-    batches, cur, longest = [], [], 0
+    batches: list[np.ndarray] = []
+    cur: list[int] = []
+    longest = 0
     for i in order:
         n = int(lengths[i])
         if cur and (len(cur) >= hint.max_batch
@@ -166,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, help="override the hint's max batch")
     p.add_argument("--token-budget", type=int, help="override the hint's token budget")
     p.add_argument("--sweep", help="comma list of token budgets: time ORT at each (max batch 256)")
-    p.add_argument("--dataset", type=Path, default=envs.data_dir() / "squad" / "dev-v1.1.json")
-    p.add_argument("--vocab", type=Path, default=envs.data_dir() / "bert" / "vocab.txt")
+    p.add_argument("--dataset", type=Path, help="SQuAD dev-v1.1.json (default: DISTBERT_DATA_DIR, else the cache)")
+    p.add_argument("--vocab", type=Path, help="BERT vocab.txt (default: DISTBERT_DATA_DIR, else the cache)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(name)s: %(message)s")
 
     threads = args.threads or len(os.sched_getaffinity(0))
-    data = load_samples(args.dataset, args.vocab, args.samples)
+    from distbert.data.artifacts import resolve_squad
+
+    dataset, vocab = resolve_squad(args.dataset, args.vocab)
+    data = load_samples(dataset, vocab, args.samples)
     rows = np.arange(args.samples)
     lengths = data[3]
     print(f"# {args.samples} dev features: mean length {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate, how = bench_ref(path, data, sel), "ORT default options, batch 1, padded to 384"
                 refs[name] = rate
         else:
-            spec = {
+            specs: dict[str, BackendSpec | Callable[[], BackendSpec]] = {
                 "ort": BackendSpec("onnxruntime", str(onnx_path), threads=threads),
                 "ort-fuse": BackendSpec("onnxruntime", str(onnx_path), threads=threads, options=(("ort_fuse", "1"),)),
                 "ort-int8": BackendSpec("onnxruntime", str(modelmaker.ensure_random_model(args.shape, "onnx-int8")),
@@ -224,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 "ort-static": lambda: BackendSpec("onnxruntime", str(static_copy(onnx_path)), threads=threads),
                 "ort-static-padded": lambda: BackendSpec("onnxruntime", str(static_copy(onnx_path)), threads=threads,
                                                          options=(("seq_trim", "0"),)),
-            }[name]
-            spec = spec() if callable(spec) else spec
+            }
+            choice = specs[name]
+            spec = choice() if callable(choice) else choice
             sel = subset(args.slow_samples) if name == "torch-bf16" else rows
             rate, hint, nb = bench_backend(spec, data, sel, override, args.calibrate)
             how = f"sorted+trimmed, {nb} batches (max_batch {hint.max_batch}, token_budget {hint.token_budget})"

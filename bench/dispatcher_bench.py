@@ -121,7 +121,7 @@ def offline(n: int, policy: BatchPolicy, workers: int = 4, seed: int = 0) -> dic
     out = d.on_samples(ids, idx, 0.0)
     t_issue = time.perf_counter() - t
     # Drain: complete in FIFO order, timing only the dispatcher.
-    fifo = [(i.worker, i.batch_id) for i in out]
+    fifo = [(i.worker, i.batch_id) for i in out if isinstance(i, SendBatch)]
     spent = 0.0
     k = 0
     while k < len(fifo):

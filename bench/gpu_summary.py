@@ -4,17 +4,16 @@
 For every run directory holding ``performance/mlperf_log_detail.txt`` it prints a Markdown row:
 scenario, samples/s (Offline: ``result_samples_per_second``; Server: completed samples/s), p99
 and mean latency, LoadGen's validity verdict and error count, parsing LoadGen's ``:::MLLOG`` lines
-with :func:`distbert.run.loadgen.read_detail`.
+with :func:`distbert.data.loadgen_logs.read_detail`.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distbert.data.loadgen_logs import read_detail as _read_detail  # noqa: E402
+from distbert.data.loadgen_logs import read_detail as _read_detail
 
 
 def read_detail(path: Path) -> dict:
@@ -32,7 +31,8 @@ def main(root: str) -> int:
     for detail_path in sorted(Path(root).glob("*/performance/mlperf_log_detail.txt")):
         d = read_detail(detail_path)
         scenario = d.get("effective_scenario") or d.get("requested_scenario") or "?"
-        rate = d.get("result_samples_per_second") if scenario == "Offline" else d.get("result_completed_samples_per_sec")
+        rate = (d.get("result_samples_per_second") if scenario == "Offline"
+                else d.get("result_completed_samples_per_sec"))
         rows.append((detail_path.parent.parent.name, scenario, rate, d.get("result_99.00_percentile_latency_ns"),
                      d.get("result_mean_latency_ns"), d.get("result_validity"), d["errors"]))
     if not rows:

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from distbert.data.loadgen_logs import read_detail  # noqa: E402
+from distbert.data.loadgen_logs import read_detail  # noqa: E402 - the repo root is put on sys.path above
 
 QSL = 10833
 
@@ -88,7 +88,8 @@ def distbert_run(scenario: str, qps: float, duration_ms: int, offline_samples: i
         if scenario == "Offline":
             cmd += ["--test-query-count", str(offline_samples)]
         else:
-            n = int(qps * duration_ms / 1000 * 1.15) + 100  # > what min duration needs: LoadGen stops at max_query_count
+            # > what min duration needs: LoadGen stops at max_query_count
+            n = int(qps * duration_ms / 1000 * 1.15) + 100
             cmd += ["--target-qps", str(qps), "--test-query-count", str(max(n, 100)),
                     "--min-duration-ms", str(duration_ms)]
         env = dict(os.environ, DISTBERT_NO_PROGRESS="1", DISTBERT_LOG_LEVEL="WARNING")
@@ -146,7 +147,7 @@ def main() -> None:
     print(f"(b) distbert, null backend, {args.workers} workers over ZeroMQ, Server search", flush=True)
     srv_b, _ = search_server(lambda q: distbert_run("Server", q, args.server_duration_ms, 0, args.workers, extra),
                              args.server_lo, args.server_hi, args.steps)
-    rows.append(("Offline samples/s (median of %d)" % args.reps, off_a, off_b))
+    rows.append((f"Offline samples/s (median of {args.reps})", off_a, off_b))
     rows.append(("Server highest VALID QPS", srv_a, srv_b))
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}\n")

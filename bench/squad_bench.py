@@ -19,19 +19,24 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distbert.data.squad.accuracy import score_log  # noqa: E402
-from distbert.data.squad.features import FeatureStore, build_features, load_features  # noqa: E402
+from distbert.data.squad.accuracy import score_log
+from distbert.data.squad.features import FeatureStore, build_features, load_features
+
+T = TypeVar("T")
 
 
-def _timed(fn, runs: int) -> tuple[float, float, float, object]:
+def _timed(fn: Callable[[], T], runs: int) -> tuple[float, float, float, T]:
     """(best wall s, median wall s, median CPU s of this process incl. its threads, last result)."""
-    times, cpu, out = [], [], None
+    times: list[float] = []
+    cpu: list[float] = []
     for _ in range(runs):
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
@@ -97,15 +102,17 @@ def main() -> int:
             return load_features(dataset, vocab, cache_dir=tmp_path / f"cold{next(counter)}")
 
         best, med, cpu, store = _timed(cold, args.runs)
+        cache = store.path
+        assert cache is not None, "load_features returns a store on disk"
         rows.append(("cold: featurize + write cache (fresh cache dir)", best, med, cpu, "<= 5 s"))
         best, med, cpu, _ = _timed(lambda: build_features(dataset, vocab), args.runs)
         rows.append(("  of which featurization in memory", best, med, cpu, ""))
-        best, med, cpu, _ = _timed(lambda: load_features(dataset, vocab, cache_dir=store.path.parent.parent),
+        best, med, cpu, _ = _timed(lambda: load_features(dataset, vocab, cache_dir=cache.parent.parent),
                               args.runs)
         rows.append(("warm: load_features (hash inputs, verify sha256, mmap)", best, med, cpu, "<= 0.5 s"))
-        best, med, cpu, _ = _timed(lambda: FeatureStore.open(store.path), args.runs)
+        best, med, cpu, _ = _timed(lambda: FeatureStore.open(cache), args.runs)
         rows.append(("  FeatureStore.open (worker side)", best, med, cpu, ""))
-        best, med, cpu, _ = _timed(lambda: store.meta and FeatureStore.open(store.path).meta, args.runs)
+        best, med, cpu, _ = _timed(lambda: store.meta and FeatureStore.open(cache).meta, args.runs)
         rows.append(("  + post-processing metadata (lazy)", best, med, cpu, ""))
         log_path = tmp_path / "mlperf_log_accuracy.json"
         _write_log(store, log_path)

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distbert.wire.messages import Batch, Result, Shutdown, decode, encode  # noqa: E402
+from distbert.wire.messages import Batch, Message, Result, Shutdown, decode, encode
 
 L = 384
 
@@ -40,7 +40,7 @@ def bench_codec(quick: bool) -> None:
     # CPU time of this thread, not wall time: on a shared machine wall time mostly measures the
     # neighbours. Best of 5 repeats.
     print("codec (encode + decode of one message, CPU µs, best of 5):")
-    cases = [
+    cases: list[tuple[str, Message]] = [
         ("Batch B=1", _batch(1)),
         ("Batch B=256", _batch(256)),
         ("Result B=1, ids only", _result(1, 0)),
@@ -50,9 +50,11 @@ def bench_codec(quick: bool) -> None:
     ]
     for name, msg in cases:
         n = 20_000 if quick else 100_000
-        enc = min(timeit.repeat(lambda: encode(msg), number=n, repeat=5, timer=time.thread_time)) / n * 1e6
+        enc = min(timeit.repeat(lambda: encode(msg),  # noqa: B023 - timed here, within this iteration
+                                number=n, repeat=5, timer=time.thread_time)) / n * 1e6
         frames = encode(msg)
-        dec = min(timeit.repeat(lambda: decode(frames), number=n, repeat=5, timer=time.thread_time)) / n * 1e6
+        dec = min(timeit.repeat(lambda: decode(frames),  # noqa: B023 - timed here, within this iteration
+                                number=n, repeat=5, timer=time.thread_time)) / n * 1e6
         print(f"  {name:28s} encode {enc:6.2f}  decode {dec:6.2f}  total {enc + dec:6.2f}")
 
 
@@ -121,7 +123,8 @@ def _run_cases(label: str, coord, worker_id: int, seconds: float) -> None:
         rate, samples, cpu_us = _round_trips(coord, worker_id, b, want, window, seconds)
         mb = rate * b * L * 2 * 4 / 1e6 if want else 0.0
         extra = f"  {mb:6.0f} MB/s logits" if want else ""
-        print(f"  {name:28s} {rate:7.0f} round trips/s {samples:9.0f} samples/s  rank-0 CPU {cpu_us:5.1f} µs/trip{extra}")
+        print(f"  {name:28s} {rate:7.0f} round trips/s {samples:9.0f} samples/s  "
+              f"rank-0 CPU {cpu_us:5.1f} µs/trip{extra}")
 
 
 def bench_threads(quick: bool, tmp: str) -> None:

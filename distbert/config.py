@@ -71,14 +71,14 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
+    def from_json(cls, text: str) -> RunConfig:
         raw: dict[str, Any] = json.loads(text)
         spec = raw.pop("backend")
         spec["options"] = tuple(tuple(kv) for kv in spec.get("options", ()))
         return cls(loadgen=LoadGenConfig(**raw.pop("loadgen")), backend=BackendSpec(**spec),
                    batch=BatchConfig(**raw.pop("batch")), **raw)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 

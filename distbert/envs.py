@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 def cache_dir() -> Path:
     """``DISTBERT_CACHE``: feature cache, downloads, generated models (default ``~/.cache/distbert``)."""
@@ -19,13 +17,12 @@ def cache_dir() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "distbert"
 
 
-def data_dir() -> Path:
-    """``DISTBERT_DATA_DIR``: local data (``squad/dev-v1.1.json``, ``bert/vocab.txt``).
-
-    Default: ``../shared/data`` next to the repository root, where the team keeps the official files.
-    """
+def data_dir() -> Path | None:
+    """``DISTBERT_DATA_DIR``: a team's local copy of the data (``squad/dev-v1.1.json``,
+    ``bert/vocab.txt``, ``models/<format>/``). None when unset or empty: there is no default (the
+    files are then looked up in the cache, or passed with ``--dataset``/``--vocab``/``--model``)."""
     value = os.environ.get("DISTBERT_DATA_DIR")
-    return Path(value).expanduser() if value else REPO_ROOT.parent / "shared" / "data"
+    return Path(value).expanduser() if value else None
 
 
 def session_key() -> str | None:

@@ -15,7 +15,7 @@ import dataclasses
 import glob
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +59,14 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     elif "RANK" in env and "WORLD_SIZE" in env:
         found = ("env", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
                  _int(env, "LOCAL_RANK"), _int(env, "LOCAL_WORLD_SIZE"))
-    if found is None or not found[2] or found[2] <= 1:
+    if found is None:
         return Topology("none", 0, 1, 0, 1, host)
     launcher, rank, size, local_rank, local_size = found
+    if not size or size <= 1:
+        return Topology("none", 0, 1, 0, 1, host)
     rank = rank or 0
     local_rank = rank if local_rank is None else local_rank
-    return Topology(launcher, rank, size, local_rank, local_size or size, host)  # type: ignore[arg-type]
+    return Topology(launcher, rank, size, local_rank, local_size or size, host)
 
 
 # --- devices ---------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def visible_gpus() -> int:
     if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd"):
         return 0
     try:
-        import torch  # noqa: PLC0415 - optional
+        import torch  # lazy: optional
 
         return int(torch.cuda.device_count())
     except Exception:  # torch absent or broken: count device nodes

@@ -45,7 +45,7 @@ class ModelInputs:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.input_ids.shape  # type: ignore[return-value]
+        return self.input_ids.shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Backend(abc.ABC):
     def load(self) -> None:
         """Load the model onto the device. Raise :class:`distbert.errors.UserError` on bad input."""
 
-    def attach_features(self, features: Any) -> None:
+    def attach_features(self, features: Any) -> None:  # noqa: B027 - optional hook: default does nothing
         """Give the backend the worker's feature store (only called when ``needs_features``)."""
 
     def warmup(self) -> None:
@@ -96,5 +96,5 @@ class Backend(abc.ABC):
         return {"backend": self.name, "device": self.spec.device, "precision": self.spec.precision,
                 "model": self.spec.model}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: default does nothing
         """Release device memory. Safe to call twice."""

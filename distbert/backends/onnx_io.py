@@ -9,8 +9,8 @@ MLPerf int8 model and Hugging Face exports (``input_ids``, ``attention_mask``, `
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class IoMap:
 
     @property
     def output_names(self) -> list[str]:
+        # without a logits output, start and end are both set (resolve_io)
         return [self.logits] if self.logits else [self.start, self.end]  # type: ignore[list-item]
 
 
@@ -130,13 +131,13 @@ def resolve_io(inputs: Sequence[TensorDesc], outputs: Sequence[TensorDesc], mode
 def feeds(io: IoMap, inputs: ModelInputs) -> tuple[dict[str, np.ndarray], int]:
     """The input dict for one batch (cast, padded to a fixed length if the graph has one), and L."""
     batch, length = inputs.shape
-    arrays = (inputs.input_ids, inputs.input_mask, inputs.segment_ids)
+    arrays: tuple[np.ndarray, ...] = (inputs.input_ids, inputs.input_mask, inputs.segment_ids)
     if io.fixed_len is not None and length != io.fixed_len:
         if length > io.fixed_len:
             raise UserError(f"the model takes sequences of at most {io.fixed_len} tokens, got {length}")
-        padded = []
+        padded: list[np.ndarray] = []
         for arr in arrays:
-            out = np.zeros((batch, io.fixed_len), io.dtype)    # pad id, mask and segment are all 0
+            out: np.ndarray = np.zeros((batch, io.fixed_len), io.dtype)    # pad id, mask and segment are all 0
             out[:, :length] = arr
             padded.append(out)
         arrays = tuple(padded)

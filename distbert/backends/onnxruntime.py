@@ -14,15 +14,16 @@ outputs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from distbert import envs
 from distbert.backends import batching, onnx_io, seqlen
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
-from distbert import envs
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ class OnnxRuntimeBackend(Backend):
         precision = self.spec.precision
         if precision == "fp16" and provider != "TensorrtExecutionProvider":
             raise UserError("--precision fp16 with onnxruntime needs ort_provider=TensorRT "
-                            "(other providers run the model file's own precision: use fp32, or int8 with the int8 model)")
+                            "(other providers run the model file's own precision: use fp32, "
+                            "or int8 with the int8 model)")
         if precision not in ("fp32", "int8", "fp16"):
             raise UserError(f"--precision {precision} is not supported by onnxruntime: use fp32, int8 "
                             "(the int8 model file) or --backend torch for bf16")

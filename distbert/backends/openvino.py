@@ -14,8 +14,9 @@ graph has them); inputs/outputs are matched like the ONNX Runtime backend does
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -88,8 +89,8 @@ class OpenVinoBackend(Backend):
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line text
-            raise UserError(f"--model {path}: openvino cannot read it "
-                            f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})") from exc
+            why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--model {path}: openvino cannot read it ({why})") from exc
         self._io = onnx_io.resolve_io(_descs(model.inputs), _descs(model.outputs), str(path))
         self._compiled = core.compile_model(model, "CPU", self._config)
         self._request = self._compiled.create_infer_request()

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def probe_inputs(length: int | None = None, dtype: type = np.int64) -> ModelInpu
     """Two right-padded rows of plausible tokens, trimmed (``length`` None) or padded to ``length``."""
     rng = np.random.default_rng(0)
     width = length or max(PROBE_LENGTHS)
-    ids = np.zeros((len(PROBE_LENGTHS), width), dtype)
+    ids: np.ndarray = np.zeros((len(PROBE_LENGTHS), width), dtype)
     seg = np.zeros_like(ids)
     mask = np.zeros_like(ids)
     for row, n in enumerate(PROBE_LENGTHS):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -159,7 +159,8 @@ class TorchBackend(Backend):
                 raise RuntimeError(f"parameters not on the GPU after .to({device}): {off[:3]}")
             self._device_name = torch.cuda.get_device_name(device)
         if self.spec.option("compile") == "1":
-            model = torch.compile(model, dynamic=True)
+            # typed as returning a callable; for a Module it is an OptimizedModule, itself a Module
+            model = cast(torch.nn.Module, torch.compile(model, dynamic=True))
         self._model, self._device = model, device
         log.info("torch %s: %s model %s on %s (%s), %s, %d threads", torch.__version__, self._source,
                  self.spec.model, device, self._device_name, precision, torch.get_num_threads())
@@ -167,6 +168,7 @@ class TorchBackend(Backend):
     def _to_device(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         arrays = (inputs.input_ids, inputs.input_mask, inputs.segment_ids)
         if self._device.type != "cuda":
+            # three arrays in, three tensors out (mypy sees tuple[Tensor, ...])
             return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays)  # type: ignore[return-value]
         # One reusable pinned staging buffer and one asynchronous host-to-device copy per batch.
         # Reusing it is safe: run() waits for the outputs (.cpu()), so the previous copy has finished.

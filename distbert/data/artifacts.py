@@ -15,11 +15,8 @@ Contracts:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import fcntl
-import hashlib
 import http.client
 import json
 import logging
@@ -31,7 +28,7 @@ import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from distbert import __version__, envs
 from distbert.errors import UserError
@@ -62,8 +59,10 @@ class Artifact:
     def cache_path(self) -> Path:
         return envs.cache_dir() / self.subdir / self.filename
 
-    def data_path(self) -> Path:
-        return envs.data_dir() / self.data_subdir / self.filename
+    def data_path(self) -> Path | None:
+        """The team copy; None when DISTBERT_DATA_DIR is unset (no team data dir)."""
+        root = envs.data_dir()
+        return None if root is None else root / self.data_subdir / self.filename
 
 
 def _model(name: str, fmt: str, filename: str, url: str) -> Artifact:
@@ -423,7 +422,7 @@ def present(artifact: str | Artifact, dest_dir: Path | str | None = None) -> Pat
     if dest_dir is not None:
         candidates = [Path(dest_dir).expanduser() / art.filename]
     else:
-        candidates = [art.data_path(), art.cache_path()]
+        candidates = [p for p in (art.data_path(), art.cache_path()) if p is not None]
     for path in candidates:
         if path.is_file() and _check(art, path)[0] is not False:
             return path
@@ -439,7 +438,7 @@ def _resolve(art: Artifact, explicit: Path | str | None, download_missing: bool)
         _warn_unofficial(art, path)
         return path
     local = art.data_path()
-    if local.is_file():
+    if local is not None and local.is_file():
         _warn_unofficial(art, local)   # a team copy may be a deliberate subset: warn, do not refuse
         return local
     cached = art.cache_path()
@@ -471,8 +470,8 @@ def resolve_squad(dataset: Path | str | None, vocab: Path | str | None, *,
                                 (ARTIFACTS["vocab"], vocab, "BERT vocab")):
         path = _resolve(art, explicit, download_missing)
         if path is None:
-            raise UserError(f"{what} not found: run `{art.command}` or pass {art.flag} "
-                            f"(looked for {art.data_path()} and {art.cache_path()})")
+            looked = " and ".join(str(p) for p in (art.data_path(), art.cache_path()) if p is not None)
+            raise UserError(f"{what} not found: run `{art.command}` or pass {art.flag} (looked for {looked})")
         found.append(path)
     return found[0], found[1]
 

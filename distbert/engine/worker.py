@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from distbert.wire import messages as m
 from distbert.backends import create
 from distbert.backends.base import Backend, ModelInputs
 from distbert.config import RunConfig
 from distbert.errors import UserError
 from distbert.topology import DeviceBinding, bind_worker
+from distbert.wire import messages as m
 from distbert.wire.base import WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Worker:
                                    threads=threads)
         log.info("device %s, cores %s, %d threads, backend %s", self.binding.device,
                  _ranges(self.binding.cores), threads, spec.name)
-        from distbert.data.squad.features import FeatureStore  # noqa: PLC0415 - heavy import after setup
+        from distbert.data.squad.features import FeatureStore  # lazy: heavy import after setup
 
         if cfg.features_path is None:
             raise UserError("run config has no feature cache path (rank 0 must set it)")
@@ -109,7 +109,7 @@ class Worker:
         backend.warmup()
         hint = backend.batch_hint()
         if cfg.batch.calibrate and backend.needs_tokens:
-            from distbert.backends.batching import calibrate  # noqa: PLC0415
+            from distbert.backends.batching import calibrate
 
             # a seeded sample of the whole set: the dev set is in article order, so a prefix is not typical
             pick = np.random.default_rng(0).choice(len(self.store), size=min(2048, len(self.store)), replace=False)
@@ -243,7 +243,7 @@ def _ranges(cores: tuple[int, ...]) -> str:
     if not cores:
         return "-"
     out, start, prev = [], cores[0], cores[0]
-    for c in cores[1:] + (None,):  # type: ignore[operator]
+    for c in cores[1:] + (None,):
         if c is not None and c == prev + 1:
             prev = c
             continue

@@ -26,8 +26,9 @@ import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from distbert.errors import UserError
 
@@ -149,7 +150,8 @@ def system_description(runs: Sequence[Run], submitter: str, system: str, divisio
         "host_memory_configuration": "",
         "host_storage_capacity": f"{facts['disk_gb']} GB" if facts.get("disk_gb") else "",
         "host_storage_type": "",
-        "host_networking": "N/A" if len(hosts) == 1 else "", "host_networking_topology": "N/A" if len(hosts) == 1 else "",
+        "host_networking": "N/A" if len(hosts) == 1 else "",
+        "host_networking_topology": "N/A" if len(hosts) == 1 else "",
         "host_network_card_count": "N/A" if len(hosts) == 1 else "",
         "accelerators_per_node": str(per_node),
         "accelerator_model_name": gpus[0]["name"] if per_node and gpus else ("" if per_node else "N/A"),
@@ -237,7 +239,7 @@ class BuildResult:
 def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, division: str = "closed",
           benchmark: str = "bert-99", system_json: Path | None = None, allow_invalid: bool = False) -> BuildResult:
     """Write the tree, tarball and summary into ``out`` (which must not exist or be empty)."""
-    from distbert.submission.check import check_tree  # noqa: PLC0415
+    from distbert.submission.check import check_tree
 
     for label, name in (("--submitter", submitter), ("--system", system)):
         if not _NAME.match(name):

@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from distbert.errors import UserError
 from distbert.data.loadgen_logs import read_detail
 from distbert.data.squad import DEV_FEATURES
 from distbert.data.squad.accuracy import TARGETS
+from distbert.errors import UserError
 from distbert.submission.compliance import ACCURACY_DELTA, f1_gap
 
 # --- constants; each names its source in /work/shared/MLPERF.md --------------------------------

@@ -30,7 +30,7 @@ class Progress:
         self._last_draw = 0.0
         self._tty = sys.stderr.isatty() and not envs.no_progress()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if not self._tty:
             log.info("%s ...", self.label)
         return self

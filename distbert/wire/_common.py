@@ -142,7 +142,7 @@ def accept_from(peers: PeerTable, drops: DropLog, peer: Any, frames: Any, who: s
     stranger's non-Hello (never decoded: strangers get no parser surface beyond one byte), a bad or
     refused Hello, garbage from a worker.
     """
-    from distbert.wire.messages import Hello, MessageError, decode, peek_tag  # noqa: PLC0415 - no import cycle
+    from distbert.wire.messages import Hello, MessageError, decode, peek_tag  # lazy: no import cycle
 
     worker = peers.worker_of.get(peer)
     if worker is None and (not frames or peek_tag(frames[0]) != Hello.TAG):

@@ -21,9 +21,9 @@ import itertools
 import logging
 from typing import Any
 
-from distbert.wire.messages import Hello, Message, MessageError, decode, encode
 from distbert.wire._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.messages import Hello, Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class InprocHub:
     def endpoint(self) -> Endpoint:
         return self.coordinator.endpoint
 
-    def connect(self, rank: int, key: str | None = None, *, host: str = "inproc", pid: int = 0) -> InprocWorkerTransport:
+    def connect(self, rank: int, key: str | None = None, *, host: str = "inproc",
+                pid: int = 0) -> InprocWorkerTransport:
         """A worker side for ``rank`` that has already sent ``Hello(rank, host, pid, key)``.
 
         ``key`` defaults to the hub's key; pass another to test refusal.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Sequence
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -87,7 +87,8 @@ def _wire_array(value: Any, dtype: np.dtype, ndim: int, what: str) -> np.ndarray
 
 def _frame_of(arr: np.ndarray) -> memoryview | bytes:
     # memoryview.cast refuses shapes with a zero in them, and an empty frame needs no buffer.
-    return memoryview(arr).cast("B") if arr.size else _EMPTY
+    # (numpy's stubs give ndarray the buffer protocol's __buffer__ only for Python >= 3.12)
+    return memoryview(arr).cast("B") if arr.size else _EMPTY  # type: ignore[arg-type]
 
 
 def _array_from(
@@ -148,7 +149,8 @@ def _utf8(value: str, what: str) -> bytes:
         raise MessageError(f"{what}: not encodable as UTF-8 text: {exc}") from None
 
 
-def _read_strings(head: bytes | memoryview, offset: int, lengths: Sequence[int], names: Sequence[str], msg: str) -> list[str]:
+def _read_strings(head: bytes | memoryview, offset: int, lengths: Sequence[int], names: Sequence[str],
+                  msg: str) -> list[str]:
     """Decode the strings that follow the fixed header; frame 0 must end exactly after them."""
     end = offset + sum(lengths)
     if end != len(head):
@@ -362,7 +364,8 @@ class Result:
         if b != ids.shape[0] or two != 2:
             raise MessageError(f"Result: logits shape {logits.shape} does not fit {ids.shape[0]} ids (want (B, L, 2))")
         head = _pack(
-            self._HEAD, "Result", self.TAG, self.batch_id, self.compute_s, _U64_CODE, ids.shape[0], _F32_CODE, b, length, two
+            self._HEAD, "Result", self.TAG, self.batch_id, self.compute_s, _U64_CODE, ids.shape[0], _F32_CODE, b,
+            length, two
         )
         return [head, _frame_of(ids), _frame_of(logits)]
 
@@ -496,21 +499,21 @@ class Bye:
         return cls(rank, stats)
 
 
-Message = Union[Hello, Setup, Ready, Batch, Result, Failure, Heartbeat, Shutdown, Bye]
+Message = Hello | Setup | Ready | Batch | Result | Failure | Heartbeat | Shutdown | Bye
 
-_CLASSES: tuple[type, ...] = (Hello, Setup, Ready, Batch, Result, Failure, Heartbeat, Shutdown, Bye)
+_CLASSES: tuple[type[Message], ...] = (Hello, Setup, Ready, Batch, Result, Failure, Heartbeat, Shutdown, Bye)
 # Indexed by tag byte: one list lookup per decode, no dict building.
 _DECODERS: list[Any] = [None] * 256
 for _cls in _CLASSES:
     assert _DECODERS[_cls.TAG] is None, f"duplicate tag {_cls.TAG}"
-    _DECODERS[_cls.TAG] = _cls._decode  # type: ignore[attr-defined]
+    _DECODERS[_cls.TAG] = _cls._decode
 del _cls
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
     """Frames for ``msg``: frame 0 = tag + header + strings, then one frame per array (aliasing it)."""
     try:
-        enc = msg._encode  # type: ignore[union-attr]
+        enc = msg._encode
     except AttributeError:
         raise MessageError(f"cannot encode {type(msg).__name__}: not a distbert message") from None
     return enc()

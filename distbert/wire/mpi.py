@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from distbert.errors import UserError
-from distbert.wire.messages import Hello, Message, MessageError, decode, encode
 from distbert.wire._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.messages import Hello, Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def _mpi():
     from mpi4py import MPI
 
     if not MPI.Is_initialized() or MPI.Is_finalized():
-        raise UserError("MPI transport: MPI is not initialized (or already finalized); start the run under mpiexec/srun")
+        raise UserError("MPI transport: MPI is not initialized (or already finalized); "
+                        "start the run under mpiexec/srun")
     if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
         raise UserError(

@@ -35,10 +35,10 @@ from typing import Any
 
 import zmq
 
-from distbert.wire.messages import Hello, Message, MessageError, decode, encode
 from distbert.util.net import host_address
 from distbert.wire._common import DropLog, PeerTable, TransportClosed, accept_from
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.messages import Hello, Message, MessageError, decode, encode
 
 log = logging.getLogger(__name__)
 

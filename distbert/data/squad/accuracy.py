@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import normalizers, pre_tokenizers
 
-from distbert.errors import UserError
-from distbert.util.fs import atomic_write_text
 from distbert.data.squad.cache import FeatureStore
 from distbert.data.squad.evaluate import aggregate, official_line, question_scores
+from distbert.errors import UserError
+from distbert.util.fs import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,7 @@ class SquadMeta:
         return {name: getattr(self, name) for name in META_ARRAYS}
 
     @classmethod
-    def load(cls, path: Path) -> "SquadMeta":
+    def load(cls, path: Path) -> SquadMeta:
         with open(path / META_JSON, encoding="utf-8") as f:
             doc = json.load(f)
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in META_ARRAYS}
@@ -239,7 +239,7 @@ class FeatureStore:
         return manifest
 
     @classmethod
-    def open(cls, path: Path, verify: bool = True, expect_key: str | None = None) -> "FeatureStore":
+    def open(cls, path: str | Path, verify: bool = True, expect_key: str | None = None) -> FeatureStore:
         """Open an existing store directory read-only (workers call this with the path rank 0 sends).
 
         Checks the manifest, then every file's size and (``verify``, the default) sha256.

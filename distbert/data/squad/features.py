@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -40,10 +39,10 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
 from distbert import envs
+from distbert.data.squad.cache import FeatureParams, FeatureStore, SquadMeta, cache_key, load_or_build
 from distbert.errors import UserError
 from distbert.util.fs import file_sha256
 from distbert.util.progress import Progress
-from distbert.data.squad.cache import FeatureParams, FeatureStore, SquadMeta, cache_key, load_or_build
 
 __all__ = ["FeatureParams", "FeatureStore", "load_features", "build_features", "read_squad",
            "read_vocab", "make_tokenizer", "tokenize_pieces", "SquadData"]
@@ -343,8 +342,8 @@ def build_features(dataset: Path, vocab: Path, params: FeatureParams = FeaturePa
         for e in range(n_ex):
             ctx = int(data.example_context[e])
             t_lo, t_hi = int(ctx_ptr[ctx]), int(ctx_ptr[ctx + 1])
-            lq = min(int(q_ptr[e + 1] - q_ptr[e]), max_q)
-            spans = _doc_spans(t_hi - t_lo, msl - lq - 3, stride)
+            n_q = min(int(q_ptr[e + 1] - q_ptr[e]), max_q)
+            spans = _doc_spans(t_hi - t_lo, msl - n_q - 3, stride)
             if not spans:
                 continue  # an empty context yields no feature, as in the reference
             gold = None
@@ -360,8 +359,8 @@ def build_features(dataset: Path, vocab: Path, params: FeatureParams = FeaturePa
             for j, (s, n) in enumerate(spans):
                 gs = ge = -1
                 if gold is not None and gold[0] >= s and gold[1] <= s + n - 1:
-                    gs, ge = gold[0] - s + lq + 2, gold[1] - s + lq + 2
-                feats.append((e, j, lq, s, n, gs, ge))
+                    gs, ge = gold[0] - s + n_q + 2, gold[1] - s + n_q + 2
+                feats.append((e, j, n_q, s, n, gs, ge))
             if e % 1000 == 999:
                 progress.update(1000)
         progress.update(n_ex % 1000)
