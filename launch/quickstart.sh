@@ -5,6 +5,11 @@
 # Extra arguments go to `distbert run`, e.g. launch/quickstart.sh --random-shape large
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the team's copy of the SQuAD dev set and vocab, when this checkout sits beside one
+if [ -z "${DISTBERT_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  DISTBERT_DATA_DIR="$(cd ../shared/data && pwd)"
+  export DISTBERT_DATA_DIR
+fi
 launch/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 exec distbert run --backend onnxruntime --scenario Offline --mode both \

@@ -1,11 +1,24 @@
-"""Shared fixtures: the official data files, found via ``DISTBERT_DATA_DIR``.
+"""Shared fixtures: the data set the tests run on, and the official files for the tests that need them.
 
-Tests that need the SQuAD dev set or the vocab skip with a clear reason when they are absent;
-everything else must run anywhere.
+Two kinds of data fixture:
+
+- ``squad_dev`` / ``vocab`` (and ``data_set``): *the data set the engine tests use*. The official
+  SQuAD v1.1 dev set and BERT vocab when both lie under ``DISTBERT_DATA_DIR``
+  (``squad/dev-v1.1.json``, ``bert/vocab.txt``), else a synthetic pair generated once per session by
+  :mod:`tests.synthetic`. They never skip: every test that only needs *a* SQuAD-shaped data set runs
+  anywhere and derives its counts from the data (``len(store)``), never from the dev set's 10833.
+- ``official_squad_dev`` / ``official_vocab``: the official files, for the tests that assert facts of
+  the official dev set (10833 features, its length statistics, its first feature ...). They skip
+  when the files are absent.
+
+``DISTBERT_REQUIRE_OFFICIAL_DATA=1`` (set by ``launch/test.sh`` when it finds the team's data dir)
+turns a missing official file into a failure instead of a skip or a synthetic fallback, and fails the
+session if any test skipped for want of data. The pytest header says which data set is in use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,22 +29,144 @@ from distbert import envs
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 
+OFFICIAL_FILES = {"squad_dev": "squad/dev-v1.1.json", "vocab": "bert/vocab.txt"}
+REQUIRE_ENV = "DISTBERT_REQUIRE_OFFICIAL_DATA"
+# Every skip for want of data carries this text; a session that requires the official data fails on it.
+NO_DATA = "official data absent"
 
-def _data_file(rel: str) -> Path:
-    path = envs.data_dir() / rel
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: set DISTBERT_DATA_DIR to a folder holding {rel}")
+
+def require_official() -> bool:
+    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+
+def official_file(key: str) -> Path | None:
+    """The official file ``key`` (``squad_dev`` or ``vocab``) under DISTBERT_DATA_DIR, None if absent."""
+    root = envs.data_dir()
+    if root is None:
+        return None
+    path = root / OFFICIAL_FILES[key]
+    return path if path.is_file() else None
+
+
+def _missing_reason(key: str) -> str:
+    root = envs.data_dir()
+    where = (f"{root / OFFICIAL_FILES[key]} is absent" if root is not None
+             else "DISTBERT_DATA_DIR is unset")
+    return f"{NO_DATA}: {where} (set DISTBERT_DATA_DIR to a folder holding {OFFICIAL_FILES[key]})"
+
+
+def skip_for_data(reason: str) -> None:
+    """Skip for want of data; a failure when DISTBERT_REQUIRE_OFFICIAL_DATA=1."""
+    if NO_DATA not in reason:
+        reason = f"{NO_DATA}: {reason}"
+    if require_official():
+        pytest.fail(f"{reason}, and {REQUIRE_ENV}=1", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    dataset: Path
+    vocab: Path
+    official: bool
+
+
+
+def _official_pair() -> DataSet | None:
+    dev, voc = official_file("squad_dev"), official_file("vocab")
+    return DataSet(dev, voc, True) if dev is not None and voc is not None else None
+
+
+# ------------------------------------------------------------------------------ pytest hooks
+
+def pytest_report_header(config) -> list[str]:
+    root = envs.data_dir()
+    if _official_pair() is not None:
+        line = f"distbert data: official dev set and vocab under {root}"
+    else:
+        why = "DISTBERT_DATA_DIR is unset" if root is None else f"DISTBERT_DATA_DIR={root} lacks them"
+        if require_official():
+            line = f"distbert data: official files required but absent ({why}): data tests FAIL"
+        else:
+            line = (f"distbert data: synthetic SQuAD set (tests/synthetic.py; the official files: {why}); "
+                    "official-only tests skip")
+    return [line + (f"; {REQUIRE_ENV}=1" if require_official() else "")]
+
+
+_DATA_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and NO_DATA in str(report.longrepr):
+        _DATA_SKIPS.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if require_official() and _DATA_SKIPS:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if require_official() and _DATA_SKIPS:
+        terminalreporter.section("official data required", sep="=", red=True)
+        terminalreporter.write_line(f"{len(_DATA_SKIPS)} test(s) skipped for want of data while "
+                                    f"{REQUIRE_ENV}=1; the session fails:")
+        for nodeid in _DATA_SKIPS:
+            terminalreporter.write_line(f"  {nodeid}")
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> DataSet:
+    """The synthetic data set, written once per session (a tmp dir; never the repository)."""
+    from tests.synthetic import write_synthetic_squad
+
+    dataset, vocab = write_synthetic_squad(tmp_path_factory.mktemp("synthetic-data"))
+    return DataSet(dataset, vocab, False)
+
+
+@pytest.fixture(scope="session")
+def data_set(request) -> DataSet:
+    """The official pair when both files are there, else the synthetic one (a failure instead when
+    DISTBERT_REQUIRE_OFFICIAL_DATA=1)."""
+    pair = _official_pair()
+    if pair is not None:
+        return pair
+    if require_official():
+        missing = [k for k in OFFICIAL_FILES if official_file(k) is None]
+        pytest.fail(f"{_missing_reason(missing[0])}, and {REQUIRE_ENV}=1", pytrace=False)
+    return request.getfixturevalue("synthetic_data")
+
+
+@pytest.fixture(scope="session")
+def squad_dev(data_set) -> Path:
+    """SQuAD v1.1 dev json of the data set in use (official or synthetic): never skips."""
+    return data_set.dataset
+
+
+@pytest.fixture(scope="session")
+def vocab(data_set) -> Path:
+    """Uncased BERT vocab matching ``squad_dev``: never skips."""
+    return data_set.vocab
+
+
+@pytest.fixture(scope="session")
+def official_squad_dev() -> Path:
+    """The official dev-v1.1.json; skips (fails under DISTBERT_REQUIRE_OFFICIAL_DATA=1) when absent."""
+    path = official_file("squad_dev")
+    if path is None:
+        skip_for_data(_missing_reason("squad_dev"))
     return path
 
 
 @pytest.fixture(scope="session")
-def squad_dev() -> Path:
-    return _data_file("squad/dev-v1.1.json")
-
-
-@pytest.fixture(scope="session")
-def vocab() -> Path:
-    return _data_file("bert/vocab.txt")
+def official_vocab() -> Path:
+    """The official BERT uncased vocab.txt; skips (fails under DISTBERT_REQUIRE_OFFICIAL_DATA=1) when absent."""
+    path = official_file("vocab")
+    if path is None:
+        skip_for_data(_missing_reason("vocab"))
+    return path
 
 
 @pytest.fixture(scope="session")

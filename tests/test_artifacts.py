@@ -12,18 +12,18 @@ import dataclasses
 import hashlib
 import http.server
 import json
-import os
 import re
 import socket
 import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from distbert import envs
 from distbert.cli import download as download_cli
 from distbert.data import artifacts
 from distbert.errors import UserError
@@ -370,6 +370,28 @@ def test_resolve_squad_precedence(server, monkeypatch, isolated, tmp_path):
     assert artifacts.resolve_squad(None, None, download_missing=True) == (cache_dev, cache_voc)
     assert cache_dev.read_bytes() == dev and cache_voc.read_bytes() == voc
     assert sorted(r["name"] for r in server.requests) == ["dev-v1.1.json", "vocab.txt"]
+
+
+def test_unset_data_dir_means_none_and_the_cache(server, monkeypatch, isolated):
+    """No DISTBERT_DATA_DIR: no team data dir at all (no default next to the checkout), so local
+    resolution is the cache alone, and the error names only the cache."""
+    monkeypatch.delenv("DISTBERT_DATA_DIR")
+    assert envs.data_dir() is None and artifacts.ARTIFACTS["vocab"].data_path() is None
+    monkeypatch.setenv("DISTBERT_DATA_DIR", "")
+    assert envs.data_dir() is None
+    dev, voc = payload(3000, seed=18), payload(2000, seed=19)
+    register(monkeypatch, server, "squad-dev", dev)
+    register(monkeypatch, server, "vocab", voc)
+    cache_dev = _write(isolated / "cache" / "data" / "squad" / "dev-v1.1.json", dev)
+    cache_voc = _write(isolated / "cache" / "data" / "bert" / "vocab.txt", voc)
+    assert artifacts.resolve_squad(None, None) == (cache_dev, cache_voc)
+    assert artifacts.present("vocab") == cache_voc
+    assert artifacts.resolve_model("onnx", None) is None
+    cache_dev.unlink()
+    with pytest.raises(UserError) as info:
+        artifacts.resolve_squad(None, None)
+    assert str(info.value).endswith(f"(looked for {cache_dev})") and "None" not in str(info.value)
+    assert server.requests == []
 
 
 def test_nothing_downloaded_when_local_files_exist(server, monkeypatch, isolated):

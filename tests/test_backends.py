@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbert.backends import modelmaker
-from distbert.backends import create
+from distbert.backends import create, modelmaker
 from distbert.backends.base import BackendSpec, BatchHint, ModelInputs
 from distbert.errors import UserError
 

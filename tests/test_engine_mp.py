@@ -4,7 +4,11 @@ Three launch modes: the single-node fallback (``distbert run --workers 2``), ``m
 with the ZeroMQ transport, and ``mpiexec -n 3`` with the MPI transport; every scenario, performance
 and accuracy. Harness backends only (null: the plumbing; oracle: every response reached the right
 sample, so F1 must equal direct scoring of the same logits). After each run the process table must
-hold no distbert worker.
+hold no process of the run: each run's environment carries a unique ``DISTBERT_TEST_TAG``, which its
+workers (local, mpiexec ranks, orphans reparented elsewhere) inherit, so the check sees only the
+processes the test itself started, never another distbert job on the machine.
+
+Runs on the data set in use (official or synthetic, tests/conftest.py): sample counts come from it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -42,27 +47,52 @@ def env(squad_dev, vocab, session_cache) -> dict[str, str]:
     return e
 
 
-def _workers_alive(pids_before: set[int]) -> list[psutil.Process]:
+@pytest.fixture(scope="module")
+def n_features(squad_dev, vocab, session_cache, env) -> int:
+    """QSL size of the data set in use (10833 for the official dev set)."""
+    from distbert.data.squad.features import load_features
+
+    return len(load_features(squad_dev, vocab, cache_dir=session_cache))
+
+
+TAG = "DISTBERT_TEST_TAG"
+
+
+def _tagged(env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """``env`` plus a unique DISTBERT_TEST_TAG, and the tag: every process of the run inherits it."""
+    tag = uuid.uuid4().hex
+    return dict(env, **{TAG: tag}), tag
+
+
+def _alive_with_tag(tag: str) -> list[psutil.Process]:
+    """Live processes (not zombies) whose environment carries ``tag``: only what this test started."""
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "distbert worker" in cmd or ("distbert" in cmd and "run" in cmd and p.info["pid"] not in pids_before
-                                        and p.info["pid"] != os.getpid()):
-            out.append(p)
+    for p in psutil.process_iter():
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get(TAG) == tag and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass   # gone, or another user's process: not ours
     return out
+
+
+def _assert_none_outlived(tag: str, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while _alive_with_tag(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = _alive_with_tag(tag)
+    assert not alive, f"processes outlived the run: {[(p.pid, p.cmdline()) for p in alive]}"
 
 
 def _run(args: list[str], env: dict[str, str], squad_dev: Path, vocab: Path, out: Path, launcher: list[str] | None = None,
          timeout: int = 240) -> tuple[subprocess.CompletedProcess[str], dict]:
     cmd = (launcher or []) + [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
                               "--output", str(out), *args]
-    before = {p.pid for p in psutil.process_iter()}
+    env, tag = _tagged(env)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    # no process outlives a run
-    deadline = time.monotonic() + 10
-    while _workers_alive(before) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _workers_alive(before), "worker processes outlived the run"
+    _assert_none_outlived(tag)   # no process outlives a run
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
     record = json.loads((out / "run.json").read_text())
     return proc, record
@@ -90,7 +120,8 @@ LAUNCHES = {
 }
 
 SCENARIO_ARGS = {
-    "Offline": [],
+    # the oracle's batch hint (1024) would give a small data set one batch, so one worker: cap it
+    "Offline": ["--max-batch", "128"],
     "Server": ["--target-qps", "4000", "--test-query-count", "3000"],
     "SingleStream": ["--test-query-count", "300"],
 }
@@ -99,11 +130,12 @@ SCENARIO_ARGS = {
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 @pytest.mark.parametrize("scenario", list(SCENARIO_ARGS))
-def test_performance_and_accuracy(launch, scenario, env, squad_dev, vocab, session_cache, tmp_path):
+def test_performance_and_accuracy(launch, scenario, env, squad_dev, vocab, session_cache, n_features, tmp_path):
     launcher, extra = LAUNCHES[launch]()
     if launcher is not None and MPIEXEC is None:
         pytest.skip("mpiexec not found next to the Python interpreter (install the 'mpich' wheel)")
-    max_examples = None if scenario == "Offline" else 1500
+    # Offline: the whole QSL; the others a prefix (1500 of the official 10833)
+    max_examples = None if scenario == "Offline" else min(1500, n_features * 2 // 3)
     args = ["--backend", "oracle", "--scenario", scenario, "--mode", "both", *extra, *SCENARIO_ARGS[scenario]]
     if max_examples:
         args += ["--max-examples", str(max_examples)]
@@ -118,20 +150,23 @@ def test_performance_and_accuracy(launch, scenario, env, squad_dev, vocab, sessi
     if max_examples is None:
         assert acc["f1"] > 98.0
     log = json.loads((tmp_path / "run" / "accuracy" / "mlperf_log_accuracy.json").read_text())
-    assert len({e["qsl_idx"] for e in log}) == (max_examples or 10833)
+    assert len({e["qsl_idx"] for e in log}) == (max_examples or n_features)
     for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt"):
         assert (tmp_path / "run" / "performance" / name).is_file()
     assert (tmp_path / "run" / "accuracy" / "accuracy.txt").read_text().startswith('{"exact_match"')
 
 
 @pytest.mark.timeout(300)
-def test_worker_killed_mid_run_work_is_requeued(env, squad_dev, vocab, tmp_path):
+def test_worker_killed_mid_run_work_is_requeued(env, squad_dev, vocab, n_features, tmp_path):
     """Kill one of three local workers mid-run (sim backend keeps the run long enough): the run must
     still complete every sample exactly once (LoadGen would log an error otherwise) and report the loss."""
     out = tmp_path / "run"
+    n = min(3000, n_features)
+    batch = max(2, round(16 * n / 3000))   # ~60 batches of 0.1 s per worker: about 6 s, whatever n
     cmd = [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab), "--output", str(out),
-           "--backend", "sim", "--sim-latency", "0.1", "--workers", "3", "--max-batch", "16",
-           "--scenario", "Offline", "--mode", "accuracy", "--max-examples", "3000", "--heartbeat-timeout", "3"]
+           "--backend", "sim", "--sim-latency", "0.1", "--workers", "3", "--max-batch", str(batch),
+           "--scenario", "Offline", "--mode", "accuracy", "--max-examples", str(n), "--heartbeat-timeout", "3"]
+    env, tag = _tagged(env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
     deadline = time.monotonic() + 120
@@ -153,10 +188,11 @@ def test_worker_killed_mid_run_work_is_requeued(env, squad_dev, vocab, tmp_path)
     assert record["results"]["accuracy"]["loadgen_errors"] == 0
     log = json.loads((out / "accuracy" / "mlperf_log_accuracy.json").read_text())
     idx = [e["qsl_idx"] for e in log]
-    assert sorted(idx) == list(range(3000)), "a sample was lost or completed twice"
+    assert sorted(idx) == list(range(n)), "a sample was lost or completed twice"
     lost = [w for w in record["workers"] if w["lost"]]
     assert [w["worker"] for w in lost] == [2]
     assert record["results"]["accuracy"]["dispatcher"]["requeued_batches"] >= 1
+    _assert_none_outlived(tag)
 
 
 @pytest.mark.timeout(120)
@@ -173,7 +209,7 @@ def test_failing_backend_fails_the_run_with_the_first_cause(env, squad_dev, voca
     """A worker whose model cannot load reports why; rank 0 exits non-zero, names the rank, leaves
     only a run directory marked .failed, and no worker survives."""
     out = tmp_path / "run"
-    before = {p.pid for p in psutil.process_iter()}
+    env, tag = _tagged(env)
     proc = subprocess.run([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
                            "--backend", "onnxruntime", "--model", str(tmp_path / "missing.onnx"), "--workers", "2",
                            "--output", str(out)], env=env, capture_output=True, text=True, timeout=100)
@@ -181,12 +217,11 @@ def test_failing_backend_fails_the_run_with_the_first_cause(env, squad_dev, voca
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("distbert: error: run failed: worker") and "missing.onnx" in last
     assert not out.exists() and (tmp_path / "run.failed" / "error.txt").is_file()
-    time.sleep(1)
-    assert not _workers_alive(before)
+    _assert_none_outlived(tag)
 
 
 @pytest.mark.timeout(180)
-def test_external_worker_joins_with_connect(env, squad_dev, vocab, tmp_path):
+def test_external_worker_joins_with_connect(env, squad_dev, vocab, n_features, tmp_path):
     """A coordinator listening on TCP with no local workers is joined by `distbert worker --connect`,
     the session key coming from the environment (never the command line)."""
     import socket
@@ -195,8 +230,9 @@ def test_external_worker_joins_with_connect(env, squad_dev, vocab, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     e = dict(env, DISTBERT_SESSION_KEY="test-key-123")
+    n = min(500, n_features)
     coord = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
-                              "--backend", "oracle", "--mode", "accuracy", "--max-examples", "500",
+                              "--backend", "oracle", "--mode", "accuracy", "--max-examples", str(n),
                               "--workers", "0", "--expect-workers", "1", "--listen", f"tcp://127.0.0.1:{port}",
                               "--output", str(tmp_path / "run")],
                              env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,12 +245,13 @@ def test_external_worker_joins_with_connect(env, squad_dev, vocab, tmp_path):
     assert worker.returncode == 0, werr[-3000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [w["worker"] for w in record["workers"]] == [7]
-    assert record["workers"][0]["stats"]["samples"] >= 500
+    assert record["workers"][0]["stats"]["samples"] >= n
 
 
 @pytest.mark.timeout(180)
 def test_workers_exit_when_rank0_is_killed(env, squad_dev, vocab, tmp_path):
     """SIGKILL rank 0 mid-run (it cannot clean up): its local workers notice and exit on their own."""
+    env, tag = _tagged(env)
     proc = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
                              "--backend", "sim", "--sim-latency", "0.2", "--max-batch", "8", "--workers", "2",
                              "--output", str(tmp_path / "run")],
@@ -231,6 +268,7 @@ def test_workers_exit_when_rank0_is_killed(env, squad_dev, vocab, tmp_path):
     proc.wait(timeout=10)
     gone, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, f"workers outlived a killed rank 0: {[p.pid for p in alive]}"
+    _assert_none_outlived(tag, within_s=5)
 
 
 @pytest.mark.timeout(240)

@@ -9,7 +9,18 @@ import pytest
 
 from distbert.wire import messages as m
 from distbert.wire.messages import (
-    Batch, Bye, Failure, Heartbeat, Hello, MessageError, Ready, Result, Setup, Shutdown, decode, encode,
+    Batch,
+    Bye,
+    Failure,
+    Heartbeat,
+    Hello,
+    MessageError,
+    Ready,
+    Result,
+    Setup,
+    Shutdown,
+    decode,
+    encode,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -23,12 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def small_dev(squad_dev, tmp_path_factory) -> Path:
-    """The first three articles of the dev set (fast to build, still multi-window)."""
+    """The first three articles of the data set in use (fast to build, still multi-window)."""
     doc = json.loads(squad_dev.read_text(encoding="utf-8"))
     doc["data"] = doc["data"][:3]
     path = tmp_path_factory.mktemp("small") / "dev-small.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
     return path
+
+
+def test_small_dev_is_multi_window(small_dev, vocab):
+    ex = np.asarray(F.build_features(small_dev, vocab).meta.example_index)
+    assert np.bincount(ex).max() >= 2
 
 
 class BuildCounter:
@@ -72,7 +77,9 @@ def test_key_depends_on_params_dataset_and_vocab(small_dev, vocab, tmp_path):
     other = load_features(small_dev, vocab, FeatureParams(max_seq_length=128), cache_dir=tmp_path)
     assert other.path != base.path and len(other) > len(base)
     edited = tmp_path / "edited.json"
-    edited.write_bytes(small_dev.read_bytes().replace(b"Super Bowl", b"Super Cup", 1))
+    doc = json.loads(small_dev.read_text(encoding="utf-8"))
+    doc["data"][0]["paragraphs"][0]["qas"][0]["question"] += " Really?"
+    edited.write_text(json.dumps(doc), encoding="utf-8")
     assert load_features(edited, vocab, cache_dir=tmp_path).path != base.path
     vocab2 = tmp_path / "vocab.txt"
     vocab2.write_bytes(vocab.read_bytes() + b"extra-token\n")
@@ -151,8 +158,8 @@ def test_open_rejects_wrong_format(small_dev, vocab, tmp_path):
         FeatureStore.open(tmp_path / "nowhere")
 
 
-def test_full_dev_set_warm_open_is_fast(squad_dev, vocab, session_cache):
-    store = load_features(squad_dev, vocab, cache_dir=session_cache)
+def test_full_dev_set_warm_open_is_fast(official_squad_dev, official_vocab, session_cache):
+    store = load_features(official_squad_dev, official_vocab, cache_dir=session_cache)
     t0 = time.perf_counter()
     again = FeatureStore.open(store.path)
     elapsed = time.perf_counter() - t0

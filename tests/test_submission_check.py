@@ -67,8 +67,8 @@ MEASUREMENTS = {"input_data_types": "int64", "retraining": "No",
 # --- the LoadGen side: runs in a child process --------------------------------------------------
 
 def _loadgen_main(scenario: str, mode: str, outdir: str) -> None:
-    import numpy as np
     import mlperf_loadgen as lg
+    import numpy as np
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbert.wire.messages import (
-    Batch, Bye, Failure, Heartbeat, Hello, Ready, Result, Setup, Shutdown, encode,
-)
 from distbert.wire import CoordinatorTransport, Endpoint, TransportClosed, WorkerTransport
 from distbert.wire.inproc import InprocHub
+from distbert.wire.messages import (
+    Batch,
+    Bye,
+    Failure,
+    Heartbeat,
+    Hello,
+    Ready,
+    Result,
+    Setup,
+    Shutdown,
+    encode,
+)
 from distbert.wire.mpi import pack_frames, unpack_frames
 from distbert.wire.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
 
