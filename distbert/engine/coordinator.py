@@ -38,7 +38,6 @@ MAX_SEQ = 384          # the longest row a worker may return logits for
 MAX_BATCH = 1 << 16    # the largest max_batch a worker may announce
 
 
-
 # The driver's inbox holds, in arrival order: sample tuples ``(ids, indices)`` from LoadGen's issue
 # callback (plain tuples: the Server hot path), and the control items below.
 @dataclass(frozen=True)
@@ -215,6 +214,10 @@ class Coordinator:
             self._abort_outstanding()
             self._all_ready.set()
             self._all_bye.set()
+            # Stay alive until stop(): LoadGen keeps a logger per thread that called it, and a thread
+            # that completes samples and then exits while the test still runs crashes LoadGen
+            # (SIGSEGV, seen with 10833 samples completed at once from a thread that then ended).
+            self._stop.wait()
 
     def _complete_dead(self) -> None:
         """Complete every queued sample without data (fresh response objects: this may run on a
