@@ -9,7 +9,6 @@ right logits (the oracle's F1), by the genuine worker.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
@@ -18,11 +17,10 @@ import pytest
 from distbert.backends.base import BackendSpec
 from distbert.config import BatchConfig, LoadGenConfig, RunConfig
 from distbert.data.squad.accuracy import score_log
-from distbert.engine.coordinator import Coordinator, RunFailed
-from distbert.engine.worker import worker_run
+from distbert.engine.coordinator import RunFailed
 from distbert.run.loadgen import run_test
 from distbert.wire import messages as m
-from distbert.wire.inproc import InprocHub
+from tests.inproc_cluster import make_cluster, start_cluster, stop_cluster
 
 
 @pytest.fixture(scope="module")
@@ -79,24 +77,13 @@ def _bad_bye(msg):
 def _run(store, tmp_path, alter, mode="accuracy"):
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode=mode), backend=BackendSpec("oracle"),
                     batch=BatchConfig(max_batch=32, credits=2))
-    cfg = cfg.replace(features_path=str(store.path))
-    hub = InprocHub(key="k")
-    tamper = _Tamper(hub.coordinator, alter)
-    coord = Coordinator(cfg, tamper, store.lengths, expected_workers={1, 2})
-    threads = [threading.Thread(target=worker_run, args=(hub.connect(r), r, r - 1, 2), kwargs={"pin": False},
-                                daemon=True) for r in (1, 2)]
-    for t in threads:
-        t.start()
-    coord.start()
+    coord, threads, hub = start_cluster(cfg, store, 2, wrap=lambda inner: _Tamper(inner, alter))
     try:
         result = run_test(cfg, coord, len(store), mode, tmp_path)
         stats = coord.dispatcher.stats
     finally:
-        coord.stop()
-        for t in threads:
-            t.join(timeout=10)
-        hub.close()
-    return coord, tamper, result, stats
+        stop_cluster(coord, threads, hub)
+    return coord, coord.transport, result, stats
 
 
 @pytest.mark.timeout(120)
@@ -132,20 +119,14 @@ def test_a_ready_with_a_bad_max_batch_fails_start_up_at_once(store, max_batch):
         return msg
 
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline"), backend=BackendSpec("oracle"), batch=BatchConfig(),
-                    ready_timeout_s=50).replace(features_path=str(store.path))
-    hub = InprocHub(key="k")
-    coord = Coordinator(cfg, _Tamper(hub.coordinator, bad_ready), store.lengths, expected_workers={1, 2})
-    threads = [threading.Thread(target=worker_run, args=(hub.connect(r), r, r - 1, 2), kwargs={"pin": False},
-                                daemon=True) for r in (1, 2)]
-    for t in threads:
-        t.start()
+                    ready_timeout_s=50)
+    coord, threads, hub = make_cluster(cfg, store, 2, wrap=lambda inner: _Tamper(inner, bad_ready))
     t0 = time.monotonic()
     try:
         with pytest.raises(RunFailed, match="max_batch"):
             coord.start()
     finally:
-        coord.stop(deadline_s=5)
-        hub.close()
+        stop_cluster(coord, threads, hub)
     assert time.monotonic() - t0 < 30   # the ready timeout is 50 s: it did not wait for it
 
 

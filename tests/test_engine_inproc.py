@@ -6,7 +6,6 @@ set in use (official or synthetic, tests/conftest.py): counts come from the stor
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,8 @@ import pytest
 from distbert.backends.base import BackendSpec
 from distbert.backends.harness import oracle_logits
 from distbert.config import BatchConfig, LoadGenConfig, RunConfig
-from distbert.engine.coordinator import Coordinator
-from distbert.engine.worker import worker_run
 from distbert.run.loadgen import run_test
-from distbert.wire.inproc import InprocHub
+from tests.inproc_cluster import start_cluster, stop_cluster
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +38,6 @@ def _errors_besides_repeated_from_config(logdir: Path) -> list[str]:
     return [e for e in errors if not e.startswith("error_invalid_config: Multiple conf files")]
 
 
-def _cluster(cfg: RunConfig, store, n: int):
-    hub = InprocHub(key="k")
-    cfg = cfg.replace(features_path=str(store.path))
-    coord = Coordinator(cfg, hub.coordinator, store.lengths, expected_workers=set(range(1, n + 1)))
-    threads = []
-    for rank in range(1, n + 1):
-        t = threading.Thread(target=worker_run, args=(hub.connect(rank), rank, rank - 1, n), kwargs={"pin": False},
-                             daemon=True)
-        t.start()
-        threads.append(t)
-    coord.start()
-    return coord, threads, hub
-
-
-def _stop(coord, threads, hub):
-    coord.stop()
-    for t in threads:
-        t.join(timeout=10)
-        assert not t.is_alive(), "a worker thread did not stop"
-    hub.close()
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("scenario,extra", [("Offline", {}), ("Server", {"target_qps": 20000.0})])
 def test_oracle_accuracy_full_dev_set_equals_direct_scoring(store, tmp_path, scenario, extra):
@@ -70,12 +45,12 @@ def test_oracle_accuracy_full_dev_set_equals_direct_scoring(store, tmp_path, sce
 
     cfg = RunConfig(loadgen=LoadGenConfig(scenario=scenario, mode="accuracy", **extra),
                     backend=BackendSpec("oracle"), batch=BatchConfig(max_batch=128, credits=2))
-    coord, threads, hub = _cluster(cfg, store, 3)
+    coord, threads, hub = start_cluster(cfg, store, 3)
     try:
         run_test(cfg, coord, len(store), "accuracy", tmp_path)
         stats = coord.dispatcher.stats
     finally:
-        _stop(coord, threads, hub)
+        stop_cluster(coord, threads, hub)
     assert _errors_besides_repeated_from_config(tmp_path) == []
     log = json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
     assert sorted(e["qsl_idx"] for e in log) == list(range(len(store)))
@@ -99,12 +74,12 @@ def test_performance_mode_completes_every_sample_once(store, tmp_path):
     want = min(2000, len(store) // 2)   # test mode issues test_query_count samples (fewer than the QSL)
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode="performance", test_query_count=want),
                     backend=BackendSpec("null"), batch=BatchConfig(max_batch=64, token_budget=8192))
-    coord, threads, hub = _cluster(cfg, store, 2)
+    coord, threads, hub = start_cluster(cfg, store, 2)
     try:
         result = run_test(cfg, coord, len(store), "performance", tmp_path)
         stats = coord.dispatcher.stats
     finally:
-        _stop(coord, threads, hub)
+        stop_cluster(coord, threads, hub)
     assert result["result_validity"] == "VALID"  # test mode: min duration 0, `want` samples
     assert _errors_besides_repeated_from_config(tmp_path) == []
     assert result["batch_policy"]["token_budget"] == 8192
@@ -140,20 +115,13 @@ def test_a_batch_lost_in_transit_is_requeued_after_the_timeout(store, tmp_path):
 
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode="accuracy"), backend=BackendSpec("oracle"),
                     batch=BatchConfig(max_batch=256, credits=2, batch_timeout_s=1.0))
-    cfg = cfg.replace(features_path=str(store.path))
-    hub = InprocHub(key="k")
-    lossy = _DropFirstBatch(hub.coordinator)
-    coord = Coordinator(cfg, lossy, store.lengths, expected_workers={1, 2})
-    threads = [threading.Thread(target=worker_run, args=(hub.connect(r), r, r - 1, 2), kwargs={"pin": False},
-                                daemon=True) for r in (1, 2)]
-    for t in threads:
-        t.start()
-    coord.start()
+    coord, threads, hub = start_cluster(cfg, store, 2, wrap=_DropFirstBatch)
+    lossy = coord.transport
     try:
         run_test(cfg, coord, len(store), "accuracy", tmp_path)
         stats = coord.dispatcher.stats
     finally:
-        _stop(coord, threads, hub)
+        stop_cluster(coord, threads, hub)
     assert len(lossy.dropped) == 1
     assert stats["timed_out_batches"] == 1 and stats["requeued_batches"] == 1
     assert stats["samples_completed"] == len(store) and stats["duplicates_dropped"] == 0

@@ -192,6 +192,8 @@ class Coordinator:
         """Tell workers to stop, wait for their Bye (bounded), stop our threads. Safe to call twice."""
         if self._driver is None or self._stop.is_set():
             return
+        if self._dead:  # nobody reads the inbox; the parked driver no longer touches the transport
+            self._tell_workers_to_stop(reason)
         self._inbox.append(_Shutdown(reason))
         self.transport.wake()
         self._all_bye.wait(timeout=deadline_s)
@@ -439,13 +441,16 @@ class Coordinator:
             item.done.set()
         elif isinstance(item, _Shutdown):
             self._shutting_down = True
-            for handle in self.workers.values():
-                if not handle.lost:
-                    try:
-                        self.transport.send(handle.worker, m.Shutdown(reason=item.reason))
-                    except KeyError:
-                        pass
+            self._tell_workers_to_stop(item.reason)
             self._check_all_bye()
+
+    def _tell_workers_to_stop(self, reason: str) -> None:
+        for handle in self.workers.values():
+            if not handle.lost:
+                try:
+                    self.transport.send(handle.worker, m.Shutdown(reason=reason))
+                except KeyError:
+                    pass
 
     def _on_samples(self, ids: list[int], indices: list[int], now: float) -> None:
         if not ids:
