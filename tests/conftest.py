@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -55,7 +56,7 @@ def _missing_reason(key: str) -> str:
     return f"{NO_DATA}: {where} (set DISTBERT_DATA_DIR to a folder holding {OFFICIAL_FILES[key]})"
 
 
-def skip_for_data(reason: str) -> None:
+def skip_for_data(reason: str) -> NoReturn:
     """Skip for want of data; a failure when DISTBERT_REQUIRE_OFFICIAL_DATA=1."""
     if NO_DATA not in reason:
         reason = f"{NO_DATA}: {reason}"
@@ -69,7 +70,6 @@ class DataSet:
     dataset: Path
     vocab: Path
     official: bool
-
 
 
 def _official_pair() -> DataSet | None:
@@ -151,22 +151,24 @@ def vocab(data_set) -> Path:
     return data_set.vocab
 
 
+def official_or_skip(key: str) -> Path:
+    """The official file ``key``; skips (fails under DISTBERT_REQUIRE_OFFICIAL_DATA=1) when absent."""
+    path = official_file(key)
+    if path is None:
+        skip_for_data(_missing_reason(key))
+    return path
+
+
 @pytest.fixture(scope="session")
 def official_squad_dev() -> Path:
-    """The official dev-v1.1.json; skips (fails under DISTBERT_REQUIRE_OFFICIAL_DATA=1) when absent."""
-    path = official_file("squad_dev")
-    if path is None:
-        skip_for_data(_missing_reason("squad_dev"))
-    return path
+    """The official dev-v1.1.json."""
+    return official_or_skip("squad_dev")
 
 
 @pytest.fixture(scope="session")
 def official_vocab() -> Path:
-    """The official BERT uncased vocab.txt; skips (fails under DISTBERT_REQUIRE_OFFICIAL_DATA=1) when absent."""
-    path = official_file("vocab")
-    if path is None:
-        skip_for_data(_missing_reason("vocab"))
-    return path
+    """The official BERT uncased vocab.txt."""
+    return official_or_skip("vocab")
 
 
 @pytest.fixture(scope="session")
