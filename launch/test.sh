@@ -14,6 +14,6 @@ launch/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"   # the venv's mpiexec and python first
 if [ "$#" -eq 0 ]; then   # the whole suite: lint and types first (a few seconds; ~1 min for mypy's first run)
   echo "[test] ruff check ."; .venv/bin/ruff check .
-  echo "[test] mypy (distbert/, bench/)"; .venv/bin/mypy
+  echo "[test] mypy (distbert/, bench/, tests/)"; .venv/bin/mypy
 fi
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -18,6 +18,7 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def coordinator(mode: str) -> None:
         assert got is not None, f"coordinator: nothing received within {timeout} s"
         return got
 
-    hellos = {}
+    hellos: dict[int, Any] = {}
     while len(hellos) < len(workers):
         worker, msg = recv()
         assert isinstance(msg, Hello) and msg.rank == worker and msg.key == KEY, (worker, msg)
@@ -83,7 +84,7 @@ def coordinator(mode: str) -> None:
         t.send(w, Setup('{"mode": "%s"}' % mode))
     # Per worker: N_ORDERED heartbeats in order, then Ready.
     seq = {w: 0 for w in workers}
-    ready = set()
+    ready: set[int] = set()
     while len(ready) < len(workers):
         worker, msg = recv()
         if isinstance(msg, Heartbeat):
@@ -126,7 +127,7 @@ def coordinator(mode: str) -> None:
 
     for w in workers:
         t.send(w, Shutdown("done"))
-    byes = set()
+    byes: set[int] = set()
     while len(byes) < len(workers):
         worker, msg = recv()
         assert isinstance(msg, Bye) and msg.rank == worker, (worker, msg)

@@ -87,7 +87,7 @@ def _inflected(rng: random.Random) -> str:
 
 
 def _filler(rng: random.Random, n: int) -> str:
-    words = []
+    words: list[str] = []
     for k in range(n):
         r = rng.random()
         w = _inflected(rng) if r < 0.15 else str(rng.randint(1, 99999)) if r < 0.18 else rng.choice(FILLER)
@@ -128,7 +128,9 @@ def _fact(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
 
 def _place(sentence: str, base: int) -> tuple[str, dict[str, int]]:
     """Strip the \\x01..\\x02 slot markers; returns the text and {slot text: offset from ``base``}."""
-    out, starts, i = [], {}, 0
+    out: list[str] = []
+    starts: dict[str, int] = {}
+    i = 0
     pos = base
     while i < len(sentence):
         c = sentence[i]

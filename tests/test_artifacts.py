@@ -20,6 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with st.lock:
             index = len(st.requests)
-            entry = {"name": name, "range": rng, "if_range": self.headers.get("If-Range"), "status": None}
+            entry: dict[str, Any] = {"name": name, "range": rng, "if_range": self.headers.get("If-Range"),
+                                     "status": None}
             st.requests.append(entry)
         data = st.files.get(name)
         if name in st.status or data is None:

@@ -189,7 +189,7 @@ def test_mismatched_ids_and_indices_rejected():
 def test_instructions_are_frozen():
     s = SendBatch(1, 2, ids_of(3), idx_of(4), True)
     with pytest.raises(AttributeError):
-        s.worker = 5  # type: ignore[misc]
+        s.worker = 5
     assert not hasattr(s, "__dict__")
 
 
@@ -599,7 +599,7 @@ def test_server_latency_low_at_low_load_and_batches_at_high_load():
                 _, bid, w = heapq.heappop(heap)
                 schedule(sim.result(w, bid, now=now), now)
             else:
-                assert now >= dl
+                assert dl is not None and now >= dl
                 schedule(sim.tick(now), now)
         else:
             raise AssertionError("event loop did not finish: busy loop on next_deadline()")

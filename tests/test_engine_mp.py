@@ -108,7 +108,7 @@ def _direct_oracle_f1(squad_dev: Path, vocab: Path, session_cache: Path, max_exa
     logits = {}
     for i in range(n):
         length = int(store.lengths[i])
-        s, e = oracle_logits([i], length, store.oracle_start, store.oracle_end)
+        s, e = oracle_logits(np.array([i]), length, store.oracle_start, store.oracle_end)
         logits[i] = np.stack([s[0], e[0]], axis=-1)
     return score_logits(store, logits).f1
 

@@ -143,7 +143,7 @@ def test_encode_rejects(msg, match):
 
 def test_encode_rejects_non_messages():
     with pytest.raises(MessageError, match="not a distbert message"):
-        encode("hello")  # type: ignore[arg-type]
+        encode("hello")
 
 
 # -- decode rejects anything malformed ------------------------------------------------------------

@@ -90,7 +90,9 @@ def ref_features(dataset: Path, tok: SlowTokenizer, p: FeatureParams = FeaturePa
     for article in data:
         for para in article["paragraphs"]:
             words, char_to_word = ref_split_words(para["context"])
-            tok_to_orig, orig_to_tok, doc = [], [], []
+            tok_to_orig: list[int] = []
+            orig_to_tok: list[int] = []
+            doc: list[str] = []
             for i, w in enumerate(words):
                 orig_to_tok.append(len(doc))
                 for sub in tok.tokenize(w):

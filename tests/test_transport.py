@@ -163,7 +163,7 @@ def test_wrong_key_is_dropped(cluster):
     assert cluster.coordinator.recv(0.3) is None
     with pytest.raises(KeyError):
         cluster.coordinator.send(2, Shutdown("x"))
-    drops = cluster.coordinator.drops  # type: ignore[attr-defined]
+    drops = cluster.coordinator.drops
     assert drops.get("bad-key") == 1 and drops.get("unknown-peer") == 1
 
 
@@ -563,7 +563,7 @@ def _run_mpi(n: int, *args: str, env: dict | None = None, timeout: float = 90) -
     try:
         return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s:\n{exc.stderr}")
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s:\n{exc.stderr!r}")
 
 
 @pytest.mark.slow
