@@ -35,20 +35,36 @@ def _env(tmp_path: Path) -> dict[str, str]:
     (["--transport", "mpi", "--coordinator-hosts-worker"], "--coordinator-hosts-worker needs --transport zmq"),
 ])
 def test_user_error_on_rank0_ends_every_rank_at_once(tmp_path, extra, needle):
+    proc, took = _mpirun(tmp_path, extra)
+    failed = tmp_path / "run.failed"
+    assert needle in (failed / "error.txt").read_text()
+    assert not (tmp_path / "run").exists()
+    _assert_failed_fast(proc, took, needle)
+
+
+def test_a_non_empty_output_dir_ends_every_rank_at_once(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("earlier results\n")
+    proc, took = _mpirun(tmp_path, [])
+    _assert_failed_fast(proc, took, "exists and is not empty")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "earlier results\n"
+
+
+def _mpirun(tmp_path, extra):
     cmd = [MPIEXEC, "-n", "3", PY, "-m", "distbert", "run", "--backend", "null",
            "--output", str(tmp_path / "run"), *extra]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-    took = time.monotonic() - t0
+    return proc, time.monotonic() - t0
+
+
+def _assert_failed_fast(proc, took, needle):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
     # both workers heard of it from the broadcast, not from a timeout
     assert proc.stderr.count("rank 0 failed before the run started") == 2, proc.stderr[-3000:]
     assert took < 60, f"ranks took {took:.0f} s to exit"
-    failed = tmp_path / "run.failed"
-    assert needle in (failed / "error.txt").read_text()
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_flag_with_no_subcommand_starts_a_run(tmp_path):

@@ -42,7 +42,12 @@ MODE_TESTS = {"performance": ["performance"], "accuracy": ["accuracy"], "both": 
 
 def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
     """Rank 0 of any launch mode (``comm`` is MPI's world under a launcher, else None)."""
-    run = Rank0Run(cfg, topology, comm, RunDir(output_dir(cfg)))
+    try:
+        rundir = RunDir(output_dir(cfg))
+    except BaseException as exc:  # e.g. a non-empty --output: the launched ranks must hear of it
+        tell_ranks_failed(comm, exc)
+        raise
+    run = Rank0Run(cfg, topology, comm, rundir)
     try:
         run.rendezvous()
         run.start_workers()
@@ -56,6 +61,13 @@ def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
         raise
     finally:
         run.close()
+
+
+def tell_ranks_failed(comm: Any, exc: BaseException) -> None:
+    """Rank 0 failed before the rendezvous: the broadcast the launched ranks wait in says so (they
+    exit 2 at once instead of waiting for an address that never comes)."""
+    if comm is not None:
+        bcast_json(comm, {"error": f"{type(exc).__name__}: {exc}"})
 
 
 class Rank0Run:
@@ -83,8 +95,7 @@ class Rank0Run:
             self.prepare_data()
             self.transport = self._open_transport()
         except BaseException as exc:
-            if comm is not None:  # never leave workers hanging in the broadcast
-                bcast_json(comm, {"error": f"{type(exc).__name__}: {exc}"})
+            tell_ranks_failed(comm, exc)
             raise
         if comm is not None:
             hello: dict[str, Any] = {"key": self.key}
