@@ -15,6 +15,12 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+# the team's copy of the SQuAD dev set and vocab, when this checkout sits beside one (or holds shared/)
+if [ -z "${DISTBERT_DATA_DIR:-}" ]; then
+  for d in ../shared/data shared/data; do
+    if [ -d "$d" ]; then DISTBERT_DATA_DIR="$(cd "$d" && pwd)"; export DISTBERT_DATA_DIR; break; fi
+  done
+fi
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi

@@ -9,6 +9,12 @@
 # Usage: bench/submission_dryrun.sh [OUT_DIR]   (default results/submission-dryrun)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the team's copy of the SQuAD dev set and vocab, when this checkout sits beside one (or holds shared/)
+if [ -z "${DISTBERT_DATA_DIR:-}" ]; then
+  for d in ../shared/data shared/data; do
+    if [ -d "$d" ]; then DISTBERT_DATA_DIR="$(cd "$d" && pwd)"; export DISTBERT_DATA_DIR; break; fi
+  done
+fi
 out=${1:-results/submission-dryrun}
 bin=.venv/bin/distbert
 mkdir -p "$out"
