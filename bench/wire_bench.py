@@ -1,6 +1,7 @@
 """Wire micro-benchmarks: codec cost per message, and transport round trips with one worker thread.
 
     python bench/wire_bench.py                  # codec; inproc, zmq tcp/ipc (worker thread); zmq tcp (worker process)
+                                                # zmq cases twice: CURVE (as runs use it) and plaintext (cost of CURVE)
     python bench/wire_bench.py --quick          # fewer iterations
     mpiexec -n 2 python bench/wire_bench.py --mpi   # MPI transport round trips (rank 1 echoes)
 
@@ -23,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distbert.wire.keys import new_session_key
 from distbert.wire.messages import Batch, Message, Result, Shutdown, decode, encode
 
 L = 384
@@ -140,16 +142,22 @@ def bench_threads(quick: bool, tmp: str) -> None:
     hub.coordinator.send(1, Shutdown("bench"))
     t.join()
 
+    key = new_session_key()
     for address in ("tcp://127.0.0.1:0", f"ipc://{tmp}/wire_bench.sock"):
-        coord = ZmqCoordinatorTransport.bind(address, "k")
-        w = ZmqWorkerTransport.connect(coord.endpoint, 1)
-        t = threading.Thread(target=_echo, args=(w,))
-        t.start()
-        assert coord.recv(5) is not None
-        _run_cases(f"zmq {address.split(':')[0]} loopback", coord, 1, seconds)
-        coord.send(1, Shutdown("bench"))
-        t.join()
-        coord.close()
+        for encrypt in (True, False):
+            coord = ZmqCoordinatorTransport.bind(address, key, encrypt=encrypt)
+            w = ZmqWorkerTransport.connect(coord.endpoint, 1, encrypt=encrypt)
+            t = threading.Thread(target=_echo, args=(w,))
+            t.start()
+            assert coord.recv(5) is not None
+            _run_cases(f"zmq {address.split(':')[0]} loopback, {_label(encrypt)}", coord, 1, seconds)
+            coord.send(1, Shutdown("bench"))
+            t.join()
+            coord.close()
+
+
+def _label(encrypt: bool) -> str:
+    return "CURVE" if encrypt else "plaintext (not selectable in runs)"
 
 
 def bench_process(quick: bool) -> None:
@@ -159,27 +167,30 @@ def bench_process(quick: bool) -> None:
 
     from distbert.wire.zmq import ZmqCoordinatorTransport
 
-    coord = ZmqCoordinatorTransport.bind("tcp://127.0.0.1:0", "k")
-    env = dict(os.environ, DISTBERT_SESSION_KEY="k")
-    proc = subprocess.Popen([sys.executable, __file__, "--echo-worker", coord.endpoint.address], env=env)
-    try:
-        assert coord.recv(30) is not None, "worker process did not connect"
-        _run_cases("zmq tcp loopback, worker process", coord, 1, 0.5 if quick else 2.0)
-        coord.send(1, Shutdown("bench"))
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        coord.close()
+    key = new_session_key()
+    for encrypt in (True, False):
+        coord = ZmqCoordinatorTransport.bind("tcp://127.0.0.1:0", key, encrypt=encrypt)
+        env = dict(os.environ, DISTBERT_SESSION_KEY=key)
+        proc = subprocess.Popen([sys.executable, __file__, "--echo-worker", coord.endpoint.address,
+                                 *([] if encrypt else ["--plaintext"])], env=env)
+        try:
+            assert coord.recv(30) is not None, "worker process did not connect"
+            _run_cases(f"zmq tcp loopback, worker process, {_label(encrypt)}", coord, 1, 0.5 if quick else 2.0)
+            coord.send(1, Shutdown("bench"))
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            coord.close()
 
 
-def echo_worker(address: str) -> None:
+def echo_worker(address: str, encrypt: bool) -> None:
     import os
 
     from distbert.wire import Endpoint
     from distbert.wire.zmq import ZmqWorkerTransport
 
-    _echo(ZmqWorkerTransport.connect(Endpoint(address, os.environ["DISTBERT_SESSION_KEY"]), 1))
+    _echo(ZmqWorkerTransport.connect(Endpoint(address, os.environ["DISTBERT_SESSION_KEY"]), 1, encrypt=encrypt))
 
 
 def bench_mpi(quick: bool) -> None:
@@ -203,9 +214,10 @@ def main() -> None:
     ap.add_argument("--mpi", action="store_true", help="run under mpiexec -n 2")
     ap.add_argument("--no-codec", action="store_true")
     ap.add_argument("--echo-worker", metavar="ADDRESS", help=argparse.SUPPRESS)
+    ap.add_argument("--plaintext", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo_worker:
-        echo_worker(args.echo_worker)
+        echo_worker(args.echo_worker, not args.plaintext)
         return
     if args.mpi:
         bench_mpi(args.quick)

@@ -229,7 +229,7 @@ def test_external_worker_joins_with_connect(env, squad_dev, vocab, n_features, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    e = dict(env, DISTBERT_SESSION_KEY="test-key-123")
+    e = dict(env, DISTBERT_SESSION_KEY="c0ffee" * 6)  # 144 bits
     n = min(500, n_features)
     coord = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
                               "--backend", "oracle", "--mode", "accuracy", "--max-examples", str(n),

@@ -1,10 +1,11 @@
 """``distbert``: the command line.
 
 Subcommands, one module each under :mod:`distbert.cli`: ``run`` (a benchmark run in any launch
-mode), ``worker`` (join a running coordinator), ``squad features`` and ``accuracy`` (the SQuAD data
-path), ``download`` (official data and models), ``model make`` (random-weight models) and
-``submission build|check``. A command line that starts with a flag is a ``run``
-(``mpirun -n 8 distbert --scenario Offline``). User errors print one line and exit with status 2.
+mode), ``worker`` (join a running coordinator), ``key`` (a session key for it), ``squad features``
+and ``accuracy`` (the SQuAD data path), ``download`` (official data and models), ``model make``
+(random-weight models) and ``submission build|check``. A command line that starts with a flag is a
+``run`` (``mpirun -n 8 distbert --scenario Offline``). User errors print one line and exit with
+status 2.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import argparse
 import logging
 import sys
 
-from distbert.cli import download, model, squad, submission
+from distbert.cli import download, key, model, squad, submission
 from distbert.cli import run as run_cmd
 from distbert.cli import worker as worker_cmd
 from distbert.cli.logs import setup_logging
 from distbert.errors import UserError
 
-SUBCOMMANDS = (run_cmd, worker_cmd, squad, download, model, submission)
+SUBCOMMANDS = (run_cmd, worker_cmd, key, squad, download, model, submission)
 
 
 def build_parser() -> argparse.ArgumentParser:

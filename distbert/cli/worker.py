@@ -24,19 +24,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from distbert.engine.worker import worker_run
     from distbert.wire.base import Endpoint
+    from distbert.wire.keys import check_session_key
     from distbert.wire.zmq import ZmqWorkerTransport
 
     setup_logging(args.rank)
     if args.rank < 1:
         raise UserError("--rank must be >= 1 (rank 0 is the coordinator)")
-    key = envs.session_key()
+    key, source = envs.session_key(), "DISTBERT_SESSION_KEY"
     if args.key_file:
         try:
-            key = open(args.key_file).read().strip()
+            key, source = open(args.key_file).read(), f"--key-file {args.key_file}"
         except OSError as exc:
             raise UserError(f"--key-file {args.key_file}: {exc.strerror}") from exc
     if not key:
-        raise UserError("no session key: set DISTBERT_SESSION_KEY or pass --key-file")
+        raise UserError("no session key: set DISTBERT_SESSION_KEY or pass --key-file (rank 0's key)")
+    key = check_session_key(key, source)
     transport = ZmqWorkerTransport.connect(Endpoint(args.connect, key), args.rank)
     parent = args.parent_pid if args.parent_pid and args.parent_pid == os.getppid() else None
     return worker_run(transport, args.rank, args.local_index, args.local_count, parent)

@@ -35,7 +35,13 @@ from distbert.wire.base import CoordinatorTransport
 log = logging.getLogger(__name__)
 
 MAX_SEQ = 384          # the longest row a worker may return logits for
-MAX_BATCH = 1 << 16    # the largest max_batch a worker may announce
+MAX_BATCH = 4096       # the largest max_batch a worker may announce (backends announce <= 1024)
+
+
+def max_result_bytes(max_rows: int | None) -> int:
+    """The largest frame a worker may send: the logits of its largest legal batch plus headers
+    (rows x 384 x 2 float32; ``max_rows`` None = :data:`MAX_BATCH`). The transport's message limit."""
+    return (max_rows or MAX_BATCH) * MAX_SEQ * 2 * 4 + (1 << 16)
 
 
 # The driver's inbox holds, in arrival order: sample tuples ``(ids, indices)`` from LoadGen's issue
@@ -315,7 +321,9 @@ class Coordinator:
             self._check_all_bye()
             return
         log.warning("lost worker %d on %s: %s; requeueing its batches", handle.worker, handle.host, why)
-        if not handle.ready and not self._all_ready.is_set():
+        if not handle.ready and not self._all_ready.is_set() and handle.worker in self.expected:
+            # an expected (launched) worker cannot be done without; an external one that never became
+            # ready (a stranger's bad Ready, a restart gone wrong) is just not used
             self._fail(f"worker {handle.worker} on {handle.host} lost during start-up: {why}")
             self._all_ready.set()
         if self.dispatcher is not None and handle.ready:
@@ -325,13 +333,17 @@ class Coordinator:
         now = time.monotonic()
         handle = self.workers.get(worker)
         if handle is not None:
-            if handle.faulty:
+            # A faulty worker's connection was forgotten by the transport: only a new Hello gets here.
+            if handle.faulty and not isinstance(msg, m.Hello):
                 return
             handle.last_seen = now
         problem = self._invalid(worker, msg)
         if problem is not None:
             self._faulty(worker, handle, problem)
             return
+        if handle is not None and handle.lost and handle.ready and not handle.faulty \
+                and isinstance(msg, (m.Heartbeat, m.Result)):
+            self._readmit(handle, now)  # its link came back
         if isinstance(msg, m.Result):
             if self.dispatcher is None:
                 return
@@ -341,16 +353,31 @@ class Coordinator:
         elif isinstance(msg, m.Hello):
             if handle is None:
                 handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, pid=msg.pid, last_seen=now)
-            log.info("hello from worker %d (%s, pid %d)", worker, msg.host, msg.pid)
+                log.info("hello from worker %d (%s, pid %d)", worker, msg.host, msg.pid)
+            else:  # a restart: its old connection (if any) keeps its work until this one is Ready
+                if handle.faulty:  # its connection was forgotten: this Hello is a new connection's,
+                    handle.faulty = handle.ready = False  # which gets work only after its own Ready
+                log.warning("hello again from worker %d (%s, pid %d, was pid %d): a restart, awaiting its Ready",
+                            worker, msg.host, msg.pid, handle.pid)
             self.transport.send(worker, m.Setup(config_json=self.cfg.to_json()))
         elif isinstance(msg, m.Ready):
             if handle is None:
                 handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, last_seen=now)
+            elif handle.ready and not handle.lost and self.dispatcher is not None:
+                # a restarted worker's Ready: what its old connection had in flight is requeued now
+                self._execute(self.dispatcher.remove_worker(worker, now))
+            restart = handle.ready
             handle.ready, handle.device, handle.backend = True, msg.device, msg.backend
+            handle.lost = handle.faulty = False
+            handle.stats = None
+            handle.host = msg.host
             handle.max_batch = msg.max_batch
             handle.info = _json_object(msg.info_json) or {}
-            log.info("worker %d ready: %s on %s, %s", worker, msg.backend, msg.host, msg.device)
-            if self.dispatcher is not None:  # a late joiner during a test
+            if type(handle.info.get("pid")) is int:
+                handle.pid = handle.info["pid"]
+            log.info("worker %d %s: %s on %s, %s", worker, "ready again" if restart else "ready", msg.backend,
+                     msg.host, msg.device)
+            if self.dispatcher is not None:  # a late joiner or a restart during a test
                 self._execute(self.dispatcher.add_worker(worker, now, msg.max_batch))
             ready = {w for w, h in self.workers.items() if h.ready}
             if self.expected <= ready and len(ready - self.expected) >= self.external_workers:
@@ -388,8 +415,12 @@ class Coordinator:
         elif isinstance(msg, m.Ready):
             if not 1 <= msg.max_batch <= MAX_BATCH:
                 return f"Ready with max_batch {msg.max_batch} (allowed 1..{MAX_BATCH})"
-            if msg.info_json and _json_object(msg.info_json) is None:
+            info = _json_object(msg.info_json) if msg.info_json else {}
+            if info is None:
                 return "Ready whose info is not a JSON object"
+            budget = info.get("token_budget")
+            if budget is not None and (type(budget) is not int or not MAX_SEQ <= budget <= MAX_BATCH * MAX_SEQ):
+                return f"Ready with token_budget {budget!r} (allowed: null or {MAX_SEQ}..{MAX_BATCH * MAX_SEQ})"
         elif isinstance(msg, m.Bye):
             if msg.stats_json and _json_object(msg.stats_json) is None:
                 return "Bye whose stats are not a JSON object"
@@ -406,6 +437,17 @@ class Coordinator:
             self.transport.send(worker, m.Shutdown(reason=f"protocol error: {problem}"))
         except KeyError:
             pass
+        self.transport.forget(worker)  # nothing more from that connection; a new Hello may rejoin
+
+    def _readmit(self, handle: WorkerHandle, now: float) -> None:
+        """A worker declared lost is heard from again on the same connection (its link recovered):
+        it gets work again. What it had in flight was requeued at the loss; late results for those
+        batches are dropped by the dispatcher (their ids were retired)."""
+        handle.lost = False
+        log.warning("worker %d on %s is heard from again: it gets work again (its batches were requeued "
+                    "when it was lost)", handle.worker, handle.host)
+        if self.dispatcher is not None and not self._shutting_down:
+            self._execute(self.dispatcher.add_worker(handle.worker, now, handle.max_batch))
 
     def _check_all_bye(self) -> None:
         if self._shutting_down and all(h.stats is not None or h.lost for h in self.workers.values()):

@@ -22,7 +22,7 @@ from distbert.backends import HARNESS
 from distbert.backends.base import BackendSpec
 from distbert.config import RunConfig
 from distbert.data.squad.cache import FeatureStore
-from distbert.engine.coordinator import Coordinator, RunFailed
+from distbert.engine.coordinator import Coordinator, RunFailed, max_result_bytes
 from distbert.engine.local import LocalWorkers
 from distbert.errors import UserError
 from distbert.run import record as rec
@@ -32,6 +32,7 @@ from distbert.run.rundir import RunDir, output_dir
 from distbert.topology import Topology
 from distbert.util.net import host_address
 from distbert.wire.base import CoordinatorTransport
+from distbert.wire.keys import check_session_key, new_session_key
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Rank0Run:
         self.topology = topology
         self.comm = comm
         self.rundir = rundir
-        self.key = envs.session_key() or secrets.token_hex(16)
+        self.key = ""  # set by rendezvous(): a bad DISTBERT_SESSION_KEY is a user error every rank hears of
         self.transport: CoordinatorTransport | None = None
         self.local: LocalWorkers | None = None
         self.coordinator: Coordinator | None = None
@@ -91,6 +92,8 @@ class Rank0Run:
         workers hear of it at once (and exit 2) instead of waiting for a Setup that never comes."""
         comm = self.comm
         try:
+            given = envs.session_key()
+            self.key = check_session_key(given, "DISTBERT_SESSION_KEY") if given else new_session_key()
             self._check_launch()
             self.prepare_data()
             self.transport = self._open_transport()
@@ -117,7 +120,8 @@ class Rank0Run:
             return MpiCoordinatorTransport(self.comm, key=self.key)
         from distbert.wire.zmq import ZmqCoordinatorTransport
 
-        return ZmqCoordinatorTransport.bind(self._zmq_address(), self.key)
+        return ZmqCoordinatorTransport.bind(self._zmq_address(), self.key,
+                                            max_message_bytes=max_result_bytes(self.cfg.batch.max_batch))
 
     def _zmq_address(self) -> str:
         if self.cfg.listen:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 
+from distbert.wire._common import PeerTable
 from distbert.wire.messages import Message
 
 
@@ -45,6 +46,7 @@ class Endpoint:
 
 class CoordinatorTransport(abc.ABC):
     endpoint: Endpoint
+    _peers: PeerTable  # which connection is which worker (every implementation keeps one)
 
     @abc.abstractmethod
     def send(self, worker: int, msg: Message) -> None:
@@ -57,6 +59,11 @@ class CoordinatorTransport(abc.ABC):
         The first message of every worker is its ``Hello``; a ``Hello`` whose key does not match is
         dropped by the transport (and logged), never returned.
         """
+
+    def forget(self, worker: int) -> None:
+        """Treat ``worker``'s connection as a stranger's from now on (it broke the protocol): only
+        a new ``Hello`` is accepted from it. Owner thread only."""
+        self._peers.forget(worker)
 
     @abc.abstractmethod
     def wake(self) -> None:

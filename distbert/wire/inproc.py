@@ -23,7 +23,7 @@ from typing import Any
 
 from distbert.wire._common import DropLog, Inbox, PeerTable, TransportClosed, accept_from, deadline_after
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
-from distbert.wire.messages import Hello, Message, MessageError, decode, encode
+from distbert.wire.messages import Hello, Message, MessageError, Shutdown, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,7 @@ class InprocCoordinatorTransport(CoordinatorTransport):
     def send(self, worker: int, msg: Message) -> None:
         if self.closed:
             raise TransportClosed("send() on a closed in-process transport")
-        side = self._peers.peer_of.get(worker)
-        if side is None:
-            raise KeyError(f"worker {worker} has not said Hello on this transport")
+        side = self._peers.route(worker, msg)
         frames = encode(msg)
         if side.closed:
             self._drops.drop("unreachable", "%s for worker %d: it has closed", type(msg).__name__, worker)
@@ -94,7 +92,11 @@ class InprocCoordinatorTransport(CoordinatorTransport):
                 return got
 
     def _accept(self, sender: InprocWorkerTransport, frames: list[Any]) -> tuple[int, Message] | None:
-        return accept_from(self._peers, self._drops, sender, frames, "an in-process peer")
+        got = accept_from(self._peers, self._drops, sender, frames, "an in-process peer")
+        for old in self._peers.take_displaced():  # a restarted worker's old side: told to stop
+            if not old.closed:
+                old._inbox.put(encode(Shutdown(reason="replaced by a newer connection for this rank")))
+        return got
 
     def wake(self) -> None:
         self._inbox.wake()

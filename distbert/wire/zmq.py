@@ -1,21 +1,33 @@
-"""ZeroMQ transport: rank 0 binds a ROUTER, every worker connects a DEALER.
+"""ZeroMQ transport: rank 0 binds a ROUTER, every worker connects a DEALER; every connection is
+encrypted and authenticated with CURVE.
 
 Wire: one ZeroMQ multipart message per :mod:`distbert.wire.messages` message (the ROUTER adds/strips
 the peer's routing-id frame). Arrays go out zero-copy (``copy=False``; pyzmq still copies frames
 under ``copy_threshold``, 64 KiB, because that is cheaper than tracking them) and are decoded as
 read-only views of the received ``zmq.Frame`` buffers.
 
-Identity: the ROUTER knows peers by routing id; a peer becomes worker ``N`` only after a ``Hello``
-whose key matches. Anything else from an unknown routing id is dropped (and logged) without being
-decoded. Each worker sets a stable routing id, so a TCP reconnect (the DEALER redials by itself)
-keeps its mapping; a *new* worker process that says ``Hello`` for an existing rank replaces the old
-mapping (the coordinator sees a second ``Hello`` for that rank and must treat it as a restart).
+Security (:mod:`distbert.wire.keys`): both sides derive CURVE key pairs from the session key. The
+worker pins rank 0's public key; rank 0 runs a ZAP handler (a thread on ``inproc://zeromq.zap.01``)
+that admits only the workers' public key, with ``ZAP_ENFORCE_DOMAIN`` so that no handler means no
+admission. A peer without the session key fails the first handshake message inside libzmq: no
+Python runs for it and it gets no pipe, no queue and no parser. The session key never crosses the
+wire (the ``Hello`` carries an empty key here: the connection itself is the proof).
 
-Blocking: ``recv`` waits in ``zmq.Poller`` on the socket and on the read end of a pipe; ``wake()``
-writes one byte to the pipe (``os.write`` is thread-safe and, the pipe being non-blocking, never
-blocks). ``send`` never blocks: high-water marks are off (queues are unbounded) and every send is
-``NOBLOCK``; a message to a peer whose connection is gone is dropped with a log line
-(``ROUTER_MANDATORY`` turns that case into ``EHOSTUNREACH`` instead of a silent drop).
+Identity: a connection, not a name. ``ROUTER_HANDOVER`` is off, so a second connection that
+presents a routing id already in use is ignored by libzmq instead of taking the first one's traffic.
+A peer becomes worker ``N`` only after its ``Hello``; a second ``Hello`` for a live rank is a
+pending restart (:class:`distbert.wire._common.PeerTable`).
+
+Bounds: at most ``RCV_HWM`` messages queued per connection on receive (then TCP pushes back),
+frames above ``max_message_bytes`` disconnect the sender (libzmq never allocates them), a handshake
+must finish within ``HANDSHAKE_S``. Sends never block: the send high-water mark is off and every send
+is ``NOBLOCK`` (the dispatcher's credits bound what is in flight); a message to a peer whose
+connection is gone is dropped with a log line (``ROUTER_MANDATORY`` turns that case into
+``EHOSTUNREACH`` instead of a silent drop).
+
+Blocking: ``recv`` waits in ``zmq.Poller`` on the socket, its monitor and the read end of a pipe;
+``wake()`` writes one byte to the pipe (``os.write`` is thread-safe and, the pipe being non-blocking,
+never blocks).
 
 Threads: ``send``/``recv``/``close`` from the one thread that owns the transport (ZeroMQ sockets
 are not thread-safe); ``wake`` from any thread.
@@ -34,33 +46,53 @@ from time import monotonic as _monotonic
 from typing import Any
 
 import zmq
+import zmq.utils.monitor
 
+from distbert.errors import UserError
 from distbert.util.net import host_address
 from distbert.wire._common import DropLog, PeerTable, TransportClosed, accept_from
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
-from distbert.wire.messages import Hello, Message, MessageError, decode, encode
+from distbert.wire.keys import CurveKeys, curve_keys
+from distbert.wire.messages import Hello, Message, MessageError, Shutdown, decode, encode
 
 log = logging.getLogger(__name__)
 
 #: ``close()`` waits at most this long for queued outgoing messages (a final ``Shutdown``/``Bye``).
 DEFAULT_LINGER_S = 1.0
-#: A peer sending a bigger frame is disconnected by libzmq instead of making us allocate it.
-MAX_FRAME_BYTES = 1 << 30
+#: The largest frame rank 0 accepts unless told (a run passes its exact bound: the logits of its
+#: largest legal batch, :func:`distbert.engine.coordinator.max_result_bytes`).
+COORDINATOR_MAX_MESSAGE = 16 << 20
+#: The largest frame a worker accepts from rank 0 (a Setup, a Batch's ids: well under 1 MiB).
+WORKER_MAX_MESSAGE = 16 << 20
+#: Messages queued per connection on receive before libzmq stops reading that connection.
+RCV_HWM = 1000
+#: A connection that has not finished its CURVE handshake by then is closed.
+HANDSHAKE_S = 5.0
+#: Consecutive failed handshakes after which a worker gives up (wrong key, not a distbert rank 0).
+HANDSHAKE_FAILURES = 3
 #: Frames below this many bytes are copied into the socket; bigger ones are sent zero-copy.
 COPY_THRESHOLD = 1 << 16
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"distbert"
+WORKER_USER_ID = b"distbert-worker"
 # Plain ints: pyzmq's flag enums make every ``|`` a Python-level call, which cost more than the
 # send itself on the hot path (measured: send_multipart 3x slower than this loop).
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+_MONITORED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | sum(int(e) for e in _HANDSHAKE_FAILED)
 
 
-def _tune(sock: zmq.Socket, linger_s: float) -> None:
+def _tune(sock: zmq.Socket, linger_s: float, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
-    # HWM 0 = unbounded queues: a ROUTER at its HWM silently drops, a DEALER at its HWM blocks;
-    # neither is acceptable, and the dispatcher's credits already bound what is in flight.
+    # Send HWM 0 = unbounded: a ROUTER at its HWM silently drops, a DEALER at its HWM blocks; neither
+    # is acceptable, and the dispatcher's credits already bound what is in flight. Receive HWM set:
+    # a peer that floods us is pushed back by TCP instead of growing our memory.
     sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.RCVHWM, RCV_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
     # Dead peers on quiet connections: ZMTP heartbeats notice within ~10 s, TCP keepalive is the
     # backstop for half-open connections (a host that vanished without a FIN).
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
@@ -130,17 +162,33 @@ class _Waker:
 
 
 class _ZmqPeer:
-    """The socket + poller + waker loop both sides share."""
+    """The socket + monitor + poller + waker loop both sides share."""
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, linger_s: float) -> None:
         self._ctx = ctx
         self._sock = sock
         self._linger_ms = int(linger_s * 1000)
         self._waker = _Waker()
+        # Handshake outcomes (a wrong key shows up only here: libzmq drops such a peer by itself).
+        self._monitor = sock.get_monitor_socket(_MONITORED)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._poller.register(self._waker.rfd, zmq.POLLIN)
         self._closed = False
+
+    def _on_handshake(self, event: int, endpoint: str) -> None:
+        """A handshake on ``endpoint`` succeeded or failed (``event``); called on the owner thread."""
+
+    def _read_monitor(self) -> None:
+        mon = self._monitor
+        while True:
+            try:
+                frames = mon.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return
+            event = zmq.utils.monitor.parse_monitor_message(frames)
+            self._on_handshake(int(event["event"]), event["endpoint"].decode(errors="replace"))
 
     def _recv_frames(self, timeout: float | None) -> list[zmq.Frame] | None:
         """One multipart message, or ``None`` on wake / timeout. Never busy-waits."""
@@ -174,6 +222,8 @@ class _ZmqPeer:
                     return None
                 wait_ms = max(1, math.ceil(left * 1000))
             ready = dict(self._poller.poll(wait_ms))
+            if self._monitor in ready:
+                self._read_monitor()
             if waker.rfd in ready:
                 # Drain now or poll would keep returning at once; the flag at the loop head
                 # decides whether this is a real wake or a stale byte from an already-served one.
@@ -209,31 +259,97 @@ class _ZmqPeer:
             self._poller.unregister(self._sock)
         except KeyError:
             pass
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         # LINGER bounds how long queued output (a last Shutdown/Bye) may delay close; term()
         # returns once every socket of this private context is closed and its linger expired.
         self._sock.close(linger=self._linger_ms)
         self._ctx.term()
         self._waker.close()
+        self._after_term()
+
+    def _after_term(self) -> None:
+        """Join helper threads whose sockets ``term()`` closed (rank 0's ZAP handler)."""
+
+
+class _ZapHandler:
+    """Rank 0's ZAP handler: admits a CURVE client only if its long-term public key is the workers'.
+
+    A thread serving a REP socket on ``inproc://zeromq.zap.01`` of the transport's context; it ends
+    when the context is terminated. Only peers that already proved they know the server's public
+    key (itself derived from the session key) get this far.
+    """
+
+    def __init__(self, ctx: zmq.Context, worker_public: bytes, drops: DropLog) -> None:
+        import zmq.utils.z85
+
+        self._worker_key = zmq.utils.z85.decode(worker_public)
+        self._drops = drops
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(ZAP_ENDPOINT)
+        self.admitted = 0
+        self._thread = threading.Thread(target=self._serve, name="distbert-zap", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock = self._sock
+        try:
+            while True:
+                try:
+                    request = sock.recv_multipart()
+                except zmq.ContextTerminated:
+                    return
+                sock.send_multipart(self._answer(request))
+        except Exception:  # never silently: without this thread nobody is admitted (ZAP_ENFORCE_DOMAIN)
+            log.exception("ZAP handler failed; no new worker can connect")
+        finally:
+            sock.close(linger=0)
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        # RFC 27: version, request id, domain, address, routing id, mechanism, credentials...
+        if len(request) < 6:
+            return [b"1.0", b"", b"500", b"malformed ZAP request", b"", b""]
+        version, request_id, domain, address, _, mechanism, *credentials = request
+        ok = (version == b"1.0" and domain == ZAP_DOMAIN and mechanism == b"CURVE"
+              and len(credentials) == 1 and credentials[0] == self._worker_key)
+        if ok:
+            self.admitted += 1
+            return [b"1.0", request_id, b"200", b"OK", WORKER_USER_ID, b""]
+        self._drops.drop("zap-denied", "connection from %s: not a worker of this run (its CURVE key is "
+                         "not the session's)", address.decode(errors="replace"))
+        return [b"1.0", request_id, b"400", b"not a worker key of this run", b"", b""]
+
+    def join(self) -> None:
+        self._thread.join(timeout=5.0)
 
 
 class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
     """Rank 0's side. Build with :meth:`bind`; ``endpoint`` is what workers pass to ``connect``."""
 
-    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, endpoint: Endpoint, linger_s: float) -> None:
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, endpoint: Endpoint, linger_s: float,
+                 drops: DropLog, zap: _ZapHandler | None) -> None:
         super().__init__(ctx, sock, linger_s)
         self.endpoint = endpoint
-        self._drops = DropLog(log)
-        self._peers = PeerTable(endpoint.key, self._drops, log)  # routing id <-> worker id
+        self._drops = drops
+        self._zap = zap
+        # Routing id <-> worker id. Under CURVE the handshake already proved the key: Hellos carry none.
+        self._peers = PeerTable(None if zap else endpoint.key, self._drops, log)
 
     @classmethod
     def bind(
-        cls, address: str, key: str, *, host: str | None = None, linger_s: float = DEFAULT_LINGER_S
+        cls, address: str, key: str, *, host: str | None = None, linger_s: float = DEFAULT_LINGER_S,
+        max_message_bytes: int = COORDINATOR_MAX_MESSAGE, encrypt: bool = True,
     ) -> ZmqCoordinatorTransport:
         """Bind a ROUTER at ``address``: ``tcp://HOST:PORT`` (PORT ``0`` or ``*`` = a free port;
         HOST ``*`` = all interfaces) or ``ipc:///path`` (one host).
 
+        ``key`` is the session key (checked by the caller, see :mod:`distbert.wire.keys`);
+        ``max_message_bytes`` the largest frame a worker may send (its largest legal Result).
         ``host`` is the name or IP written into ``endpoint`` when HOST is a wildcard (default:
         :func:`distbert.util.net.host_address`); a concrete HOST is advertised as is unless ``host`` is given.
+        ``encrypt=False`` (no CURVE, the key checked in clear in each Hello) exists only to measure
+        what encryption costs (``bench/wire_bench.py``); the command line cannot select it.
         """
         if address.startswith("tcp://"):
             bind_host, port = _split_tcp(address)
@@ -243,17 +359,30 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         else:
             raise ValueError(f"bad ZeroMQ bind address {address!r}: want tcp://HOST:PORT or ipc:///path")
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
+        drops = DropLog(log)
+        zap = None
+        sock = None
         try:
-            _tune(sock, linger_s)
+            if encrypt:
+                keys = curve_keys(key)
+                zap = _ZapHandler(ctx, keys.worker_public, drops)  # bound before any peer can connect
+            sock = ctx.socket(zmq.ROUTER)
+            _tune(sock, linger_s, max_message_bytes)
+            if encrypt:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, keys.server_secret)
+                sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP answer = no admission
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            # A worker whose old connection is not yet known dead takes its routing id over.
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            # No ROUTER_HANDOVER: a second connection with a routing id in use is ignored by libzmq.
             sock.bind(zmq_address)
             concrete = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
             ctx.term()
+            if zap is not None:
+                zap.join()
             raise
         if concrete.startswith("tcp://"):
             real_host, real_port = _split_tcp(concrete)
@@ -269,14 +398,22 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
             if ":" in adv and not adv.startswith("["):
                 adv = f"[{adv}]"
             concrete = f"tcp://{adv}:{real_port}"
-        self = cls(ctx, sock, Endpoint(concrete, key), linger_s)
-        log.info("ZeroMQ coordinator bound %s, workers connect to %s", address, concrete)
+        self = cls(ctx, sock, Endpoint(concrete, key), linger_s, drops, zap)
+        log.info("ZeroMQ coordinator bound %s (%s), workers connect to %s", address,
+                 "CURVE" if encrypt else "NOT ENCRYPTED", concrete)
         return self
 
+    def _on_handshake(self, event: int, endpoint: str) -> None:
+        if event in _HANDSHAKE_FAILED and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # AUTH: logged by ZAP
+            self._drops.drop("handshake", "connection on %s: its handshake failed (a peer without this "
+                             "run's session key, or not a distbert worker)", endpoint)
+
+    def _after_term(self) -> None:
+        if self._zap is not None:
+            self._zap.join()
+
     def send(self, worker: int, msg: Message) -> None:
-        ident = self._peers.peer_of.get(worker)
-        if ident is None:
-            raise KeyError(f"worker {worker} has not said Hello on this transport")
+        ident = self._peers.route(worker, msg)
         frames = encode(msg)
         if not self._send_frames([ident, *frames]):
             # The peer's connection is gone (or reconnecting); rank 0 learns of the loss from
@@ -296,7 +433,11 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
 
     def _accept(self, frames: list[zmq.Frame]) -> tuple[int, Message] | None:
         ident = frames[0].bytes
-        return accept_from(self._peers, self._drops, ident, frames[1:], f"peer {ident!r}")
+        got = accept_from(self._peers, self._drops, ident, frames[1:], f"peer {ident!r}")
+        for old in self._peers.take_displaced():
+            # a restarted worker's old connection: told to stop, then forgotten
+            self._send_frames([old, *encode(Shutdown(reason="replaced by a newer connection for this rank"))])
+        return got
 
     @property
     def drops(self) -> dict[str, int]:
@@ -304,27 +445,42 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         return self._drops.counts
 
 
+class HandshakeFailed(UserError):
+    """A worker could not complete the encrypted handshake with rank 0 (wrong session key)."""
+
+
 class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
     """A worker's side. Build with :meth:`connect`, which also sends the ``Hello``."""
 
-    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, rank: int, linger_s: float) -> None:
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, rank: int, linger_s: float, address: str) -> None:
         super().__init__(ctx, sock, linger_s)
         self.rank = rank
+        self._address = address
         self._drops = DropLog(log)
+        self._failed_handshakes = 0
 
     @classmethod
     def connect(
-        cls, endpoint: Endpoint, rank: int, *, host: str | None = None, linger_s: float = DEFAULT_LINGER_S
+        cls, endpoint: Endpoint, rank: int, *, host: str | None = None, linger_s: float = DEFAULT_LINGER_S,
+        max_message_bytes: int = WORKER_MAX_MESSAGE, encrypt: bool = True,
     ) -> ZmqWorkerTransport:
-        """Connect to ``endpoint`` and queue ``Hello(rank, host, pid, endpoint.key)``.
+        """Connect to ``endpoint`` (pinning rank 0's CURVE key, derived from ``endpoint.key``) and
+        queue ``Hello(rank, host, pid)``.
 
         Returns at once: ZeroMQ connects in the background and delivers the Hello (and anything
-        sent after it) once the coordinator is reachable, reconnecting by itself if it drops.
+        sent after it) once the coordinator is reachable, reconnecting by itself if it drops. A
+        handshake that fails ``HANDSHAKE_FAILURES`` times in a row makes ``recv`` raise
+        :class:`HandshakeFailed`. ``encrypt=False``: see :meth:`ZmqCoordinatorTransport.bind`.
         """
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         try:
-            _tune(sock, linger_s)
+            _tune(sock, linger_s, max_message_bytes)
+            if encrypt:
+                keys: CurveKeys = curve_keys(endpoint.key)
+                sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.worker_public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, keys.worker_secret)
             # Stable for this process, unique across processes: a TCP reconnect keeps the
             # coordinator's mapping, a restarted worker is a new peer.
             sock.setsockopt(zmq.ROUTING_ID, f"distbert:{rank}:{os.getpid()}:{secrets.token_hex(4)}".encode())
@@ -335,14 +491,26 @@ class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
             sock.close(linger=0)
             ctx.term()
             raise
-        self = cls(ctx, sock, rank, linger_s)
+        self = cls(ctx, sock, rank, linger_s, endpoint.address)
         try:
-            self.send(Hello(rank, host or socket.gethostname(), os.getpid(), endpoint.key))
+            self.send(Hello(rank, host or socket.gethostname(), os.getpid(), "" if encrypt else endpoint.key))
         except BaseException:
             self.close()
             raise
-        log.info("ZeroMQ worker %d connecting to %s", rank, endpoint.address)
+        log.info("ZeroMQ worker %d connecting to %s (%s)", rank, endpoint.address,
+                 "CURVE" if encrypt else "NOT ENCRYPTED")
         return self
+
+    def _on_handshake(self, event: int, endpoint: str) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._failed_handshakes = 0
+            return
+        self._failed_handshakes += 1
+        if self._failed_handshakes >= HANDSHAKE_FAILURES:
+            raise HandshakeFailed(
+                f"rank {self.rank}: the encrypted handshake with {self._address} failed "
+                f"{self._failed_handshakes} times: this worker's session key is not rank 0's (check "
+                "DISTBERT_SESSION_KEY / --key-file), or that address is not a distbert coordinator")
 
     def send(self, msg: Message) -> None:
         if not self._send_frames(encode(msg)):

@@ -1,0 +1,71 @@
+"""The session key and the ZeroMQ CURVE keys derived from it.
+
+One secret per run, the *session key*: hex text of at least 128 bits (32 hex digits). It travels
+like a password: by ``MPI.bcast`` to launched ranks, in the environment (``DISTBERT_SESSION_KEY``) to
+rank 0's own child workers, and from ``DISTBERT_SESSION_KEY`` or ``--key-file`` to external
+``distbert worker --connect`` processes. Never on a command line, never on the wire.
+
+From it, each side derives two CURVE key pairs (HMAC-SHA256 of the key with a fixed label, used as
+the Curve25519 secret): rank 0's **server** pair and the workers' **worker** pair. A worker sets the
+server's public key, so it only talks to a rank 0 that holds the session key; rank 0's ZAP handler
+admits only the worker public key, so only holders of the session key get a connection at all.
+Neither public key crosses the wire in clear (CURVE sends the client's long-term key encrypted) and
+the session key itself is never sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import secrets
+
+from distbert.errors import UserError
+
+MIN_KEY_BITS = 128
+_LABEL = b"distbert-curve-v1:"
+
+
+def new_session_key() -> str:
+    """A fresh 256-bit session key (64 hex digits)."""
+    return secrets.token_hex(32)
+
+
+def check_session_key(key: str, source: str) -> str:
+    """``key`` (from ``source``: an env var, a file) stripped, or a UserError naming the fix."""
+    key = key.strip()
+    fix = "make one with `distbert key --out FILE` (or `openssl rand -hex 32`)"
+    try:
+        bytes.fromhex(key)
+    except ValueError:
+        raise UserError(f"the session key in {source} is not hex text; {fix}") from None
+    bits = 4 * len(key)
+    if bits < MIN_KEY_BITS:
+        raise UserError(f"the session key in {source} has {bits} bits, fewer than the {MIN_KEY_BITS} "
+                        f"required; {fix}")
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveKeys:
+    """Z85-encoded CURVE keys (40 bytes each), as ZeroMQ socket options take them."""
+
+    server_public: bytes
+    server_secret: bytes = dataclasses.field(repr=False)
+    worker_public: bytes
+    worker_secret: bytes = dataclasses.field(repr=False)
+
+
+def curve_keys(session_key: str) -> CurveKeys:
+    """The run's CURVE keys, derived from ``session_key`` (the same on every rank)."""
+    import zmq
+    import zmq.utils.z85
+
+    def pair(role: bytes) -> tuple[bytes, bytes]:
+        raw = hmac.new(session_key.encode(), _LABEL + role, hashlib.sha256).digest()
+        secret = zmq.utils.z85.encode(raw)  # any 32 bytes are a Curve25519 secret (libsodium clamps)
+        return zmq.curve_public(secret), secret
+
+    server_public, server_secret = pair(b"server")
+    worker_public, worker_secret = pair(b"worker")
+    return CurveKeys(server_public, server_secret, worker_public, worker_secret)
