@@ -65,6 +65,7 @@ class RunConfig:
     bind_host: str | None = None     # zmq: address workers reach rank 0 at (default: this host's IP)
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
+    rejoin_timeout_s: float = 60.0   # a worker that cannot reach rank 0 keeps trying this long, then exits 3
     ready_timeout_s: float = 600.0
 
     def to_json(self) -> str:
@@ -114,4 +115,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--batch-timeout must be 0 (off) or a number of seconds")
     if b.token_budget is not None and b.token_budget < 384:
         raise UserError("--token-budget must be at least 384 (one full-length sample)")
+    if b.max_batch is not None and b.max_batch > 4096:
+        raise UserError("--max-batch must be at most 4096 (the largest batch a worker may announce)")
+    if not 0 < cfg.heartbeat_timeout_s <= cfg.rejoin_timeout_s:
+        raise UserError("--heartbeat-timeout must be positive and at most --rejoin-timeout")
     return cfg

@@ -36,6 +36,21 @@ REQUIRE_ENV = "DISTBERT_REQUIRE_OFFICIAL_DATA"
 NO_DATA = "official data absent"
 
 
+#: ``DISTBERT_REQUIRE_LAUNCHERS=1`` (set by .ci/run after launch/system-deps.sh): the Slurm and
+#: network-namespace tests fail instead of skipping when their daemons or root are missing.
+LAUNCHERS_ENV = "DISTBERT_REQUIRE_LAUNCHERS"
+
+
+def launchers_unavailable(why: str | None) -> None:
+    """Call at the top of a launcher test (or in its fixture): skip when ``why`` is set, or fail
+    when DISTBERT_REQUIRE_LAUNCHERS=1."""
+    if why is None:
+        return
+    if os.environ.get(LAUNCHERS_ENV, "") not in ("", "0"):
+        pytest.fail(f"{why}, and {LAUNCHERS_ENV}=1", pytrace=False)
+    pytest.skip(why)
+
+
 def require_official() -> bool:
     return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 

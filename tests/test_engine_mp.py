@@ -289,3 +289,25 @@ def test_coordinator_hosts_worker_under_mpiexec_and_user_conf(env, squad_dev, vo
     detail = (tmp_path / "run" / "performance" / "mlperf_log_detail.txt").read_text()
     assert '"key": "requested_server_target_qps", "value": 3210' in detail
     assert "Multiple conf files" not in detail
+
+
+@pytest.mark.timeout(240)
+def test_hostfile_helper_runs_rank0_plus_the_listed_workers(env, squad_dev, vocab, n_features, tmp_path):
+    """launch/mpirun-hosts.sh: a hostfile line `localhost:2` gives rank 0 plus 2 workers (hydra's fork
+    launcher stands in for ssh, which needs other hosts); a bad line stops with one error."""
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# the cluster\nlocalhost:2\n\n")
+    e, tag = _tagged(dict(env, DISTBERT_MPIEXEC_ARGS="-launcher fork"))
+    n = min(300, n_features)
+    proc = subprocess.run(["bash", str(REPO / "launch" / "mpirun-hosts.sh"), str(hosts), "--dataset", str(squad_dev),
+                           "--vocab", str(vocab), "--backend", "oracle", "--mode", "accuracy", "--max-examples", str(n),
+                           "--max-batch", "16", "--output", str(tmp_path / "run")],
+                          env=e, capture_output=True, text=True, timeout=200)
+    _assert_none_outlived(tag)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["topology"]["world_size"] == 3 and sorted(w["worker"] for w in record["workers"]) == [1, 2]
+    hosts.write_text("localhost:two\n")
+    bad = subprocess.run(["bash", str(REPO / "launch" / "mpirun-hosts.sh"), str(hosts)], env=e, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "bad worker count" in bad.stderr

@@ -74,3 +74,15 @@ def test_a_flag_with_no_subcommand_starts_a_run(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert "MultiStream" in proc.stderr and "invalid choice" not in proc.stderr
+
+
+def test_a_launcher_mpi_mismatch_names_the_fix():
+    """Each rank of a mismatched launch prints this line and exits 2 (srun without PMI is run for real
+    in tests/test_slurm.py; an Open MPI mpirun cannot be installed beside MPICH here)."""
+    from distbert.run.launch import launch_mismatch
+    from distbert.topology import Topology
+
+    slurm = launch_mismatch(Topology("slurm", 0, 3, 0, 3, "h"), 1, "MPICH Version: 4.3.0")
+    assert "srun --mpi=pmi2" in slurm and "MPICH" in slurm and "\n" not in slurm
+    ompi = launch_mismatch(Topology("mpi", 0, 4, 0, 4, "h"), 1, "MPICH Version: 4.3.0")
+    assert ".venv/bin/mpiexec" in ompi and "(MPICH)" in ompi

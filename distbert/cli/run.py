@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
+    g.add_argument("--rejoin-timeout", type=float, default=60.0,
+                   help="seconds a worker whose link to rank 0 is down keeps trying before it exits (status 3); "
+                        "a rank 0 that is gone (its port refuses) is noticed within seconds")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
     g.add_argument("--vocab", help="BERT uncased vocab.txt (same defaults)")
@@ -98,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker, output=args.output,
-        bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+        bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
+        rejoin_timeout_s=args.rejoin_timeout)
     backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything
     return validate(cfg)
 

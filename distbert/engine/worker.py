@@ -8,8 +8,11 @@ Two threads, so the transport is only ever touched by one of them (STYLE §5):
   to the longest real length, runs the backend and hands the result back through a deque, waking
   the I/O thread.
 
-A worker exits when rank 0 says ``Shutdown``, when rank 0 has been silent for the heartbeat
-timeout, or (single-node mode) when its parent process is gone - so no run leaves orphans.
+A worker exits 0 when rank 0 says ``Shutdown``. It exits 3 when rank 0 is gone: its transport saw
+rank 0's process end (:class:`~distbert.wire.RankZeroGone`, within about a second), rank 0 stayed
+unreachable for ``--rejoin-timeout`` (a cut link: until then it keeps trying, and rank 0 takes it
+back when it is heard again), or (single-node mode) its parent process is gone. So no run leaves
+orphans, and no orphan reports success.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from distbert.config import RunConfig
 from distbert.errors import UserError
 from distbert.topology import DeviceBinding, bind_worker
 from distbert.wire import messages as m
+from distbert.wire._common import RankZeroGone
 from distbert.wire.base import WorkerTransport
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,14 @@ log = logging.getLogger(__name__)
 
 class _Stop(Exception):
     pass
+
+
+class CoordinatorLost(Exception):
+    """Rank 0 is gone or unreachable for good: the worker exits with status 3."""
+
+
+#: A worker's exit status when rank 0 vanished (0: told to stop; 1: a failure; 2: a user error).
+EXIT_COORDINATOR_LOST = 3
 
 
 def _failure(rank: int, batch_id: int, exc: BaseException) -> m.Failure:
@@ -66,6 +78,7 @@ class Worker:
         self._todo: queue.SimpleQueue[m.Batch | None] = queue.SimpleQueue()
         self._done: collections.deque[m.Result | m.Failure] = collections.deque()
         self._last_heard = time.monotonic()
+        self._warned_silence = False
         self.batches = 0
         self.samples = 0
         self.compute_s = 0.0
@@ -161,7 +174,23 @@ class Worker:
 
     def _check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            raise _Stop("parent process is gone")
+            raise CoordinatorLost(f"rank {self.rank}: the parent process (rank 0, pid {self.parent_pid}) is gone")
+
+    def _check_silence(self, now: float) -> None:
+        """Rank 0 silent: past the heartbeat timeout say so once (a cut link?); past the rejoin
+        timeout give up. Rank 0's own death is seen sooner, by the transport."""
+        assert self.cfg is not None
+        silent = now - self._last_heard
+        if silent > self.cfg.rejoin_timeout_s:
+            raise CoordinatorLost(f"rank {self.rank}: rank 0 unreachable for {silent:.0f} s (--rejoin-timeout "
+                                  f"{self.cfg.rejoin_timeout_s:g} s); giving up")
+        if silent > self.cfg.heartbeat_timeout_s and not self._warned_silence:
+            self._warned_silence = True
+            log.warning("rank 0 silent for %.1f s: link down? still trying for up to %g s (--rejoin-timeout)",
+                        silent, self.cfg.rejoin_timeout_s)
+        elif silent <= self.cfg.heartbeat_timeout_s and self._warned_silence:
+            self._warned_silence = False
+            log.warning("rank 0 heard from again")
 
     def serve(self) -> str:
         """Run until Shutdown or rank 0 is gone; returns the reason."""
@@ -181,9 +210,7 @@ class Worker:
                     self.transport.send(m.Heartbeat(rank=self.rank, sent_at=time.time()))
                     next_beat = now + cfg.heartbeat_s
                     self._check_parent()
-                    if now - self._last_heard > cfg.heartbeat_timeout_s:
-                        reason = f"rank 0 silent for {now - self._last_heard:.1f} s"
-                        break
+                    self._check_silence(now)
                 msg = self.transport.recv(timeout=max(0.0, next_beat - time.monotonic()))
                 if msg is None:
                     continue
@@ -225,6 +252,9 @@ def worker_run(transport: WorkerTransport, rank: int, local_index: int = 0, loca
             pass
     except _Stop as stop:
         log.info("stopped before serving: %s", stop)
+    except (CoordinatorLost, RankZeroGone) as exc:
+        code = EXIT_COORDINATOR_LOST
+        log.error("%s", exc)
     except BaseException as exc:  # report the first failure to rank 0, then exit non-zero
         code = 2 if isinstance(exc, UserError) else 1
         log.error("%s: %s", type(exc).__name__, exc)

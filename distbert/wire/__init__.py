@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from distbert.wire._common import TransportClosed
+from distbert.wire._common import RankZeroGone, TransportClosed
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
 
 _LAZY = {
@@ -30,7 +30,7 @@ _LAZY = {
     "InprocWorkerTransport": "inproc",
 }
 
-__all__ = ["CoordinatorTransport", "WorkerTransport", "Endpoint", "TransportClosed", *_LAZY]
+__all__ = ["CoordinatorTransport", "WorkerTransport", "Endpoint", "RankZeroGone", "TransportClosed", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,11 @@ class TransportClosed(RuntimeError):
     """``send``/``recv`` on a transport after its ``close()``: a bug in the caller's shutdown order."""
 
 
+class RankZeroGone(ConnectionError):
+    """A worker's transport saw rank 0 go away for good (its connection closed abruptly and its port
+    now refuses): the run is over, the worker exits non-zero."""
+
+
 def keys_match(given: str, expected: str) -> bool:
     """Constant-time comparison, so response timing does not leak how much of a key was right."""
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))

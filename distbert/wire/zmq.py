@@ -50,7 +50,7 @@ import zmq.utils.monitor
 
 from distbert.errors import UserError
 from distbert.util.net import host_address
-from distbert.wire._common import DropLog, PeerTable, TransportClosed, accept_from
+from distbert.wire._common import DropLog, PeerTable, RankZeroGone, TransportClosed, accept_from
 from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
 from distbert.wire.keys import CurveKeys, curve_keys
 from distbert.wire.messages import Hello, Message, MessageError, Shutdown, decode, encode
@@ -70,6 +70,11 @@ RCV_HWM = 1000
 HANDSHAKE_S = 5.0
 #: Consecutive failed handshakes after which a worker gives up (wrong key, not a distbert rank 0).
 HANDSHAKE_FAILURES = 3
+#: A connection that closes within this long of rank 0's last message closed abruptly (rank 0's process
+#: ended: its kernel sent FIN/RST); a cut link goes silent first and is closed by the 10 s heartbeat.
+ABRUPT_S = 3.0
+#: Refused reconnects after an abrupt close that mean rank 0 is gone (about 0.7 s at 100 ms back-off).
+GONE_RETRIES = 3
 #: Frames below this many bytes are copied into the socket; bigger ones are sent zero-copy.
 COPY_THRESHOLD = 1 << 16
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -81,7 +86,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                      zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-_MONITORED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | sum(int(e) for e in _HANDSHAKE_FAILED)
+_HANDSHAKES = int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | sum(int(e) for e in _HANDSHAKE_FAILED)
 
 
 def _tune(sock: zmq.Socket, linger_s: float, max_message_bytes: int) -> None:
@@ -164,21 +169,24 @@ class _Waker:
 class _ZmqPeer:
     """The socket + monitor + poller + waker loop both sides share."""
 
+    #: the monitor events this side handles in ``_on_event``
+    EVENTS = _HANDSHAKES
+
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, linger_s: float) -> None:
         self._ctx = ctx
         self._sock = sock
         self._linger_ms = int(linger_s * 1000)
         self._waker = _Waker()
-        # Handshake outcomes (a wrong key shows up only here: libzmq drops such a peer by itself).
-        self._monitor = sock.get_monitor_socket(_MONITORED)
+        # Connection events (a wrong key shows up only here: libzmq drops such a peer by itself).
+        self._monitor = sock.get_monitor_socket(self.EVENTS)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._poller.register(self._waker.rfd, zmq.POLLIN)
         self._closed = False
 
-    def _on_handshake(self, event: int, endpoint: str) -> None:
-        """A handshake on ``endpoint`` succeeded or failed (``event``); called on the owner thread."""
+    def _on_event(self, event: int, endpoint: str) -> None:
+        """A monitor ``event`` on ``endpoint`` (one of ``EVENTS``); called on the owner thread."""
 
     def _read_monitor(self) -> None:
         mon = self._monitor
@@ -188,7 +196,7 @@ class _ZmqPeer:
             except zmq.Again:
                 return
             event = zmq.utils.monitor.parse_monitor_message(frames)
-            self._on_handshake(int(event["event"]), event["endpoint"].decode(errors="replace"))
+            self._on_event(int(event["event"]), event["endpoint"].decode(errors="replace"))
 
     def _recv_frames(self, timeout: float | None) -> list[zmq.Frame] | None:
         """One multipart message, or ``None`` on wake / timeout. Never busy-waits."""
@@ -403,7 +411,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
                  "CURVE" if encrypt else "NOT ENCRYPTED", concrete)
         return self
 
-    def _on_handshake(self, event: int, endpoint: str) -> None:
+    def _on_event(self, event: int, endpoint: str) -> None:
         if event in _HANDSHAKE_FAILED and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # AUTH: logged by ZAP
             self._drops.drop("handshake", "connection on %s: its handshake failed (a peer without this "
                              "run's session key, or not a distbert worker)", endpoint)
@@ -450,7 +458,15 @@ class HandshakeFailed(UserError):
 
 
 class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
-    """A worker's side. Build with :meth:`connect`, which also sends the ``Hello``."""
+    """A worker's side. Build with :meth:`connect`, which also sends the ``Hello``.
+
+    ``recv`` raises :class:`HandshakeFailed` after repeated failed handshakes (wrong key) and
+    :class:`~distbert.wire._common.RankZeroGone` when the connection closed abruptly (within
+    ``ABRUPT_S`` of rank 0's last message) and ``GONE_RETRIES`` reconnects then failed: rank 0's
+    process ended. A link that goes silent is not that: ZeroMQ redials until it is back.
+    """
+
+    EVENTS = (_HANDSHAKES | int(zmq.EVENT_DISCONNECTED) | int(zmq.EVENT_CONNECT_RETRIED))
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, rank: int, linger_s: float, address: str) -> None:
         super().__init__(ctx, sock, linger_s)
@@ -458,6 +474,10 @@ class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
         self._address = address
         self._drops = DropLog(log)
         self._failed_handshakes = 0
+        self._connected = False
+        self._last_rx = _monotonic()          # when rank 0 was last heard from
+        self._closed_at: float | None = None  # an abrupt close of the connection, not yet reopened
+        self._refused = 0                      # reconnects that failed since then
 
     @classmethod
     def connect(
@@ -486,6 +506,9 @@ class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
             sock.setsockopt(zmq.ROUTING_ID, f"distbert:{rank}:{os.getpid()}:{secrets.token_hex(4)}".encode())
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            # A dial into a cut link is abandoned after 2 s and retried, so a link that returns is
+            # used within seconds (the kernel would otherwise retry one SYN for about two minutes).
+            sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
             sock.connect(endpoint.address)
         except BaseException:
             sock.close(linger=0)
@@ -501,9 +524,23 @@ class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
                  "CURVE" if encrypt else "NOT ENCRYPTED")
         return self
 
-    def _on_handshake(self, event: int, endpoint: str) -> None:
+    def _on_event(self, event: int, endpoint: str) -> None:
+        now = _monotonic()
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._failed_handshakes = 0
+            self._failed_handshakes = self._refused = 0
+            self._connected, self._closed_at = True, None
+            return
+        if event == zmq.EVENT_DISCONNECTED:
+            if self._connected and now - self._last_rx < ABRUPT_S:
+                self._closed_at, self._refused = now, 0
+            return
+        if event == zmq.EVENT_CONNECT_RETRIED:
+            if self._closed_at is not None:
+                self._refused += 1
+                if self._refused >= GONE_RETRIES:
+                    raise RankZeroGone(f"rank {self.rank}: rank 0 at {self._address} is gone: its connection "
+                                       f"closed abruptly and {self._refused} reconnects in "
+                                       f"{now - self._closed_at:.1f} s failed")
             return
         self._failed_handshakes += 1
         if self._failed_handshakes >= HANDSHAKE_FAILURES:
@@ -523,6 +560,7 @@ class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
             frames = self._recv_frames(left)
             if frames is None:
                 return None
+            self._last_rx = _monotonic()
             try:
                 return decode(frames)
             except MessageError as exc:
