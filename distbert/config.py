@@ -61,6 +61,7 @@ class RunConfig:
     max_examples: int | None = None  # QSL = the first N features only (quick runs)
     transport: str = "zmq"
     coordinator_hosts_worker: bool = False   # under a launcher, rank 0 also runs a worker
+    in_process_worker: bool = False  # no launcher: the one worker runs on rank 0's driver thread
     output: str | None = None
     bind_host: str | None = None     # zmq: address workers reach rank 0 at (default: this host's IP)
     heartbeat_s: float = 1.0
@@ -102,6 +103,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"unknown --transport {cfg.transport!r}: choose zmq or mpi")
     if cfg.workers is not None and cfg.workers < 0:
         raise UserError("--workers must be 0 or more")
+    if cfg.in_process_worker and (cfg.workers not in (None, 1) or cfg.expect_workers or cfg.transport != "zmq"
+                                  or cfg.coordinator_hosts_worker):
+        raise UserError("--in-process-worker is rank 0 computing alone: drop --workers/--expect-workers/"
+                        "--transport/--coordinator-hosts-worker (or drop --in-process-worker)")
     if cfg.workers == 0 and cfg.expect_workers < 1:
         raise UserError("--workers 0 needs --expect-workers N (workers that join with `distbert worker --connect`)")
     if lg.target_qps is not None and lg.target_qps <= 0:

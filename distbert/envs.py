@@ -47,3 +47,10 @@ def mirror_url() -> str | None:
     ``file:///path`` works too. Unset or empty: the official URLs.
     """
     return os.environ.get("DISTBERT_MIRROR") or None
+
+
+def worker_inline() -> bool:
+    """``DISTBERT_WORKER_INLINE=0`` hands every batch to the worker's compute thread, one-sample batches
+    included (default: those run on the I/O thread when the compute thread is idle). For measuring
+    what inline execution saves (``bench/latency_timeline.py``)."""
+    return os.environ.get("DISTBERT_WORKER_INLINE", "1") not in ("0", "")

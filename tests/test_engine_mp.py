@@ -117,6 +117,7 @@ LAUNCHES = {
     "local": lambda: (None, ["--workers", "2"]),
     "mpi-zmq": lambda: ([MPIEXEC, "-n", "3"], ["--transport", "zmq"]),
     "mpi-mpi": lambda: ([MPIEXEC, "-n", "3"], ["--transport", "mpi"]),
+    "in-process": lambda: (None, ["--in-process-worker"]),
 }
 
 SCENARIO_ARGS = {
@@ -143,8 +144,13 @@ def test_performance_and_accuracy(launch, scenario, env, squad_dev, vocab, sessi
     perf = record["results"]["performance"]
     acc = record["results"]["accuracy"]
     assert perf["loadgen_errors"] == 0 and acc["loadgen_errors"] == 0
-    assert len(record["workers"]) == 2
+    assert len(record["workers"]) == (1 if launch == "in-process" else 2)
     assert all(w["stats"] and w["stats"]["samples"] > 0 for w in record["workers"]), record["workers"]
+    if scenario == "SingleStream" and launch != "in-process":
+        # one-sample batches with an idle compute thread run on the worker's I/O thread
+        assert all(w["stats"]["inline_batches"] == w["stats"]["batches"] for w in record["workers"])
+    if scenario == "Offline" and launch != "in-process":
+        assert all(w["stats"]["inline_batches"] == 0 for w in record["workers"])   # batches of 128
     # every response reached the right sample: the distributed F1 equals direct scoring
     assert acc["f1"] == pytest.approx(_direct_oracle_f1(squad_dev, vocab, session_cache, max_examples), abs=1e-9)
     if max_examples is None:
@@ -311,3 +317,20 @@ def test_hostfile_helper_runs_rank0_plus_the_listed_workers(env, squad_dev, voca
     bad = subprocess.run(["bash", str(REPO / "launch" / "mpirun-hosts.sh"), str(hosts)], env=e, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "bad worker count" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_worker_inline_can_be_turned_off(env, squad_dev, vocab, tmp_path):
+    """DISTBERT_WORKER_INLINE=0 (for measuring): every batch goes through the compute thread."""
+    e = dict(env, DISTBERT_WORKER_INLINE="0")
+    _, record = _run(["--backend", "oracle", "--scenario", "SingleStream", "--test-query-count", "200",
+                      "--max-examples", "200", "--workers", "1"], e, squad_dev, vocab, tmp_path / "run")
+    stats = record["workers"][0]["stats"]
+    assert stats["batches"] >= 200 and stats["inline_batches"] == 0
+
+
+def test_in_process_worker_refuses_other_workers(env, tmp_path):
+    for extra in (["--workers", "2"], ["--expect-workers", "1"], ["--transport", "mpi"]):
+        proc = subprocess.run([PY, "-m", "distbert", "run", "--in-process-worker", "--backend", "null", *extra],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith("distbert: error: --in-process-worker"), extra

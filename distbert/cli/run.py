@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--transport", default="zmq", help="zmq (default) | mpi (needs a launcher)")
     g.add_argument("--coordinator-hosts-worker", action="store_true",
                    help="under a launcher, rank 0 also runs a worker")
+    g.add_argument("--in-process-worker", action="store_true",
+                   help="no launcher: rank 0 runs the one worker itself, on its driver thread (lowest "
+                        "SingleStream latency; no overlap of batches, so not for Offline/Server throughput)")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
@@ -100,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout),
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
-        transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker, output=args.output,
+        transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker,
+        in_process_worker=args.in_process_worker, output=args.output,
         bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
         rejoin_timeout_s=args.rejoin_timeout)
     backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything

@@ -29,6 +29,7 @@ import numpy as np
 from distbert.config import RunConfig
 from distbert.engine.completion import Completer
 from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
+from distbert.util import trace
 from distbert.wire import messages as m
 from distbert.wire.base import CoordinatorTransport
 
@@ -160,6 +161,8 @@ class Coordinator:
     # --- LoadGen callbacks: enqueue only --------------------------------------------------------
 
     def issue(self, ids: list[int], indices: list[int]) -> None:
+        if trace.ON:
+            trace.mark("issue", ids[0])
         self._inbox.append((ids, indices))
         if self._dead:
             self._complete_dead()
@@ -345,6 +348,8 @@ class Coordinator:
                 and isinstance(msg, (m.Heartbeat, m.Result)):
             self._readmit(handle, now)  # its link came back
         if isinstance(msg, m.Result):
+            if trace.ON:
+                trace.mark("recv", msg.batch_id)
             if self.dispatcher is None:
                 return
             self._execute(self.dispatcher.on_result(worker, msg.batch_id, now), result=msg)
@@ -463,6 +468,8 @@ class Coordinator:
         while self._inbox:
             item = self._inbox.popleft()
             if isinstance(item, tuple):
+                if trace.ON:
+                    trace.mark("drain", item[0][0])
                 ids += item[0]
                 indices += item[1]
                 continue
@@ -514,10 +521,14 @@ class Coordinator:
                                                             ids=ins.ids, indices=ins.indices))
                 except KeyError:
                     self._lose(self.workers[ins.worker], "transport does not know it")
+                if trace.ON:
+                    trace.mark("send", ins.batch_id, int(ins.ids[0]))
             elif isinstance(ins, Complete):
                 # the result's ids and logits were checked against the batch in _invalid
                 # a result without logits (performance mode) carries a (B, 0, 2) array
                 self._complete(ins.ids, result.logits if result is not None else None)
+                if trace.ON:
+                    trace.mark("complete", ins.batch_id)
             elif isinstance(ins, Requeued):
                 log.warning("batch %d on worker %d has had no result for %.1f s: requeued (a message lost "
                             "on a reconnect?); a late result will be dropped", ins.batch_id, ins.worker, ins.waited_s)

@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from distbert import envs
 from distbert.backends import create
 from distbert.backends.base import Backend, ModelInputs
 from distbert.config import RunConfig
 from distbert.errors import UserError
 from distbert.topology import DeviceBinding, bind_worker
+from distbert.util import trace
 from distbert.wire import messages as m
 from distbert.wire._common import RankZeroGone
 from distbert.wire.base import WorkerTransport
@@ -79,7 +81,11 @@ class Worker:
         self._done: collections.deque[m.Result | m.Failure] = collections.deque()
         self._last_heard = time.monotonic()
         self._warned_silence = False
+        self.inline = envs.worker_inline()  # one-sample batches on the I/O thread when compute is idle
+        self._queued = 0       # batches handed to the compute thread (I/O thread writes)
+        self._finished = 0     # batches it finished (compute thread writes)
         self.batches = 0
+        self.inline_batches = 0  # of those, run on the I/O thread
         self.samples = 0
         self.compute_s = 0.0
 
@@ -99,7 +105,11 @@ class Worker:
                 raise _Stop(msg.reason)
 
     def setup(self, setup_timeout_s: float = 600.0) -> None:
-        cfg = self.cfg = self._await_setup(setup_timeout_s)
+        self.transport.send(self.configure(self._await_setup(setup_timeout_s)))
+
+    def configure(self, cfg: RunConfig) -> m.Ready:
+        """Bind the device, load and warm the backend; the Ready that says so (STYLE §6)."""
+        self.cfg = cfg
         spec = cfg.backend
         if self.pin:
             self.binding = bind_worker(spec.device, self.local_index, self.local_count)
@@ -129,9 +139,8 @@ class Worker:
             hint = calibrate(backend, np.asarray(self.store.lengths)[pick])
         info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid()}
         # Ready only now: rank 0 must not start LoadGen's clock before every model is warm.
-        self.transport.send(m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device,
-                                    backend=spec.name, max_batch=hint.max_batch,
-                                    info_json=json.dumps(info | {"token_budget": hint.token_budget})))
+        return m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device, backend=spec.name,
+                       max_batch=hint.max_batch, info_json=json.dumps(info | {"token_budget": hint.token_budget}))
 
     # --- compute thread ------------------------------------------------------------------------
 
@@ -146,29 +155,58 @@ class Worker:
             ids = mask = seg = np.broadcast_to(np.int32(0), shape)
         return ModelInputs(indices, ids, mask, seg, lengths)
 
+    def _compute(self, batch: m.Batch) -> m.Result | m.Failure:
+        """Run one batch on the backend (the compute thread, or inline on the I/O thread)."""
+        if trace.ON:
+            trace.mark("w_start", batch.batch_id)
+        t0 = time.perf_counter()
+        try:
+            inputs = self._inputs(batch)
+            start, end = self.backend.run(inputs)  # type: ignore[union-attr]  # set before serve()
+            if batch.want_logits:
+                logits = np.stack([np.asarray(start, np.float32), np.asarray(end, np.float32)], axis=-1)
+            else:
+                logits = np.zeros((len(batch.ids), 0, 2), np.float32)
+            took = time.perf_counter() - t0
+            self.compute_s += took
+            self.batches += 1
+            self.samples += len(batch.ids)
+            out: m.Result | m.Failure = m.Result(batch_id=batch.batch_id, ids=batch.ids, logits=logits,
+                                                 compute_s=took)
+        except Exception as exc:  # a failure is a message (STYLE §8)
+            log.exception("batch %d failed", batch.batch_id)
+            out = _failure(self.rank, batch.batch_id, exc)
+        if trace.ON:
+            trace.mark("w_end", batch.batch_id)
+        return out
+
     def _compute_loop(self) -> None:
         assert self.backend is not None
         while True:
             batch = self._todo.get()
             if batch is None:
                 return
-            t0 = time.perf_counter()
-            try:
-                inputs = self._inputs(batch)
-                start, end = self.backend.run(inputs)
-                if batch.want_logits:
-                    logits = np.stack([np.asarray(start, np.float32), np.asarray(end, np.float32)], axis=-1)
-                else:
-                    logits = np.zeros((len(batch.ids), 0, 2), np.float32)
-                took = time.perf_counter() - t0
-                self.compute_s += took
-                self.batches += 1
-                self.samples += len(batch.ids)
-                self._done.append(m.Result(batch_id=batch.batch_id, ids=batch.ids, logits=logits, compute_s=took))
-            except Exception as exc:  # a failure is a message (STYLE §8)
-                log.exception("batch %d failed", batch.batch_id)
-                self._done.append(_failure(self.rank, batch.batch_id, exc))
+            self._done.append(self._compute(batch))
+            self._finished += 1   # written by this thread only; the I/O thread reads it
             self.transport.wake()
+
+    def _take(self, batch: m.Batch) -> None:
+        """A batch arrived. A one-sample batch while the compute thread is idle runs right here, on
+        the I/O thread: two thread hand-offs (queue in, wake out) are most of a SingleStream query's
+        cost in the worker. Anything else goes to the compute thread, so receiving overlaps compute."""
+        if trace.ON:
+            trace.mark("w_recv", batch.batch_id)
+        if self.inline and len(batch.ids) == 1 and self._queued == self._finished:
+            self.inline_batches += 1
+            self._send(self._compute(batch))
+            return
+        self._queued += 1
+        self._todo.put(batch)
+
+    def _send(self, msg: m.Result | m.Failure) -> None:
+        if trace.ON and isinstance(msg, m.Result):
+            trace.mark("w_send", msg.batch_id)
+        self.transport.send(msg)
 
     # --- I/O thread ----------------------------------------------------------------------------
 
@@ -204,7 +242,7 @@ class Worker:
         try:
             while True:
                 while self._done:
-                    self.transport.send(self._done.popleft())
+                    self._send(self._done.popleft())
                 now = time.monotonic()
                 if now >= next_beat:
                     self.transport.send(m.Heartbeat(rank=self.rank, sent_at=time.time()))
@@ -216,7 +254,7 @@ class Worker:
                     continue
                 self._last_heard = time.monotonic()
                 if isinstance(msg, m.Batch):
-                    self._todo.put(msg)
+                    self._take(msg)
                 elif isinstance(msg, m.Shutdown):
                     reason = f"shutdown: {msg.reason}"
                     break
@@ -231,7 +269,8 @@ class Worker:
         return reason
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "host": socket.gethostname(), "batches": self.batches, "samples": self.samples,
+        return {"rank": self.rank, "host": socket.gethostname(), "batches": self.batches,
+                "inline_batches": self.inline_batches, "samples": self.samples,
                 "compute_s": round(self.compute_s, 6),
                 "backend": self.backend.info() if self.backend else None}
 

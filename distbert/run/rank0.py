@@ -107,6 +107,9 @@ class Rank0Run:
             bcast_json(comm, hello)
 
     def _check_launch(self) -> None:
+        if self.cfg.in_process_worker and self.comm is not None:
+            raise UserError("--in-process-worker is for a run without a launcher (rank 0 computing alone); "
+                            "under mpirun/srun use --coordinator-hosts-worker")
         if self.cfg.transport == "mpi" and self.comm is None:
             raise UserError("--transport mpi needs an MPI launcher (mpirun/mpiexec/srun) with 2 or more ranks")
         if self.cfg.transport == "mpi" and self.cfg.coordinator_hosts_worker:
@@ -114,6 +117,10 @@ class Rank0Run:
                             "local process that connects over ZeroMQ)")
 
     def _open_transport(self) -> CoordinatorTransport:
+        if self.cfg.in_process_worker:
+            from distbert.engine.inline import InlineWorker
+
+            return InlineWorker(rank=1)
         if self.comm is not None and self.cfg.transport == "mpi":
             from distbert.wire.mpi import MpiCoordinatorTransport
 
@@ -150,7 +157,9 @@ class Rank0Run:
         expected = set(range(1, topology.world_size)) if comm is not None else set()
         if cfg.expect_workers:
             log.info("waiting for %d external workers at %s", cfg.expect_workers, self.transport.endpoint.address)
-        if (comm is None and cfg.workers != 0) or cfg.coordinator_hosts_worker:
+        if cfg.in_process_worker:
+            expected = {1}
+        elif (comm is None and cfg.workers != 0) or cfg.coordinator_hosts_worker:
             count = cfg.workers or (1 if comm is not None else topo_mod.default_local_workers())
             address = self.transport.endpoint.address
             if comm is not None:  # rank 0's own worker takes rank 0's device slot on this node

@@ -1,0 +1,82 @@
+"""Rank 0's own worker on rank 0's driver thread (``distbert run --in-process-worker``).
+
+For the edge scenarios on a machine whose one device rank 0 can drive itself: the driver runs each
+batch on the backend the moment it dispatches it, so a SingleStream query crosses one thread
+hand-off (LoadGen's issue thread to the driver) instead of five, and no socket at all.
+
+It is a :class:`~distbert.wire.base.CoordinatorTransport` to the coordinator, so the coordinator,
+the dispatcher and every guarantee (exactly-once, validation, the run record) are the same code as
+with any other worker: ``send(Setup)`` loads the model and queues the Ready, ``send(Batch)`` runs the
+batch and queues its Result (or Failure), ``send(Heartbeat)`` queues one back, ``send(Shutdown)``
+queues the Bye; ``recv`` hands them over in order. The price: while a batch computes, the driver
+does nothing else, so there is no overlap of batches (Offline and Server want worker processes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+
+from distbert.config import RunConfig
+from distbert.engine.worker import Worker
+from distbert.util import trace
+from distbert.wire import messages as m
+from distbert.wire._common import DropLog, Inbox, PeerTable, deadline_after
+from distbert.wire.base import CoordinatorTransport, Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class InlineWorker(CoordinatorTransport):
+    def __init__(self, rank: int = 1) -> None:
+        self.rank = rank
+        self.endpoint = Endpoint("inline://", "")
+        self._peers = PeerTable(None, DropLog(log), log)
+        self._peers.worker_of[rank] = rank  # the one peer: forget() may drop it
+        self._peers.peer_of[rank] = rank
+        self._out = Inbox()
+        self._worker = Worker(transport=None, rank=rank, local_index=0, local_count=1, pin=False)  # type: ignore[arg-type]
+        self._closed = False
+        self._out.put(m.Hello(rank, socket.gethostname(), os.getpid(), ""))
+
+    def send(self, worker: int, msg: m.Message) -> None:
+        if worker not in self._peers.peer_of:
+            raise KeyError(f"worker {worker} is not rank 0's in-process worker")
+        w = self._worker
+        if isinstance(msg, m.Batch):
+            if trace.ON:
+                trace.mark("w_recv", msg.batch_id)
+            result = w._compute(msg)
+            if trace.ON:
+                trace.mark("w_send", msg.batch_id)
+            self._out.put(result)
+        elif isinstance(msg, m.Heartbeat):
+            self._out.put(m.Heartbeat(rank=self.rank, sent_at=time.time()))
+        elif isinstance(msg, m.Setup):
+            try:
+                self._out.put(w.configure(RunConfig.from_json(msg.config_json)))
+            except Exception as exc:  # the model did not load: a Failure, as from any worker
+                log.exception("in-process worker: setup failed")
+                self._out.put(m.Failure(rank=self.rank, host=socket.gethostname(), batch_id=-1,
+                                        exc_type=type(exc).__name__, text=str(exc),
+                                        traceback="".join(traceback.format_exception(exc))))
+        elif isinstance(msg, m.Shutdown):
+            self._out.put(m.Bye(rank=self.rank, stats_json=json.dumps(w.stats())))
+
+    def recv(self, timeout: float | None) -> tuple[int, m.Message] | None:
+        item = self._out.get(deadline_after(timeout))
+        return None if item is None else (self.rank, item)
+
+    def wake(self) -> None:
+        self._out.wake()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker.backend is not None:
+            self._worker.backend.close()
