@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the real distbert path on one NVIDIA GPU, BERT-Large shape, PyTorch backend.
 #
-#   bench/gpu_check.sh                     # fp16 and bf16, Offline + Server
+#   bench/gpu_check.sh                     # fp16 and bf16: Offline, Server, SingleStream (worker process
+#                                          # and --in-process-worker)
 #   PRECISIONS=fp16 SERVER_QPS=800 bench/gpu_check.sh
 #   DEVICE=cpu SHAPE=tiny PRECISIONS=fp32 OFFLINE_SAMPLES=64 SERVER_QPS=20 SERVER_QUERIES=40 \
 #       bench/gpu_check.sh                 # dry run of the script itself on a CPU box
@@ -34,6 +35,7 @@ PRECISIONS="${PRECISIONS:-fp16 bf16}"
 OFFLINE_SAMPLES="${OFFLINE_SAMPLES:-10833}"      # one pass over the dev set
 SERVER_QPS="${SERVER_QPS:-400}"
 SERVER_QUERIES="${SERVER_QUERIES:-4000}"         # ~10 s at the default QPS
+SS_QUERIES="${SS_QUERIES:-2000}"                 # SingleStream queries per run (~5 s at 2 ms)
 RUN_TIMEOUT="${RUN_TIMEOUT:-240}"                # seconds per distbert run
 # loading BERT-Large (1.3 GB) onto the GPU can keep a worker busy longer than the default heartbeat timeout
 HEARTBEAT_TIMEOUT="${HEARTBEAT_TIMEOUT:-120}"
@@ -62,15 +64,22 @@ if [[ ! -f "$MODEL/model.pytorch" ]]; then
 fi
 
 for precision in $PRECISIONS; do
-    common=(--backend torch --model "$MODEL" --device "$DEVICE" --precision "$precision" --workers 1
-            --mode performance --execution-mode test --heartbeat-timeout "$HEARTBEAT_TIMEOUT"
-            ${DATA_ARGS[@]+"${DATA_ARGS[@]}"})
+    base=(--backend torch --model "$MODEL" --device "$DEVICE" --precision "$precision"
+          --mode performance --execution-mode test --heartbeat-timeout "$HEARTBEAT_TIMEOUT"
+          ${DATA_ARGS[@]+"${DATA_ARGS[@]}"})
+    common=("${base[@]}" --workers 1)
     say "Offline, $precision"
     run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario Offline "${common[@]}" \
         --test-query-count "$OFFLINE_SAMPLES" --output "$WORK/offline-$precision"
     say "Server at $SERVER_QPS QPS, $precision"
     run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario Server "${common[@]}" \
         --target-qps "$SERVER_QPS" --test-query-count "$SERVER_QUERIES" --output "$WORK/server-$precision"
+    say "SingleStream, $precision, worker process"
+    run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario SingleStream "${common[@]}" \
+        --test-query-count "$SS_QUERIES" --output "$WORK/singlestream-$precision"
+    say "SingleStream, $precision, --in-process-worker"
+    run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario SingleStream "${base[@]}" \
+        --in-process-worker --test-query-count "$SS_QUERIES" --output "$WORK/singlestream-inprocess-$precision"
 done
 
 say "results ($WORK)"

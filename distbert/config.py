@@ -62,12 +62,17 @@ class RunConfig:
     transport: str = "zmq"
     coordinator_hosts_worker: bool = False   # under a launcher, rank 0 also runs a worker
     in_process_worker: bool = False  # no launcher: the one worker runs on rank 0's driver thread
+    spin_us: float = 0.0             # ZeroMQ receive spin before sleeping, µs (0: off)
     output: str | None = None
     bind_host: str | None = None     # zmq: address workers reach rank 0 at (default: this host's IP)
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
     rejoin_timeout_s: float = 60.0   # a worker that cannot reach rank 0 keeps trying this long, then exits 3
     ready_timeout_s: float = 600.0
+
+    def spin_s(self) -> float:
+        """Seconds a ZeroMQ receive spins before it sleeps (both sides of the wire)."""
+        return self.spin_us / 1e6
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -122,6 +127,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--token-budget must be at least 384 (one full-length sample)")
     if b.max_batch is not None and b.max_batch > 4096:
         raise UserError("--max-batch must be at most 4096 (the largest batch a worker may announce)")
+    if not 0 <= cfg.spin_us <= 100_000:
+        raise UserError("--spin-us must be between 0 (off) and 100000")
     if not 0 < cfg.heartbeat_timeout_s <= cfg.rejoin_timeout_s:
         raise UserError("--heartbeat-timeout must be positive and at most --rejoin-timeout")
     return cfg

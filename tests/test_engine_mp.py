@@ -124,7 +124,7 @@ SCENARIO_ARGS = {
     # the oracle's batch hint (1024) would give a small data set one batch, so one worker: cap it
     "Offline": ["--max-batch", "128"],
     "Server": ["--target-qps", "4000", "--test-query-count", "3000"],
-    "SingleStream": ["--test-query-count", "300"],
+    "SingleStream": ["--test-query-count", "300", "--spin-us", "100"],   # the receive spin path too
 }
 
 

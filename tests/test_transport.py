@@ -616,3 +616,25 @@ def test_mpi_refuses_without_thread_multiple():
     proc = _run_mpi(1, "threadlevel", env={"MPI4PY_RC_THREAD_LEVEL": "serialized"}, timeout=50)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "refused: MPI transport needs MPI_THREAD_MULTIPLE" in proc.stderr
+
+
+def test_zmq_receive_spin_keeps_the_contract(tmp_path):
+    """--spin-us: recv polls without sleeping first; messages, wake and timeouts behave the same."""
+    coord = ZmqCoordinatorTransport.bind("tcp://127.0.0.1:0", KEY)
+    w = ZmqWorkerTransport.connect(Endpoint(coord.endpoint.address, KEY), 1, linger_s=0.2)
+    coord.spin_s = w.spin_s = 0.005
+    try:
+        assert _recv(coord)[0] == 1
+        for i in range(50):
+            coord.send(1, Heartbeat(0, float(i)))
+            assert w.recv(5) == Heartbeat(0, float(i))
+            w.send(Heartbeat(1, float(i)))
+            assert _recv(coord) == (1, Heartbeat(1, float(i)))
+        t0 = time.monotonic()
+        assert coord.recv(0.05) is None and 0.04 <= time.monotonic() - t0 < 1.0
+        threading.Timer(0.05, coord.wake).start()
+        t0 = time.monotonic()
+        assert coord.recv(5) is None and time.monotonic() - t0 < 1.0
+    finally:
+        w.close()
+        coord.close()

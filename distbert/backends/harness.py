@@ -32,8 +32,9 @@ class NullBackend(Backend):
         pass
 
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
-        # a read-only zero-stride view: measuring the harness, not memset
-        zeros = np.broadcast_to(np.float32(0), inputs.input_ids.shape)
+        # measuring the harness: np.zeros is calloc (large ones are untouched fresh pages), and about
+        # 4 us cheaper than a zero-stride broadcast_to view for one sample
+        zeros = np.zeros(inputs.input_ids.shape, np.float32)
         return zeros, zeros
 
     def batch_hint(self) -> BatchHint:

@@ -66,14 +66,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--transport", default="zmq", help="zmq (default) | mpi (needs a launcher)")
     g.add_argument("--coordinator-hosts-worker", action="store_true",
                    help="under a launcher, rank 0 also runs a worker")
+    g.add_argument("--spin-us", type=float, default=0.0,
+                   help="µs a ZeroMQ receive polls without sleeping, on rank 0 and the workers (default 0: "
+                        "off; it costs latency where cores are scarce, see README)")
     g.add_argument("--in-process-worker", action="store_true",
                    help="no launcher: rank 0 runs the one worker itself, on its driver thread (lowest "
                         "SingleStream latency; no overlap of batches, so not for Offline/Server throughput)")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
-    g.add_argument("--rejoin-timeout", type=float, default=60.0,
-                   help="seconds a worker whose link to rank 0 is down keeps trying before it exits (status 3); "
+    g.add_argument("--rejoin-timeout", type=float,
+                   help="seconds a worker whose link to rank 0 is down keeps trying before it exits (status 3; default "
+                        "60, or --heartbeat-timeout if longer); "
                         "a rank 0 that is gone (its port refuses) is noticed within seconds")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
@@ -104,9 +108,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker,
-        in_process_worker=args.in_process_worker, output=args.output,
+        in_process_worker=args.in_process_worker, spin_us=args.spin_us, output=args.output,
         bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
-        rejoin_timeout_s=args.rejoin_timeout)
+        rejoin_timeout_s=args.rejoin_timeout if args.rejoin_timeout is not None else max(60.0, args.heartbeat_timeout))
     backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything
     return validate(cfg)
 

@@ -127,6 +127,11 @@ class Coordinator:
         self._progress_mark = (0.0, 0)
         self._completer: Completer | None = None
         self._dead = False    # the driver thread died: callbacks complete at once, without data
+        # The direct path (an in-process worker, engine/inline.py): LoadGen's issue thread runs a
+        # one-sample query itself when the driver is idle. The driver holds _lock whenever it is
+        # awake, so dispatcher and transport still have one user at a time.
+        self._direct: Callable[[m.Batch], m.Message] | None = getattr(transport, "compute", None)
+        self._lock = threading.Lock()
 
     # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
 
@@ -163,6 +168,14 @@ class Coordinator:
     def issue(self, ids: list[int], indices: list[int]) -> None:
         if trace.ON:
             trace.mark("issue", ids[0])
+        if self._direct is not None and len(ids) == 1 and self._lock.acquire(blocking=False):
+            try:
+                if (self.dispatcher is not None and self.failure is None and not self._dead and not self._inbox
+                        and not self._shutting_down):
+                    self._issue_direct(ids, indices)
+                    return
+            finally:
+                self._lock.release()
         self._inbox.append((ids, indices))
         if self._dead:
             self._complete_dead()
@@ -171,6 +184,36 @@ class Coordinator:
         # the inbox, so an append that sees False here is always seen by that look (GIL ordering).
         if self._sleeping:
             self.transport.wake()
+
+    def _issue_direct(self, ids: list[int], indices: list[int]) -> None:
+        """The driver is idle: dispatch, compute and complete this sample here, on LoadGen's thread
+        (the hand-off to the driver was half of an in-process SingleStream query's added latency)."""
+        assert self.dispatcher is not None and self._direct is not None
+        if trace.ON:
+            trace.mark("drain", ids[0])
+        todo = collections.deque(self.dispatcher.on_samples(np.asarray(ids, np.uint64),
+                                                            np.asarray(indices, np.int64), time.monotonic()))
+        while todo:
+            ins = todo.popleft()
+            if not isinstance(ins, SendBatch):
+                self._execute([ins])
+                continue
+            if trace.ON:
+                trace.mark("send", ins.batch_id, int(ins.ids[0]))
+            res = self._direct(m.Batch(batch_id=ins.batch_id, want_logits=ins.want_logits, ids=ins.ids,
+                                       indices=ins.indices))
+            if not isinstance(res, m.Result) or self._invalid(ins.worker, res) is not None:
+                self._on_message(ins.worker, res)   # a Failure or a bad result: the usual handling
+                continue
+            if trace.ON:
+                trace.mark("recv", res.batch_id)
+            now = time.monotonic()
+            self.workers[ins.worker].last_seen = now
+            for nxt in self.dispatcher.on_result(ins.worker, res.batch_id, now):
+                if isinstance(nxt, SendBatch):
+                    todo.append(nxt)
+                else:
+                    self._execute([nxt], result=res)
 
     def flush(self) -> None:
         if self._dead:
@@ -213,6 +256,7 @@ class Coordinator:
     # --- the driver loop ------------------------------------------------------------------------
 
     def _drive(self) -> None:
+        self._lock.acquire()   # held while awake; released around every wait (see _drive_loop)
         try:
             self._drive_loop()
         except Exception as exc:  # a bug here must not hang LoadGen: record and abort
@@ -225,10 +269,13 @@ class Coordinator:
             self._abort_outstanding()
             self._all_ready.set()
             self._all_bye.set()
+            self._lock.release()
             # Stay alive until stop(): LoadGen keeps a logger per thread that called it, and a thread
             # that completes samples and then exits while the test still runs crashes LoadGen
             # (SIGSEGV, seen with 10833 samples completed at once from a thread that then ended).
             self._stop.wait()
+        else:
+            self._lock.release()
 
     def _complete_dead(self) -> None:
         """Complete every queued sample without data (fresh response objects: this may run on a
@@ -257,7 +304,11 @@ class Coordinator:
             self._sleeping = True
             if self._inbox:
                 timeout = 0.0
-            got = transport.recv(timeout=max(timeout, 0.0))
+            self._lock.release()   # asleep: the direct path may run (issue())
+            try:
+                got = transport.recv(timeout=max(timeout, 0.0))
+            finally:
+                self._lock.acquire()
             self._sleeping = False
             # handle everything that is already there before looking at timers (batching)
             n = 0

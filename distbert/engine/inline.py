@@ -2,7 +2,9 @@
 
 For the edge scenarios on a machine whose one device rank 0 can drive itself: the driver runs each
 batch on the backend the moment it dispatches it, so a SingleStream query crosses one thread
-hand-off (LoadGen's issue thread to the driver) instead of five, and no socket at all.
+hand-off (LoadGen's issue thread to the driver) instead of five, and no socket at all; when the
+driver is idle, not even that: the coordinator runs a one-sample query on LoadGen's issue thread
+itself (:meth:`compute`, ``Coordinator.issue``).
 
 It is a :class:`~distbert.wire.base.CoordinatorTransport` to the coordinator, so the coordinator,
 the dispatcher and every guarantee (exactly-once, validation, the run record) are the same code as
@@ -48,12 +50,7 @@ class InlineWorker(CoordinatorTransport):
             raise KeyError(f"worker {worker} is not rank 0's in-process worker")
         w = self._worker
         if isinstance(msg, m.Batch):
-            if trace.ON:
-                trace.mark("w_recv", msg.batch_id)
-            result = w._compute(msg)
-            if trace.ON:
-                trace.mark("w_send", msg.batch_id)
-            self._out.put(result)
+            self._out.put(self.compute(msg))
         elif isinstance(msg, m.Heartbeat):
             self._out.put(m.Heartbeat(rank=self.rank, sent_at=time.time()))
         elif isinstance(msg, m.Setup):
@@ -66,6 +63,16 @@ class InlineWorker(CoordinatorTransport):
                                         traceback="".join(traceback.format_exception(exc))))
         elif isinstance(msg, m.Shutdown):
             self._out.put(m.Bye(rank=self.rank, stats_json=json.dumps(w.stats())))
+
+    def compute(self, batch: m.Batch) -> m.Result | m.Failure:
+        """Run ``batch`` now and return its Result (or Failure) instead of queueing it: the
+        coordinator's direct path, on LoadGen's issue thread (``Coordinator.issue``)."""
+        if trace.ON:
+            trace.mark("w_recv", batch.batch_id)
+        result = self._worker._compute(batch)
+        if trace.ON:
+            trace.mark("w_send", batch.batch_id)
+        return result
 
     def recv(self, timeout: float | None) -> tuple[int, m.Message] | None:
         item = self._out.get(deadline_after(timeout))

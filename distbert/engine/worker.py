@@ -76,6 +76,7 @@ class Worker:
         self.cfg: RunConfig | None = None
         self.backend: Backend | None = None
         self.store: Any = None
+        self._lengths: np.ndarray | None = None
         self.binding: DeviceBinding | None = None
         self._todo: queue.SimpleQueue[m.Batch | None] = queue.SimpleQueue()
         self._done: collections.deque[m.Result | m.Failure] = collections.deque()
@@ -105,7 +106,10 @@ class Worker:
                 raise _Stop(msg.reason)
 
     def setup(self, setup_timeout_s: float = 600.0) -> None:
-        self.transport.send(self.configure(self._await_setup(setup_timeout_s)))
+        ready = self.configure(self._await_setup(setup_timeout_s))
+        if hasattr(self.transport, "spin_s"):  # ZeroMQ: spin as rank 0 says (SingleStream)
+            self.transport.spin_s = self.cfg.spin_s()  # type: ignore[union-attr]
+        self.transport.send(ready)
 
     def configure(self, cfg: RunConfig) -> m.Ready:
         """Bind the device, load and warm the backend; the Ready that says so (STYLE §6)."""
@@ -149,10 +153,11 @@ class Worker:
         assert self.backend is not None
         if self.backend.needs_tokens:
             ids, mask, seg, lengths = self.store.gather(indices)
-        else:
-            lengths = self.store.lengths[indices]
-            shape = (len(indices), int(lengths.max()) if len(indices) else 0)
-            ids = mask = seg = np.broadcast_to(np.int32(0), shape)
+        else:  # the harness backends read no tokens: zero rows of the right shape, cheaply
+            if self._lengths is None:
+                self._lengths = np.asarray(self.store.lengths)  # a plain view: memmap indexing is slower
+            lengths = self._lengths[indices]
+            ids = mask = seg = np.zeros((len(indices), int(lengths.max()) if len(indices) else 0), np.int32)
         return ModelInputs(indices, ids, mask, seg, lengths)
 
     def _compute(self, batch: m.Batch) -> m.Result | m.Failure:

@@ -127,8 +127,10 @@ class Rank0Run:
             return MpiCoordinatorTransport(self.comm, key=self.key)
         from distbert.wire.zmq import ZmqCoordinatorTransport
 
-        return ZmqCoordinatorTransport.bind(self._zmq_address(), self.key,
-                                            max_message_bytes=max_result_bytes(self.cfg.batch.max_batch))
+        transport = ZmqCoordinatorTransport.bind(self._zmq_address(), self.key,
+                                                 max_message_bytes=max_result_bytes(self.cfg.batch.max_batch))
+        transport.spin_s = self.cfg.spin_s()
+        return transport
 
     def _zmq_address(self) -> str:
         if self.cfg.listen:
