@@ -211,13 +211,14 @@ def test_multistream_is_refused_with_one_line(env, squad_dev, vocab, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_failing_backend_fails_the_run_with_the_first_cause(env, squad_dev, vocab, tmp_path):
+@pytest.mark.parametrize("workers", [["--workers", "2"], ["--in-process-worker"]], ids=["processes", "in-process"])
+def test_failing_backend_fails_the_run_with_the_first_cause(env, squad_dev, vocab, tmp_path, workers):
     """A worker whose model cannot load reports why; rank 0 exits non-zero, names the rank, leaves
     only a run directory marked .failed, and no worker survives."""
     out = tmp_path / "run"
     env, tag = _tagged(env)
     proc = subprocess.run([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
-                           "--backend", "onnxruntime", "--model", str(tmp_path / "missing.onnx"), "--workers", "2",
+                           "--backend", "onnxruntime", "--model", str(tmp_path / "missing.onnx"), *workers,
                            "--output", str(out)], env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
