@@ -48,8 +48,10 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     host = socket.gethostname()
     found: tuple[str, int | None, int | None, int | None, int | None] | None = None
     if "PMI_RANK" in env or "PMI_SIZE" in env:
+        # hydra names the local rank; srun --mpi=pmi2 sets PMI_RANK but leaves it to SLURM_LOCALID
         found = ("mpi", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"),
-                 _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK"), _int(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"))
+                 _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"),
+                 _int(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"))
     elif "OMPI_COMM_WORLD_RANK" in env:
         found = ("mpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
                  _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"))

@@ -36,7 +36,7 @@ REQUIRE_ENV = "DISTBERT_REQUIRE_OFFICIAL_DATA"
 NO_DATA = "official data absent"
 
 
-#: ``DISTBERT_REQUIRE_LAUNCHERS=1`` (set by .ci/run after launch/system-deps.sh): the Slurm and
+#: ``DISTBERT_REQUIRE_LAUNCHERS=1`` (set by launch/test.sh as root, after launch/system-deps.sh): the Slurm and
 #: network-namespace tests fail instead of skipping when their daemons or root are missing.
 LAUNCHERS_ENV = "DISTBERT_REQUIRE_LAUNCHERS"
 
