@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 
 from distbert.backends import NAMES, backend_class
 from distbert.backends.base import BackendSpec
 from distbert.cli.logs import setup_logging
 from distbert.config import BatchConfig, LoadGenConfig, RunConfig, validate
 from distbert.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--execution-mode", default="test",
                    help="test: short run, min duration 0 (default); valid: the full MLPerf rules (600 s)")
     g.add_argument("--test-query-count", type=int, help="test mode: samples (Offline) or queries to issue")
-    g.add_argument("--target-qps", type=float, help="Offline expected / Server target queries per second")
-    g.add_argument("--target-latency-ms", type=float, help="SingleStream expected latency / Server bound")
+    g.add_argument("--target-qps", type=_number_or_auto,
+                   help="Offline expected / Server target queries per second; auto: from the newest comparable "
+                        "run in the results directory (Offline: its samples/s; Server: its last VALID target)")
+    g.add_argument("--target-latency-ms", type=_number_or_auto,
+                   help="SingleStream expected latency / Server bound; auto (SingleStream): the p90 of the newest "
+                        "comparable SingleStream run")
     g.add_argument("--min-duration-ms", type=int, help="override LoadGen's min duration")
     g.add_argument("--max-duration-ms", type=int, help="override LoadGen's max duration")
     g.add_argument("--user-conf", help="a LoadGen user.conf (model key 'bert')")
@@ -86,6 +94,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_run)
 
 
+def _number_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number or auto") from None
+
+
+def _resolve_auto(cfg: RunConfig, qps: float | str | None, latency: float | str | None) -> RunConfig:
+    """``auto`` targets from the earlier runs in the results directory (run/history.py)."""
+    if qps != "auto" and latency != "auto":
+        return cfg
+    import json
+    from pathlib import Path
+
+    from distbert import topology
+    from distbert.run import history
+
+    results = Path(cfg.output).parent if cfg.output else Path("results")
+    config, world = json.loads(cfg.to_json()), topology.detect().world_size
+    lg = cfg.loadgen
+    if qps == "auto":
+        value, why = history.auto_target_qps(results, config, world)
+        lg = dataclasses.replace(lg, target_qps=round(value, 3))
+        log.info("--target-qps auto: %.1f, from %s", value, why)
+    if latency == "auto":
+        value, why = history.auto_latency_ms(results, config, world)
+        lg = dataclasses.replace(lg, target_latency_ms=round(value, 3))
+        log.info("--target-latency-ms auto: %.3f ms, from %s", value, why)
+    return dataclasses.replace(cfg, loadgen=lg)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     options: list[tuple[str, str]] = [("sim_latency", args.sim_latency), ("random_shape", args.random_shape)]
     if args.ort_provider:
@@ -97,8 +138,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         options.append((k.strip(), v.strip()))
     cfg = RunConfig(
         loadgen=LoadGenConfig(scenario=args.scenario, mode=args.mode, execution_mode=args.execution_mode,
-                              user_conf=args.user_conf, target_qps=args.target_qps,
-                              target_latency_ms=args.target_latency_ms, test_query_count=args.test_query_count,
+                              user_conf=args.user_conf,
+                              target_qps=None if args.target_qps == "auto" else args.target_qps,
+                              target_latency_ms=None if args.target_latency_ms == "auto" else args.target_latency_ms,
+                              test_query_count=args.test_query_count,
                               min_duration_ms=args.min_duration_ms, max_duration_ms=args.max_duration_ms,
                               audit_conf=args.audit_conf, benchmark=args.benchmark),
         backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
@@ -112,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
         rejoin_timeout_s=args.rejoin_timeout if args.rejoin_timeout is not None else max(60.0, args.heartbeat_timeout))
     backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything
-    return validate(cfg)
+    return validate(_resolve_auto(validate(cfg), args.target_qps, args.target_latency_ms))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
