@@ -63,6 +63,8 @@ class RunConfig:
     coordinator_hosts_worker: bool = False   # under a launcher, rank 0 also runs a worker
     in_process_worker: bool = False  # no launcher: the one worker runs on rank 0's driver thread
     spin_us: float = 0.0             # ZeroMQ receive spin before sleeping, µs (0: off)
+    find_peak: bool = False          # Server: search the highest VALID QPS first, run the tests at it
+    find_peak_probe_s: float = 5.0   # seconds of traffic per --find-peak probe
     output: str | None = None
     bind_host: str | None = None     # zmq: address workers reach rank 0 at (default: this host's IP)
     heartbeat_s: float = 1.0
@@ -127,6 +129,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--token-budget must be at least 384 (one full-length sample)")
     if b.max_batch is not None and b.max_batch > 4096:
         raise UserError("--max-batch must be at most 4096 (the largest batch a worker may announce)")
+    if cfg.find_peak and lg.scenario != "Server":
+        raise UserError("--find-peak searches a Server QPS: use it with --scenario Server")
+    if cfg.find_peak_probe_s <= 0:
+        raise UserError("--find-peak-probe-s must be positive")
     if not 0 <= cfg.spin_us <= 100_000:
         raise UserError("--spin-us must be between 0 (off) and 100000")
     if not 0 < cfg.heartbeat_timeout_s <= cfg.rejoin_timeout_s:

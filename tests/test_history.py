@@ -49,3 +49,32 @@ def test_auto_targets_come_from_the_newest_comparable_run(env, tmp_path):  # noq
     p90 = ss["results"]["performance"]["result_90.00_percentile_latency_ns"] / 1e6
     assert ss2["config"]["loadgen"]["target_latency_ms"] == pytest.approx(p90, abs=1e-3)
     assert other is not None
+
+
+@pytest.mark.timeout(300)
+def test_find_peak_brackets_then_bisects_and_runs_at_the_peak(env, tmp_path):  # noqa: F811
+    results = tmp_path / "results"
+    results.mkdir()
+    proc, rec = _run(env, results, "fp", "--scenario", "Server", "--workers", "2", "--find-peak",
+                     "--find-peak-probe-s", "0.5", "--target-qps", "20000", "--test-query-count", "500")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fp = rec["results"]["find_peak"]
+    probes = fp["probes"]
+    best = fp["best_valid_qps"]
+    assert len(probes) >= 3 and {"VALID", "INVALID"} <= {p["validity"] for p in probes}  # bracketed
+    assert any(p["validity"] == "VALID" and p["target_qps"] == pytest.approx(best, abs=0.1) for p in probes)
+    lowest_invalid = min(p["target_qps"] for p in probes if p["validity"] == "INVALID")
+    assert fp["lowest_invalid_qps"] == pytest.approx(lowest_invalid, abs=0.1)
+    assert best < lowest_invalid and (lowest_invalid - best) / lowest_invalid <= 0.03 + 1e-9
+    assert rec["config"]["loadgen"]["target_qps"] == pytest.approx(best, abs=0.1)   # the tests ran at it
+    assert len(list((results / "fp" / "find-peak").glob("probe-*/mlperf_log_detail.txt"))) == len(probes)
+    assert "find-peak: highest VALID Server QPS" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_find_peak_that_finds_nothing_fails_with_one_line(env, tmp_path):  # noqa: F811
+    """A 1 µs latency bound: no QPS is VALID; the search halves 8 times and stops with the cause."""
+    proc, _ = _run(env, tmp_path, "fp", "--scenario", "Server", "--find-peak", "--find-peak-probe-s", "0.2",
+                   "--target-qps", "50000", "--target-latency-ms", "0.001")
+    assert proc.returncode == 2
+    assert "--find-peak: no VALID Server run" in proc.stderr.strip().splitlines()[-1]

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--target-qps", type=_number_or_auto,
                    help="Offline expected / Server target queries per second; auto: from the newest comparable "
                         "run in the results directory (Offline: its samples/s; Server: its last VALID target)")
+    g.add_argument("--find-peak", action="store_true",
+                   help="Server: first find the highest QPS LoadGen calls VALID (short probes from --target-qps, "
+                        "doubling or halving, then bisection to 3 %%), then run the tests at it")
+    g.add_argument("--find-peak-probe-s", type=float, default=5.0, help="seconds of traffic per --find-peak probe")
     g.add_argument("--target-latency-ms", type=_number_or_auto,
                    help="SingleStream expected latency / Server bound; auto (SingleStream): the p90 of the newest "
                         "comparable SingleStream run")
@@ -151,7 +155,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker,
-        in_process_worker=args.in_process_worker, spin_us=args.spin_us, output=args.output,
+        in_process_worker=args.in_process_worker, spin_us=args.spin_us, find_peak=args.find_peak,
+        find_peak_probe_s=args.find_peak_probe_s, output=args.output,
         bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
         rejoin_timeout_s=args.rejoin_timeout if args.rejoin_timeout is not None else max(60.0, args.heartbeat_timeout))
     backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything

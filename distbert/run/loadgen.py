@@ -102,24 +102,56 @@ def run_test(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, mode: str,
     """One LoadGen test through ``coordinator`` (the SUT); ``mode`` "TEST01" is a performance test
     under ``audit`` (a compliance audit.config). ``settings_box`` carries this process's one
     ``TestSettings`` from test to test (see :func:`make_settings`). Returns the headline figures."""
-    import mlperf_loadgen as lg
-
     logdir.mkdir(parents=True, exist_ok=True)
     user_conf = write_user_conf(cfg.loadgen, logdir / "user.conf")
     box = settings_box if settings_box is not None else []
     settings = make_settings(cfg.loadgen, "performance" if mode == "TEST01" else mode, user_conf, qsl_size,
                              base=box[0] if box else None)
     box[:] = [settings]
+    if cfg.loadgen.scenario == "Server" and cfg.loadgen.target_qps:
+        settings.server_target_qps = cfg.loadgen.target_qps   # also when the settings are reused
+    want_logits = mode == "accuracy" or bool(audit or cfg.loadgen.audit_conf)
+    return _start(cfg, coordinator, qsl_size, settings, logdir, mode, want_logits,
+                  str(audit or cfg.loadgen.audit_conf or logdir / "audit.config"))  # absent file = no audit
+
+
+#: MLPerf's Server latency bound for BERT (mlperf.conf: bert.Server.target_latency = 130)
+SERVER_BOUND_NS = 130_000_000
+
+
+def probe_server(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, qps: float, duration_s: float,
+                 logdir: Path) -> dict[str, Any]:
+    """A short Server performance test at ``qps`` for ``--find-peak``: settings built by hand, not
+    by ``FromConfig`` (a second FromConfig in a process puts an ERROR into every later log)."""
+    import mlperf_loadgen as lg
+
+    s = lg.TestSettings()
+    s.scenario = lg.TestScenario.Server
+    s.mode = lg.TestMode.PerformanceOnly
+    s.server_target_qps = qps
+    s.server_target_latency_ns = int(cfg.loadgen.target_latency_ms * 1e6) if cfg.loadgen.target_latency_ms \
+        else SERVER_BOUND_NS
+    s.server_target_latency_percentile = 0.99
+    s.min_duration_ms = int(duration_s * 1000)
+    s.min_query_count = max(100, int(qps * duration_s))
+    if qsl_size < DEV_FEATURES:
+        s.performance_sample_count_override = qsl_size
+    return _start(cfg, coordinator, qsl_size, s, logdir, "performance", False, str(logdir / "audit.config"))
+
+
+def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: Any, logdir: Path, mode: str,
+           want_logits: bool, audit_path: str) -> dict[str, Any]:
+    import mlperf_loadgen as lg
+
+    logdir.mkdir(parents=True, exist_ok=True)
     log_settings = lg.LogSettings()
     log_settings.log_output.outdir = str(logdir)
     log_settings.log_output.copy_summary_to_stdout = False
     log_settings.enable_trace = False
-    want_logits = mode == "accuracy" or bool(audit or cfg.loadgen.audit_conf)
     coordinator.begin_test(cfg.loadgen.scenario, want_logits)
     # The SUT's callbacks only enqueue (STYLE §5); the QSL needs no loading: workers map the cache.
     sut = lg.ConstructFastSUT(coordinator.issue, coordinator.flush)
     qsl = lg.ConstructQSL(qsl_size, min(qsl_size, DEV_FEATURES), lambda s: None, lambda s: None)
-    audit_path = str(audit or cfg.loadgen.audit_conf or logdir / "audit.config")  # absent file = no audit
     log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
     t0 = time.monotonic()
     try:

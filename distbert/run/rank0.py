@@ -26,7 +26,7 @@ from distbert.engine.coordinator import Coordinator, RunFailed, max_result_bytes
 from distbert.engine.local import LocalWorkers
 from distbert.errors import UserError
 from distbert.run import record as rec
-from distbert.run.loadgen import run_test
+from distbert.run.loadgen import TEST_SERVER_QPS, probe_server, run_test
 from distbert.run.rendezvous import bcast_json
 from distbert.run.rundir import RunDir, output_dir
 from distbert.topology import Topology
@@ -35,6 +35,10 @@ from distbert.wire.base import CoordinatorTransport
 from distbert.wire.keys import check_session_key, new_session_key
 
 log = logging.getLogger(__name__)
+
+#: --find-peak: doubling/halving steps at most, and the bracket width (relative) where bisection stops
+FIND_PEAK_STEPS = 8
+FIND_PEAK_PRECISION = 0.03
 
 #: the LoadGen tests each ``--mode`` runs, in order
 MODE_TESTS = {"performance": ["performance"], "accuracy": ["accuracy"], "both": ["performance", "accuracy"],
@@ -184,6 +188,10 @@ class Rank0Run:
         results: dict[str, Any] = {}
         settings: list[Any] = []
         work = self.rundir.work
+        if self.cfg.find_peak:
+            results["find_peak"] = self._find_peak(work / "find-peak")
+            best = results["find_peak"]["best_valid_qps"]
+            self.cfg = self.cfg.replace(loadgen=dataclasses.replace(self.cfg.loadgen, target_qps=best))
         for mode in MODE_TESTS[self.cfg.loadgen.mode]:
             audit = None
             if mode == "TEST01":  # a performance run with the compliance audit.config
@@ -198,6 +206,58 @@ class Rank0Run:
         if self.local is not None:
             self.local.stop()
         return results
+
+    def _find_peak(self, folder: Path) -> dict[str, Any]:
+        """``--find-peak``: the highest Server QPS that LoadGen calls VALID, by short probes (doubling
+        or halving from --target-qps to a bracket, then bisection to FIND_PEAK_PRECISION)."""
+        assert self.coordinator is not None
+        cfg = self.cfg
+        probes: list[dict[str, Any]] = []
+
+        def valid(qps: float) -> bool:
+            res = probe_server(cfg, self.coordinator, self.qsl_size, qps, cfg.find_peak_probe_s,  # type: ignore[arg-type]
+                               folder / f"probe-{len(probes) + 1:02d}")
+            if self.coordinator.failure:  # type: ignore[union-attr]
+                raise RunFailed(self.coordinator.failure)  # type: ignore[union-attr]
+            ok = res.get("result_validity") == "VALID"
+            p99 = res.get("result_99.00_percentile_latency_ns")
+            probes.append({"target_qps": round(qps, 1), "validity": res.get("result_validity"),
+                           "p99_ms": round(p99 / 1e6, 2) if p99 else None})
+            log.info("find-peak probe %d: %.1f QPS -> %s", len(probes), qps, res.get("result_validity"))
+            return ok
+
+        q = cfg.loadgen.target_qps or TEST_SERVER_QPS
+        lo = hi = None
+        if valid(q):
+            lo = q
+            for _ in range(FIND_PEAK_STEPS):
+                if not valid(lo * 2):
+                    hi = lo * 2
+                    break
+                lo *= 2
+        else:
+            hi = q
+            for _ in range(FIND_PEAK_STEPS):
+                if valid(hi / 2):
+                    lo = hi / 2
+                    break
+                hi /= 2
+        if lo is None:
+            raise RunFailed(f"--find-peak: no VALID Server run from {q:g} QPS down to {hi:g} QPS "
+                            f"(see {folder}): check the latency bound and the workers")
+        while hi is not None and (hi - lo) / hi > FIND_PEAK_PRECISION:
+            mid = (lo + hi) / 2
+            if valid(mid):
+                lo = mid
+            else:
+                hi = mid
+        if hi is None:
+            log.warning("find-peak: still VALID at %.1f QPS after %d doublings: the peak may be higher; "
+                        "start higher with --target-qps", lo, FIND_PEAK_STEPS)
+        log.info("find-peak: highest VALID Server QPS %.1f (%d probes of %g s)", lo, len(probes),
+                 cfg.find_peak_probe_s)
+        return {"best_valid_qps": round(lo, 1), "lowest_invalid_qps": None if hi is None else round(hi, 1),
+                "probe_s": cfg.find_peak_probe_s, "probes": probes}
 
     # --- 5. accuracy, TEST01 verdict, run.json, plots, summary; then the directory goes live ----
 

@@ -98,6 +98,10 @@ def print_summary(record: dict[str, Any], final: Path) -> None:
     print(f"distbert {lg['scenario']} {lg['mode']} run, backend {cfg['backend']['name']}, "
           f"{n} worker{'s' if n != 1 else ''} -> {final}")
     for mode, res in record["results"].items():
+        if mode == "find_peak":
+            print(f"  find-peak: highest VALID Server QPS {res['best_valid_qps']:,.1f} after {len(res['probes'])} "
+                  f"probes of {res['probe_s']:g} s (the tests below ran at it; probes in {final}/find-peak/)")
+            continue
         parts = []
         for key, label in (("result_samples_per_second", "samples/s"),
                            ("result_completed_samples_per_sec", "completed samples/s"),
