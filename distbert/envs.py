@@ -54,3 +54,9 @@ def worker_inline() -> bool:
     included (default: those run on the I/O thread when the compute thread is idle). For measuring
     what inline execution saves (``bench/latency_timeline.py``)."""
     return os.environ.get("DISTBERT_WORKER_INLINE", "1") not in ("0", "")
+
+
+def trace_dir() -> str | None:
+    """``DISTBERT_TRACE``: a folder; every process of the run writes its per-hop timestamps there at
+    exit (``distbert.util.trace``, read by ``bench/latency_timeline.py``). Unset: no tracing."""
+    return os.environ.get("DISTBERT_TRACE") or None

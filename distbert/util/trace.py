@@ -14,12 +14,14 @@ import os
 import time
 from pathlib import Path
 
+from distbert import envs
+
 #: the stages, in the order a query passes them; ``key`` is the LoadGen response id for the first
 #: two and the batch id for the rest (``send`` carries the batch's first response id in ``aux``)
 STAGES = ("issue", "drain", "send", "w_recv", "w_start", "w_end", "w_send", "recv", "complete")
 _CODE = {name: i for i, name in enumerate(STAGES)}
 
-_folder = os.environ.get("DISTBERT_TRACE") or None
+_folder = envs.trace_dir()
 ON = _folder is not None
 _rows: list[tuple[int, int, int, int]] = []
 
