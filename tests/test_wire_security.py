@@ -177,8 +177,17 @@ class Hostile:
         self.sock.connect(run.address)
         self.rank = rank
 
-    def send(self, msg) -> None:
-        self.sock.send_multipart(encode(msg))
+    def send(self, msg, within_s: float = 10.0) -> None:
+        """Never a blocking send: a socket whose connection libzmq dropped has no pipe, and a blocking
+        send would wait for a peer forever."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                assert time.monotonic() < deadline, f"could not send {type(msg).__name__} within {within_s} s"
+                time.sleep(0.01)
 
     def recv(self, timeout: float = 10.0):
         if not self.sock.poll(int(timeout * 1000)):
@@ -217,7 +226,11 @@ def test_wrong_keys_flood_costs_nothing(live, squad_dev, vocab, session_cache):
                 s.setsockopt(zmq.CURVE_PUBLICKEY, wrong.worker_public)
                 s.setsockopt(zmq.CURVE_SECRETKEY, wrong.worker_secret)
             s.connect(run.address)
-            s.send_multipart(encode(Hello(1, "flood", 1, run.key)))  # even the right key in clear is no use
+            try:  # even the right key in clear is no use; NOBLOCK: a failed handshake drops the socket's
+                # pipe, and a blocking send would then wait forever for a peer
+                s.send_multipart(encode(Hello(1, "flood", 1, run.key)), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
             batch.append(s)
         time.sleep(0.05)
         for s in batch:
@@ -331,7 +344,10 @@ def test_oversized_frames_are_cut_off_by_libzmq(live, squad_dev, vocab, session_
         h.hello()
         big = b"\0" * (64 << 20)
         for _ in range(4):
-            h.sock.send(big)
+            try:
+                h.sock.send(big, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass   # the connection was cut for the last one: nothing to send it on
             time.sleep(0.3)
     finally:
         h.close()
