@@ -19,4 +19,4 @@ echo "[system-deps] installing slurmctld slurmd slurm-client munge iproute2 (mis
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq slurmctld slurmd slurm-client munge iproute2 >/dev/null
-echo "[system-deps] done: $(sinfo --version)"
+echo "[system-deps] done: slurm $(dpkg-query -W -f='${Version}' slurmd)"
