@@ -26,7 +26,7 @@ def model(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
            if shape == "large" else BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                                                intermediate_size=512))
     cfg.attn_implementation = "sdpa"
-    return BertForQuestionAnswering(cfg).to(device=device, dtype=dtype).eval()
+    return BertForQuestionAnswering(cfg).to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]  # transformers stubs
 
 
 def sync(device: str) -> None:
