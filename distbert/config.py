@@ -91,6 +91,10 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: the largest batch a worker may announce or a run may ask for (rank 0 sizes its message limit on it)
+MAX_BATCH = 4096
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     lg = cfg.loadgen
     if lg.scenario == "MultiStream":
@@ -127,8 +131,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--batch-timeout must be 0 (off) or a number of seconds")
     if b.token_budget is not None and b.token_budget < 384:
         raise UserError("--token-budget must be at least 384 (one full-length sample)")
-    if b.max_batch is not None and b.max_batch > 4096:
-        raise UserError("--max-batch must be at most 4096 (the largest batch a worker may announce)")
+    if b.max_batch is not None and b.max_batch > MAX_BATCH:
+        raise UserError(f"--max-batch must be at most {MAX_BATCH} (the largest batch a worker may announce)")
     if cfg.find_peak and lg.scenario != "Server":
         raise UserError("--find-peak searches a Server QPS: use it with --scenario Server")
     if cfg.find_peak_probe_s <= 0:

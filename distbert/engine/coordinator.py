@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from distbert.config import RunConfig
+from distbert.config import MAX_BATCH, RunConfig  # MAX_BATCH: the largest max_batch a worker may announce
 from distbert.engine.completion import Completer
 from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 from distbert.util import trace
@@ -36,7 +36,6 @@ from distbert.wire.base import CoordinatorTransport
 log = logging.getLogger(__name__)
 
 MAX_SEQ = 384          # the longest row a worker may return logits for
-MAX_BATCH = 4096       # the largest max_batch a worker may announce (backends announce <= 1024)
 
 
 def max_result_bytes(max_rows: int | None) -> int:

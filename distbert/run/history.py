@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from distbert.errors import UserError
+from distbert.run.loadgen import TEST_SERVER_QPS  # a test-mode Server run without --target-qps
 
 log = logging.getLogger(__name__)
 
 #: the parts of a run's config that make two runs comparable
 _SAME = ("workers", "expect_workers", "in_process_worker", "coordinator_hosts_worker", "transport")
 _SAME_BACKEND = ("name", "model", "device", "precision")
-TEST_SERVER_QPS = 1000.0  # what a test-mode Server run without --target-qps used (run/loadgen.py)
 
 
 def _key(config: dict[str, Any], world_size: int) -> tuple:
