@@ -231,11 +231,9 @@ def test_failing_backend_fails_the_run_with_the_first_cause(env, squad_dev, voca
 def test_external_worker_joins_with_connect(env, squad_dev, vocab, n_features, tmp_path):
     """A coordinator listening on TCP with no local workers is joined by `distbert worker --connect`,
     the session key coming from the environment (never the command line)."""
-    import socket
+    from tests.wire_peers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     e = dict(env, DISTBERT_SESSION_KEY="c0ffee" * 6)  # 144 bits
     n = min(500, n_features)
     coord = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),

@@ -13,7 +13,6 @@ transport itself, with the real ZeroMQ sockets.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import pytest
 from distbert.wire.keys import check_session_key, curve_keys, new_session_key
 from distbert.wire.messages import Batch, Bye, Heartbeat, Hello, Ready, Result, Setup, Shutdown, decode, encode
 from tests.test_engine_mp import _assert_none_outlived, _direct_oracle_f1, _tagged, env, n_features  # noqa: F401
-from tests.wire_peers import RecordingRelay, key_holder_socket
+from tests.wire_peers import RecordingRelay, free_port, key_holder_socket
 
 zmq = pytest.importorskip("zmq")
 
@@ -37,12 +36,6 @@ pytestmark = [pytest.mark.slow]
 
 N = 240          # samples in each run
 PACE = "0.1"     # seconds per batch of the oracle: with --max-batch 4 the run takes ~6 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -121,7 +114,7 @@ def live(env, squad_dev, vocab, tmp_path):  # noqa: F811 - env is the shared fix
         (default: the same; a relay's port to tap the wire)."""
         key = new_session_key()
         e, tag = _tagged(dict(env, DISTBERT_SESSION_KEY=key))
-        port = port or _free_port()
+        port = port or free_port()
         logs = tmp_path / "logs"
         logs.mkdir(exist_ok=True)
         out = tmp_path / "run"
@@ -408,7 +401,7 @@ def test_authenticated_fuzzer_100k_frames(live, squad_dev, vocab, session_cache)
 def test_wire_capture_shows_no_key_no_config_no_logits(live, squad_dev, vocab, session_cache):
     """The genuine worker talks to rank 0 through a relay that records every byte: neither the
     session key, nor the Setup's text, nor a logit of the oracle appears in the capture."""
-    real_port = _free_port()
+    real_port = free_port()
     relay = RecordingRelay(("127.0.0.1", real_port))   # rank 0 is not up yet: the relay dials per connection
     run = live(port=real_port, worker_port=relay.port)
     record = run.finish()

@@ -1,5 +1,5 @@
-"""Raw ZeroMQ peers for wire tests: a socket that holds the session key but runs no distbert code,
-and a TCP relay that records every byte crossing it."""
+"""Network helpers for tests: a free port, a raw ZeroMQ socket that holds the session key but runs no
+distbert code, and a TCP relay that records every byte crossing it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import threading
 from typing import Any
 
 from distbert.wire.keys import curve_keys
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def key_holder_socket(ctx: Any, key: str, routing_id: bytes | None = None) -> Any:
