@@ -38,7 +38,8 @@ def check_session_key(key: str, source: str) -> str:
     try:
         bytes.fromhex(key)
     except ValueError:
-        raise UserError(f"the session key in {source} is not hex text; {fix}") from None
+        what = "an odd number of hex digits" if all(c in "0123456789abcdefABCDEF" for c in key) else "not hex text"
+        raise UserError(f"the session key in {source} is {what}; {fix}") from None
     bits = 4 * len(key)
     if bits < MIN_KEY_BITS:
         raise UserError(f"the session key in {source} has {bits} bits, fewer than the {MIN_KEY_BITS} "
