@@ -33,6 +33,7 @@ class LoadGenConfig:
     max_duration_ms: int | None = None
     audit_conf: str | None = None         # compliance (TEST01) audit.config
     benchmark: str = "bert-99"            # bert-99 | bert-99.9: the accuracy target TEST01 and submissions use
+    mlperf_version: str = "v6.1"          # the submission round whose seeds (and compliance tests) the run uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"unknown --scenario {lg.scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if lg.mode not in MODES:
         raise UserError(f"unknown --mode {lg.mode!r}: choose one of {', '.join(MODES)}")
+    from distbert.submission.rules import rules
+
+    rules(lg.mlperf_version)  # an unknown round is a user error
     if lg.benchmark not in ("bert-99", "bert-99.9"):
         raise UserError(f"unknown --benchmark {lg.benchmark!r}: choose bert-99 or bert-99.9")
     if lg.mode == "submission" and lg.audit_conf:

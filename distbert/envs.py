@@ -60,3 +60,11 @@ def trace_dir() -> str | None:
     """``DISTBERT_TRACE``: a folder; every process of the run writes its per-hop timestamps there at
     exit (``distbert.util.trace``, read by ``bench/latency_timeline.py``). Unset: no tracing."""
     return os.environ.get("DISTBERT_TRACE") or None
+
+
+def announce_file() -> Path | None:
+    """``DISTBERT_ANNOUNCE``: a file where rank 0 of a run without a launcher writes where it listens
+    (``{"address", "rank0_host"}``) once its socket is bound. ``distbert submission run`` under a
+    launcher sets it for each child run, to tell the launched ranks where to connect."""
+    value = os.environ.get("DISTBERT_ANNOUNCE")
+    return Path(value) if value else None

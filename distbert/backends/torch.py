@@ -8,11 +8,19 @@ Accepted ``--model``:
 
 Precision: fp32, bf16, fp16 (CUDA only). Attention runs through SDPA. Outputs are float32 numpy.
 ``spec.option("compile") == "1"`` wraps the model in ``torch.compile`` (dynamic shapes).
+
+``spec.option("graphs") == "1"`` (CUDA only) runs every batch through CUDA graphs captured per
+(batch, length) bucket (:mod:`distbert.backends.graphs` chooses the buckets): one launch per batch
+instead of hundreds of kernel launches. Buckets are captured on first use, batch 1 at every length
+during warmup; ``graphs_cache=N`` caps how many stay captured (least recently used evicted).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +29,17 @@ import torch
 
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
 from distbert.backends.batching import cpu_batch_hint, usable_cores
+from distbert.backends.graphs import (
+    DEFAULT_CAPACITY,
+    LENGTH_STEP,
+    MAX_LENGTH,
+    Bucket,
+    GraphCache,
+    batch_ladder,
+    pad_into,
+    plan,
+    unpad,
+)
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -123,6 +142,141 @@ def load_model(model: str | None, dtype: torch.dtype) -> tuple[torch.nn.Module, 
                     "(MLPerf checkpoint) or config.json + weights (Hugging Face directory)")
 
 
+# --- CUDA graphs (option graphs=1) ------------------------------------------------------------
+
+#: (input ids, mask, segments), each int64 ``[b, l]`` on the device -> logits ``[2, b, l]`` float32
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+CAPTURE_WARMUP_PASSES = 3   # eager passes on a side stream before capture (cuBLAS/SDPA pick their kernels)
+
+
+def qa_forward(model: torch.nn.Module) -> Forward:
+    """The model as one function returning start and end logits stacked, float32."""
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=segments)
+        return torch.stack((out.start_logits, out.end_logits)).float()
+
+    return forward
+
+
+@dataclasses.dataclass
+class StaticGraph:
+    """One bucket's captured forward pass: write ``inputs``, call ``replay``, read ``outputs``."""
+
+    bucket: Bucket
+    inputs: torch.Tensor              # int64 [3, b, l]: ids, mask, segments (the graph reads these addresses)
+    outputs: torch.Tensor             # float32 [2, b, l]: start, end logits (the graph writes these)
+    replay: Callable[[], None]
+    release: Callable[[], None] = lambda: None
+
+
+def capture_cuda(forward: Forward, bucket: Bucket, device: torch.device, pool: Any = None) -> StaticGraph:
+    """Capture ``forward`` at ``bucket``'s shape as a CUDA graph, as PyTorch's CUDA-graph notes do it:
+    static inputs, eager warmup passes on a side stream, then capture. Call under inference_mode.
+
+    ``pool`` (``torch.cuda.graph_pool_handle()``) is shared by every bucket so that their activations
+    reuse one memory pool. That is safe here because graphs replay one at a time on one stream and
+    each replay's outputs are copied to the host before the next replay.
+    """
+    inputs = torch.zeros((3, bucket.batch, bucket.length), dtype=torch.int64, device=device)
+    inputs[1].fill_(1)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(CAPTURE_WARMUP_PASSES):
+                forward(inputs[0], inputs[1], inputs[2])
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = forward(inputs[0], inputs[1], inputs[2])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"graphs=1: capturing the [{bucket.batch}, {bucket.length}] bucket as a CUDA graph failed ({first}); "
+            f"the model may read a tensor on the host during capture (transformers "
+            f"{_import_transformers().__version__}; 4.x checks the attention mask that way): "
+            "use transformers>=5 or drop --option graphs=1") from exc
+    return StaticGraph(bucket, inputs, outputs, graph.replay, graph.reset)
+
+
+class GraphedModel:
+    """Runs batches through per-bucket static graphs: plan the chunks, pad each into its bucket's
+    static inputs, replay, slice the outputs back. ``capture`` builds a bucket's graph (CUDA:
+    :func:`capture_cuda`; tests inject an eager stand-in, since CUDA cannot run on CPU)."""
+
+    def __init__(self, capture: Callable[[Bucket], StaticGraph], device: torch.device, max_batch: int,
+                 capacity: int = DEFAULT_CAPACITY) -> None:
+        self.ladder = batch_ladder(max_batch)
+        self.cache: GraphCache[StaticGraph] = GraphCache(self._timed(capture), capacity,
+                                                         release=lambda g: g.release())
+        self.capture_s = 0.0
+        self._device = device
+        self._staging: torch.Tensor | None = None
+
+    def _timed(self, capture: Callable[[Bucket], StaticGraph]) -> Callable[[Bucket], StaticGraph]:
+        def timed(bucket: Bucket) -> StaticGraph:
+            t0 = time.perf_counter()
+            graph = capture(bucket)
+            took = time.perf_counter() - t0
+            self.capture_s += took
+            log.info("captured the [%d, %d] graph in %.0f ms (%d cached)", bucket.batch, bucket.length,
+                     took * 1e3, len(self.cache) + 1)
+            return graph
+
+        return timed
+
+    def _stage(self, bucket: Bucket) -> torch.Tensor:
+        """A host buffer ``[3, b, l]`` int64, reused (pinned on CUDA for an asynchronous copy). Reuse is
+        safe: ``run`` waits for each replay's outputs, so the copy that read it has finished."""
+        need = 3 * bucket.batch * bucket.length
+        if self._staging is None or self._staging.numel() < need:
+            size = max(need, 3 * self.ladder[-1] * MAX_LENGTH)
+            buf = torch.empty(size, dtype=torch.int64)
+            self._staging = buf.pin_memory() if self._device.type == "cuda" else buf
+        return self._staging[:need].view(3, bucket.batch, bucket.length)
+
+    def run(self, input_ids: np.ndarray, input_mask: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+        """Logits ``[2, B, L]`` float32 for a ``[B, L]`` batch. Call under inference_mode."""
+        rows, length = input_ids.shape
+        out = np.empty((2, rows, length), np.float32)
+        for chunk in plan(rows, length, self.ladder):
+            graph = self.cache.get(chunk.bucket)
+            staged = self._stage(chunk.bucket)
+            pad_into(staged.numpy(), chunk, input_ids, input_mask, segment_ids)
+            graph.inputs.copy_(staged, non_blocking=True)
+            graph.replay()
+            out[:, chunk.start:chunk.stop] = unpad(graph.outputs.cpu().numpy(), chunk.rows, length)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"batch_ladder": list(self.ladder), "length_step": LENGTH_STEP, "max_length": MAX_LENGTH,
+                "capture_s": round(self.capture_s, 3), **self.cache.stats()}
+
+    def close(self) -> None:
+        self.cache.clear()
+        self._staging = None
+
+
+def _graph_options(spec: BackendSpec, device: torch.device) -> int | None:
+    """The graph cache capacity when ``graphs=1``, None when graphs are off; UserError on misuse."""
+    graphs = spec.option("graphs", "0")
+    if graphs not in ("0", "1"):
+        raise UserError(f"--option graphs={graphs}: write graphs=1 (CUDA graphs per bucket) or graphs=0")
+    text = spec.option("graphs_cache", str(DEFAULT_CAPACITY)) or ""
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--option graphs_cache={text}: write a whole number of graphs, at least 1")
+    if graphs == "0":
+        return None
+    if device.type != "cuda":
+        raise UserError(f"--option graphs=1 needs a GPU, but this worker runs on {device}: "
+                        "use --device cuda, or drop graphs=1")
+    if spec.option("compile") == "1":
+        raise UserError("--option graphs=1 and compile=1 are not supported together: pick one")
+    return int(text)
+
+
 class TorchBackend(Backend):
     """``BertForQuestionAnswering`` under ``torch.inference_mode``; ``run`` from one thread."""
 
@@ -136,6 +290,7 @@ class TorchBackend(Backend):
         self._source = ""
         self._device_name = "cpu"
         self._pinned: torch.Tensor | None = None
+        self._graphed: GraphedModel | None = None
 
     def load(self) -> None:
         precision = self.spec.precision
@@ -146,6 +301,7 @@ class TorchBackend(Backend):
         if precision == "fp16" and device.type == "cpu":
             raise UserError("--precision fp16 is not supported on CPU by the torch backend: "
                             "use --precision bf16 (or fp32)")
+        graph_capacity = _graph_options(self.spec, device)   # before the (slow) model load
         if self.spec.threads or device.type == "cpu":
             # per process: a worker owns its core set (torch's default counts the whole machine)
             torch.set_num_threads(self.spec.threads or usable_cores())
@@ -162,6 +318,11 @@ class TorchBackend(Backend):
             # typed as returning a callable; for a Module it is an OptimizedModule, itself a Module
             model = cast(torch.nn.Module, torch.compile(model, dynamic=True))
         self._model, self._device = model, device
+        if graph_capacity is not None:
+            pool = torch.cuda.graph_pool_handle()
+            forward = qa_forward(model)
+            self._graphed = GraphedModel(lambda bucket: capture_cuda(forward, bucket, device, pool), device,
+                                         GPU_HINT.max_batch, graph_capacity)
         log.info("torch %s: %s model %s on %s (%s), %s, %d threads", torch.__version__, self._source,
                  self.spec.model, device, self._device_name, precision, torch.get_num_threads())
 
@@ -186,6 +347,9 @@ class TorchBackend(Backend):
         if self._model is None:
             raise RuntimeError("TorchBackend.run() before load()")
         with torch.inference_mode():
+            if self._graphed is not None:
+                logits = self._graphed.run(inputs.input_ids, inputs.input_mask, inputs.segment_ids)
+                return logits[0], logits[1]
             ids, mask, segments = self._to_device(inputs)
             out = self._model(input_ids=ids, attention_mask=mask, token_type_ids=segments)
             # one stacked copy back instead of two
@@ -200,6 +364,14 @@ class TorchBackend(Backend):
                 ids = np.full((batch, length), 1000, np.int64)
                 self.run(ModelInputs(np.arange(batch), ids, np.ones_like(ids), np.zeros_like(ids),
                                      np.full(batch, length, np.int32)))
+        if self._graphed is not None:
+            # SingleStream's whole working set: batch 1 at every length rung, captured before the clock starts
+            for length in range(LENGTH_STEP, MAX_LENGTH + 1, LENGTH_STEP):
+                ids = np.full((1, length), 1000, np.int64)
+                self.run(ModelInputs(np.arange(1), ids, np.ones_like(ids), np.zeros_like(ids),
+                                     np.full(1, length, np.int32)))
+            log.info("CUDA graphs: %d captured in %.1f s during warmup", len(self._graphed.cache),
+                     self._graphed.capture_s)
 
     def batch_hint(self) -> BatchHint:
         if self._device.type == "cuda":
@@ -210,10 +382,14 @@ class TorchBackend(Backend):
         out = super().info()
         out.update({"runtime": f"torch {torch.__version__}", "device_name": self._device_name,
                     "model_format": self._source, "attention": "sdpa",
-                    "compiled": self.spec.option("compile") == "1", "threads": torch.get_num_threads()})
+                    "compiled": self.spec.option("compile") == "1", "threads": torch.get_num_threads(),
+                    "cuda_graphs": self._graphed.info() if self._graphed is not None else None})
         return out
 
     def close(self) -> None:
+        if self._graphed is not None:
+            self._graphed.close()
+            self._graphed = None
         if self._model is not None:
             self._model = None
             self._pinned = None

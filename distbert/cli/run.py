@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from typing import Any
 
 from distbert.backends import NAMES, backend_class
 from distbert.backends.base import BackendSpec
@@ -18,7 +19,28 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the benchmark (mpirun/srun: rank 0 coordinates; no launcher: local workers)",
                        description="Run MLPerf BERT through LoadGen on rank 0 and workers on every other rank.")
-    g = p.add_argument_group("LoadGen")
+    add_run_arguments(p)
+    p.set_defaults(handler=cmd_run)
+
+
+#: what ``distbert submission run`` decides per step itself (see distbert/submission/campaign.py)
+CAMPAIGN_OWNED = frozenset({"--scenario", "--mode", "--output", "--target-latency-ms", "--find-peak"})
+
+
+def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> list[argparse.Action]:
+    """Every ``distbert run`` flag (except those in ``skip``); returns their actions, so that
+    ``distbert submission run`` can pass the flags a user gave on to each run it starts."""
+    actions: list[argparse.Action] = []
+
+    class _Group:
+        def __init__(self, title: str) -> None:
+            self.group = p.add_argument_group(title)
+
+        def add_argument(self, *flags: str, **kw: Any) -> None:
+            if flags[0] not in skip:
+                actions.append(self.group.add_argument(*flags, **kw))
+
+    g = _Group("LoadGen")
     g.add_argument("--scenario", default="Offline", help="Offline | Server | SingleStream (default Offline)")
     g.add_argument("--mode", default="performance",
                    help="performance | accuracy | both | submission (both, then compliance TEST01; "
@@ -42,8 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--audit-conf", help="compliance audit.config (TEST01)")
     g.add_argument("--benchmark", default="bert-99",
                    help="bert-99 | bert-99.9: the accuracy target for verdicts and TEST01 (default bert-99)")
+    g.add_argument("--mlperf-version", default="v6.1",
+                   help="the MLPerf Inference round whose LoadGen seeds (and, with --mode submission, compliance "
+                        "tests) the run uses: v6.1 (default, LoadGen 6.0.17's own), v6.0, v5.1, v5.0, v4.1")
     g.add_argument("--max-examples", type=int, help="use only the first N features as the QSL (quick runs)")
-    g = p.add_argument_group("backend")
+    g = _Group("backend")
     g.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(NAMES)} (default onnxruntime)")
     g.add_argument("--model", help="model file or directory (default: official model in the cache, "
                                    "else a generated random-weight BERT-Large)")
@@ -56,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sim backend latency model in seconds, e.g. '0.002 + 6e-7*tokens + 1e-5*rows'")
     g.add_argument("--random-shape", default="large", help="shape of the generated random model: large | base | tiny")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option (repeatable)")
-    g = p.add_argument_group("batching")
+    g = _Group("batching")
     g.add_argument("--max-batch", type=int, help="max samples per batch (default: the backend's)")
     g.add_argument("--token-budget", type=int, help="Offline: max rows x length per batch (default: the backend's)")
     g.add_argument("--max-wait-ms", type=float, default=2.0, help="Server: max wait of a sample in an open batch")
@@ -67,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calibrate", action="store_true",
                    help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
                         "max batch / token budget (instead of the backend's static hint)")
-    g = p.add_argument_group("processes")
+    g = _Group("processes")
     g.add_argument("--workers", type=int,
                    help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
     g.add_argument("--expect-workers", type=int, default=0,
@@ -91,11 +116,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds a worker whose link to rank 0 is down keeps trying before it exits (status 3; default "
                         "60, or --heartbeat-timeout if longer); "
                         "a rank 0 that is gone (its port refuses) is noticed within seconds")
-    g = p.add_argument_group("data")
+    g = _Group("data")
     g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
     g.add_argument("--vocab", help="BERT uncased vocab.txt (same defaults)")
     g.add_argument("--output", help="run directory (default results/<time>-<scenario>-<backend>)")
-    p.set_defaults(handler=cmd_run)
+    return actions
 
 
 def _number_or_auto(text: str) -> float | str:
@@ -147,7 +172,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                               target_latency_ms=None if args.target_latency_ms == "auto" else args.target_latency_ms,
                               test_query_count=args.test_query_count,
                               min_duration_ms=args.min_duration_ms, max_duration_ms=args.max_duration_ms,
-                              audit_conf=args.audit_conf, benchmark=args.benchmark),
+                              audit_conf=args.audit_conf, benchmark=args.benchmark,
+                              mlperf_version=args.mlperf_version),
         backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
                             threads=args.threads, options=tuple(options)),
         batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ Instr = SendBatch | Complete | Requeued | NoWorkers
 
 class _Worker:
     __slots__ = ("id", "cap", "inflight", "batches_sent", "samples_sent", "batches_completed",
-                 "samples_completed", "requeued_batches")
+                 "samples_completed", "requeued_batches", "timeline")
 
     def __init__(self, worker: int, cap: int) -> None:
         self.id = worker
@@ -136,6 +137,7 @@ class _Worker:
         self.batches_completed = 0
         self.samples_completed = 0
         self.requeued_batches = 0
+        self.timeline: dict[int, int] = {}    # TIMELINE_BIN_S bin since the test's first result -> samples
 
     def counts(self, alive: bool) -> dict:
         return {"alive": alive, "max_batch": self.cap, "in_flight": len(self.inflight),
@@ -157,6 +159,12 @@ class _Flight:
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
+
+
+#: per-worker throughput over time: samples completed per bin of this many seconds (stats()["timeline"]
+#: merges bins so that at most TIMELINE_MAX_BINS remain)
+TIMELINE_BIN_S = 0.25
+TIMELINE_MAX_BINS = 600
 
 
 class Dispatcher:
@@ -198,6 +206,7 @@ class Dispatcher:
         self._rr = 0  # round-robin start for ties in _pick
         self._issued = 0
         self._completed = 0
+        self._t0: float | None = None                 # time of the first result: the timeline's origin
         self._requeued_batches = 0
         self._requeued_samples = 0
         self._dup_dropped = 0
@@ -327,6 +336,10 @@ class Dispatcher:
         k = len(f.ids)
         w.batches_completed += 1
         w.samples_completed += k
+        if self._t0 is None:
+            self._t0 = f.sent
+        b = int((now - self._t0) / TIMELINE_BIN_S)
+        w.timeline[b] = w.timeline.get(b, 0) + k
         self._completed += k
         out: list[Instr] = [Complete(batch_id, worker, f.ids)]
         self._pump(now, out)
@@ -454,7 +467,21 @@ class Dispatcher:
             "wrong_worker_dropped": self._wrong_worker_dropped,
             "samples_aborted": self._aborted,
             "workers": dict(sorted(per.items())),
+            "timeline": self._timeline(),
         }
+
+    def _timeline(self) -> dict[str, Any]:
+        """Samples completed per worker per time bin (bins merged to at most TIMELINE_MAX_BINS)."""
+        everyone = {**self._gone, **self._workers}
+        last = max((max(w.timeline) for w in everyone.values() if w.timeline), default=-1)
+        merge = max(1, -(-(last + 1) // TIMELINE_MAX_BINS))
+        out: dict[str, list[int]] = {}
+        for wid, w in sorted(everyone.items()):
+            row = [0] * ((last + 1 + merge - 1) // merge)
+            for b, k in w.timeline.items():
+                row[b // merge] += k
+            out[str(wid)] = row
+        return {"bin_s": TIMELINE_BIN_S * merge, "workers": out}
 
     # -----------------------------------------------------------------------------------------
     # Internals

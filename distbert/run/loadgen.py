@@ -58,7 +58,8 @@ def write_user_conf(cfg: LoadGenConfig, path: Path) -> Path:
 
 
 def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int, base: Any = None) -> Any:
-    """TestSettings for ``mode`` in {"performance", "accuracy"}.
+    """TestSettings for ``mode`` in {"performance", "accuracy", "TEST05"} (TEST05: performance with
+    the round's TEST05 seeds).
 
     Pass the settings of this process's previous test as ``base``: LoadGen logs an ERROR ("Multiple
     conf files are used") into every later test of a process that calls ``FromConfig`` twice, and
@@ -76,6 +77,7 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
                             "check its 'bert.<Scenario>.<key> = value' lines")
     settings.scenario = getattr(lg.TestScenario, cfg.scenario)
     settings.mode = lg.TestMode.AccuracyOnly if mode == "accuracy" else lg.TestMode.PerformanceOnly
+    set_seeds(settings, cfg.mlperf_version, test05=mode == "TEST05")
     if cfg.execution_mode == "test":
         count = cfg.test_query_count or TEST_QUERY_COUNT[cfg.scenario]
         settings.min_duration_ms = cfg.min_duration_ms if cfg.min_duration_ms is not None else 0
@@ -97,10 +99,24 @@ def make_settings(cfg: LoadGenConfig, mode: str, user_conf: Path, qsl_size: int,
     return settings
 
 
+def set_seeds(settings: Any, version: str, test05: bool = False) -> None:
+    """The round's LoadGen seeds (``--mlperf-version``), or its TEST05 seeds (v4.1's compliance test
+    that reruns performance with other seeds). Set on every test: the settings object is reused."""
+    from distbert.submission.rules import rules
+
+    round_rules = rules(version)
+    seeds = round_rules.test05_seeds if test05 else round_rules.seeds
+    if seeds is None:
+        raise UserError(f"--mlperf-version {version} has no TEST05")
+    for name, value in seeds.as_dict().items():
+        setattr(settings, name, value)
+
+
 def run_test(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, mode: str, logdir: Path,
              audit: Path | None = None, settings_box: list[Any] | None = None) -> dict[str, Any]:
     """One LoadGen test through ``coordinator`` (the SUT); ``mode`` "TEST01" is a performance test
-    under ``audit`` (a compliance audit.config). ``settings_box`` carries this process's one
+    under ``audit`` (a compliance audit.config), "TEST05" one with the round's TEST05 seeds.
+    ``settings_box`` carries this process's one
     ``TestSettings`` from test to test (see :func:`make_settings`). Returns the headline figures."""
     logdir.mkdir(parents=True, exist_ok=True)
     user_conf = write_user_conf(cfg.loadgen, logdir / "user.conf")
@@ -129,6 +145,7 @@ def probe_server(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, qps: f
     s.scenario = lg.TestScenario.Server
     s.mode = lg.TestMode.PerformanceOnly
     s.server_target_qps = qps
+    set_seeds(s, cfg.loadgen.mlperf_version)
     s.server_target_latency_ns = int(cfg.loadgen.target_latency_ms * 1e6) if cfg.loadgen.target_latency_ms \
         else SERVER_BOUND_NS
     s.server_target_latency_percentile = 0.99

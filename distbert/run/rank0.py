@@ -7,6 +7,7 @@ any failure, stops the workers, marks the run directory failed and reports the f
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -43,6 +44,16 @@ FIND_PEAK_PRECISION = 0.03
 #: the LoadGen tests each ``--mode`` runs, in order
 MODE_TESTS = {"performance": ["performance"], "accuracy": ["accuracy"], "both": ["performance", "accuracy"],
               "submission": ["performance", "accuracy", "TEST01"]}
+
+
+def tests_of(cfg: RunConfig) -> list[str]:
+    """The LoadGen tests of this run: ``--mode``'s, and for a submission the round's compliance tests."""
+    tests = list(MODE_TESTS[cfg.loadgen.mode])
+    if cfg.loadgen.mode == "submission":
+        from distbert.submission.rules import rules
+
+        tests += [t for t in rules(cfg.loadgen.mlperf_version).compliance_tests if t not in tests]
+    return tests
 
 
 def coordinator_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
@@ -104,6 +115,12 @@ class Rank0Run:
         except BaseException as exc:
             tell_ranks_failed(comm, exc)
             raise
+        announce = envs.announce_file()
+        if announce is not None and comm is None:
+            tmp = announce.with_name(announce.name + ".tmp")
+            tmp.write_text(json.dumps({"address": self.transport.endpoint.address,
+                                       "rank0_host": socket.gethostname()}))
+            os.replace(tmp, announce)
         if comm is not None:
             hello: dict[str, Any] = {"key": self.key}
             if self.cfg.transport == "zmq":
@@ -192,7 +209,7 @@ class Rank0Run:
             results["find_peak"] = self._find_peak(work / "find-peak")
             best = results["find_peak"]["best_valid_qps"]
             self.cfg = self.cfg.replace(loadgen=dataclasses.replace(self.cfg.loadgen, target_qps=best))
-        for mode in MODE_TESTS[self.cfg.loadgen.mode]:
+        for mode in tests_of(self.cfg):
             audit = None
             if mode == "TEST01":  # a performance run with the compliance audit.config
                 from distbert.submission.compliance import write_audit_config
@@ -273,6 +290,10 @@ class Rank0Run:
             results["TEST01"].update({"accuracy_pass": verdict.accuracy_pass,
                                       "first_element_pass": verdict.first_element_pass,
                                       "performance_pass": verdict.performance_pass})
+        if "TEST05" in results:
+            from distbert.submission.compliance import verify_test05
+
+            results["TEST05"]["performance_pass"] = verify_test05(work)
         record = rec.build_record(self.cfg, self.topology, self.coordinator, results, self.started)
         rec.write_json(work / "run.json", record)
         rec.write_plots(record, work)

@@ -1,14 +1,20 @@
 """Build an MLPerf submission tree, tarball and summary from ``distbert run --mode submission`` runs.
 
-One run directory per scenario (closed bert: Offline and SingleStream), each holding the
-performance, accuracy and TEST01 logs. The tree follows the v6.x layout the official checker
-accepts (``../shared/MLPERF.md``, Appendix)::
+One run directory per scenario (closed bert: Offline and SingleStream; v4.1 datacenter: Server and
+Offline), each holding the performance, accuracy and compliance logs. The tree follows the layout of
+the round given as ``version`` (:mod:`distbert.submission.rules`); v6.x, as the official checker
+accepts it (``../shared/MLPERF.md``, Appendix)::
 
     OUT/<division>/<submitter>/systems/<system>.json
     OUT/<division>/<submitter>/src/<benchmark>/README.md
     OUT/<division>/<submitter>/documentation/calibration.md
-    OUT/<division>/<submitter>/results/<system>/<benchmark>/<Scenario>/...
+    OUT/<division>/<submitter>/results/<system>/<benchmark>/<Scenario>/...   (TEST01/ and measurements.json inside)
     OUT/mlperf_submission.tar.gz, OUT/summary.csv, OUT/summary.txt
+
+v5.x and v4.1 keep ``code/<benchmark>/distbert/`` instead of ``src/``, the compliance tests under
+``compliance/<system>/<benchmark>/<Scenario>/TEST01`` (v4.1: also ``TEST05``), and the measurements
+file as ``measurements/<system>/<benchmark>/<Scenario>/<system>_distbert_<Scenario>.json`` beside
+README.md and user.conf (v4.1: and mlperf.conf).
 
 Accuracy logs are truncated as ``truncate_accuracy_log.py`` does (first and last 4 KiB, the sha256 of
 the full log appended to ``accuracy.txt`` as ``hash=``). The tree is written under a temporary name
@@ -31,11 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from distbert.errors import UserError
+from distbert.submission.rules import LOADGEN_ROUND, RuleSet, rules
 
 log = logging.getLogger(__name__)
 
 TRUNCATE_KEEP = 4096          # truncate_accuracy_log.py keeps the first and the last 4 KiB
-REQUIRED_SCENARIOS = ("Offline", "SingleStream")   # closed bert-99/bert-99.9, edge suite
+REQUIRED_SCENARIOS = ("Offline", "SingleStream")   # closed bert-99/bert-99.9, edge suite (v5.0 on)
+IMPLEMENTATION = "distbert"   # the implementation id in v5.x/v4.1 paths and measurement file names
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 # official starting weights, by the file name distbert ran (MLPERF.md: public download locations)
@@ -67,7 +75,7 @@ class Run:
         return self.record["config"]["backend"]
 
 
-def load_run(path: Path) -> Run:
+def load_run(path: Path, compliance_tests: Sequence[str] = ("TEST01",)) -> Run:
     record_path = path / "run.json"
     if not record_path.is_file():
         hint = " (a failed run)" if path.name.endswith(".failed") else ""
@@ -77,8 +85,11 @@ def load_run(path: Path) -> Run:
     if mode != "submission":
         raise UserError(f"{path} is a --mode {mode} run: a submission needs `distbert run --mode submission` "
                         "(performance, accuracy and TEST01)")
-    for sub in ("performance/mlperf_log_detail.txt", "accuracy/mlperf_log_accuracy.json", "accuracy/accuracy.txt",
-                "TEST01/mlperf_log_accuracy.json", "TEST01/verify_accuracy.txt", "TEST01/verify_performance.txt"):
+    needed = ["performance/mlperf_log_detail.txt", "accuracy/mlperf_log_accuracy.json", "accuracy/accuracy.txt",
+              "TEST01/mlperf_log_accuracy.json", "TEST01/verify_accuracy.txt", "TEST01/verify_performance.txt"]
+    if "TEST05" in compliance_tests:
+        needed += ["TEST05/mlperf_log_detail.txt", "TEST05/verify_performance.txt"]
+    for sub in needed:
         if not (path / sub).is_file():
             raise UserError(f"{path / sub} is missing: rerun `distbert run --mode submission`")
     return Run(path, record)
@@ -87,6 +98,9 @@ def load_run(path: Path) -> Run:
 def why_invalid(run: Run, benchmark: str) -> list[str]:
     """Reasons this run cannot be part of a real submission (empty = none)."""
     reasons = []
+    perf = run.record.get("results", {}).get("performance") or {}
+    if run.loadgen["execution_mode"] == "valid" and perf.get("result_validity") not in (None, "VALID"):
+        reasons.append(f"LoadGen called its performance run {perf.get('result_validity')}")
     if run.loadgen["execution_mode"] != "valid":
         reasons.append("it ran with --execution-mode test (short run, not the MLPerf rules)")
     if run.record["config"].get("max_examples"):
@@ -129,7 +143,7 @@ def _software(run: Run) -> str:
 
 
 def system_description(runs: Sequence[Run], submitter: str, system: str, division: str,
-                       overrides: dict[str, Any], allow_invalid: bool) -> dict[str, Any]:
+                       overrides: dict[str, Any], allow_invalid: bool, system_type: str = "edge") -> dict[str, Any]:
     """``systems/<system>.json``: measured facts, then the user's ``overrides``."""
     facts = runs[0].record.get("system") or {}
     workers = [w for run in runs for w in run.record.get("workers", [])]
@@ -141,7 +155,7 @@ def system_description(runs: Sequence[Run], submitter: str, system: str, divisio
     sockets = facts.get("sockets") or 1
     desc: dict[str, Any] = {
         "division": division, "submitter": submitter, "status": "available", "system_name": system,
-        "system_type": "edge", "system_type_detail": "N/A", "number_of_nodes": len(hosts),
+        "system_type": system_type, "system_type_detail": "N/A", "number_of_nodes": len(hosts),
         "host_processor_model_name": facts.get("cpu_model") or "",
         "host_processors_per_node": sockets,
         "host_processor_core_count": max(1, (facts.get("cores") or 1) // sockets),
@@ -237,28 +251,42 @@ class BuildResult:
 
 
 def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, division: str = "closed",
-          benchmark: str = "bert-99", system_json: Path | None = None, allow_invalid: bool = False) -> BuildResult:
-    """Write the tree, tarball and summary into ``out`` (which must not exist or be empty)."""
+          benchmark: str = "bert-99", system_json: Path | None = None, allow_invalid: bool = False,
+          version: str = LOADGEN_ROUND, system_type: str | None = None) -> BuildResult:
+    """Write the tree (``version``'s layout), tarball and summary into ``out`` (which must not exist
+    or be empty)."""
     from distbert.submission.check import check_tree
 
+    rule_set = rules(version)
+    system_type = system_type or rule_set.default_system_type
     for label, name in (("--submitter", submitter), ("--system", system)):
         if not _NAME.match(name):
             raise UserError(f"{label} {name!r}: use letters, digits and _.+- only (it becomes a directory name)")
+    if division == "network":
+        raise UserError("--division network: not possible for bert (the network division is datacenter-only and "
+                        "bert is edge-only since v5.0; up to v4.1 the SUT name must contain 'Network SUT', which "
+                        "LoadGen's Python SUT cannot carry): use closed or open")
     if division not in ("closed", "open"):
-        raise UserError(f"--division {division}: choose closed or open (bert has no network-division result)")
+        raise UserError(f"--division {division}: choose closed or open")
     if benchmark not in ("bert-99", "bert-99.9"):
         raise UserError(f"--benchmark {benchmark}: choose bert-99 or bert-99.9")
+    required = rule_set.scenarios(system_type, benchmark)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
-    runs = [load_run(Path(p)) for p in run_dirs]
+    runs = [load_run(Path(p), rule_set.compliance_tests) for p in run_dirs]
     seen: dict[str, Path] = {}
     for run in runs:
         if run.scenario in seen:
             raise UserError(f"{seen[run.scenario]} and {run.path} are both {run.scenario} runs: give one per scenario")
         seen[run.scenario] = run.path
-    if division == "closed" and set(seen) != set(REQUIRED_SCENARIOS):
-        raise UserError(f"closed {benchmark} needs exactly one run per scenario {', '.join(REQUIRED_SCENARIOS)} "
-                        f"(got {', '.join(sorted(seen)) or 'none'}); any other scenario fails the whole benchmark")
+        made_for = run.loadgen.get("mlperf_version", LOADGEN_ROUND)
+        if made_for != version:
+            raise UserError(f"{run.path} ran with the {made_for} seeds: a {version} submission needs runs made with "
+                            f"`distbert run --mlperf-version {version}`")
+    if division == "closed" and set(seen) != set(required):
+        raise UserError(f"closed {benchmark} ({version}, {system_type}) needs exactly one run per scenario "
+                        f"{', '.join(required)} (got {', '.join(sorted(seen)) or 'none'}); any other scenario fails "
+                        "the whole benchmark")
     invalid = {str(run.path): why_invalid(run, benchmark) for run in runs}
     invalid = {k: v for k, v in invalid.items() if v}
     if invalid and not allow_invalid:
@@ -273,7 +301,7 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
             raise UserError(f"--system-json {system_json}: {exc}") from exc
         if not isinstance(overrides, dict):
             raise UserError(f"--system-json {system_json}: expected a JSON object of system fields")
-    desc = system_description(runs, submitter, system, division, overrides, allow_invalid)
+    desc = system_description(runs, submitter, system, division, overrides, allow_invalid, system_type)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -281,15 +309,18 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
         top = work / division / submitter
         (top / "systems").mkdir(parents=True)
         (top / "systems" / f"{system}.json").write_text(json.dumps(desc, indent=2) + "\n")
-        (top / "src" / benchmark).mkdir(parents=True)
-        (top / "src" / benchmark / "README.md").write_text(_src_readme(runs, benchmark))
+        code = top / rule_set.code_dir / benchmark
+        if rule_set.layout != "v6":
+            code = code / IMPLEMENTATION
+        code.mkdir(parents=True)
+        (code / "README.md").write_text(_src_readme(runs, benchmark))
         (top / "documentation").mkdir()
         (top / "documentation" / "calibration.md").write_text(_calibration(runs))
         for run in runs:
-            _scenario(run, top / "results" / system / benchmark / run.scenario, benchmark)
+            _scenario(run, top, system, benchmark, rule_set)
         with tarfile.open(work / "mlperf_submission.tar.gz", "w:gz") as tar:
             tar.add(work / division, arcname=division)
-        report = check_tree(work)
+        report = check_tree(work, version)
         (work / "summary.txt").write_text("\n".join(report.summary_lines()) + "\n")
         report.write_csv(work / "summary.csv")
         if out.exists():
@@ -301,22 +332,49 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
     return BuildResult(root=out, tarball=out / "mlperf_submission.tar.gz", report=report, invalid=invalid)
 
 
-def _scenario(run: Run, dst: Path, benchmark: str) -> None:
+def _mlperf_conf(run: Run, rule_set: RuleSet) -> str:
+    """v4.1 wants mlperf.conf beside the measurements file: the bert values LoadGen used (its embedded
+    mlperf.conf; MLPERF.md section 4) with the round's seeds distbert set."""
+    lines = [f"# bert values of LoadGen's embedded mlperf.conf as used by this run; seeds of {rule_set.version}",
+             "*.*.min_duration = 600000", "bert.*.performance_sample_count_override = 10833",
+             "bert.Offline.min_query_count = 10833", "*.SingleStream.target_latency_percentile = 90",
+             "*.Server.target_latency_percentile = 99", "bert.Server.target_latency = 130"]
+    lines += [f"*.*.{k} = {v}" for k, v in rule_set.seeds.as_dict().items()]
+    if rule_set.test05_seeds is not None:
+        lines += [f"*.*.test05_{k} = {v}" for k, v in rule_set.test05_seeds.as_dict().items()]
+    return "\n".join(lines) + "\n"
+
+
+def _scenario(run: Run, top: Path, system: str, benchmark: str, rule_set: RuleSet) -> None:
     src = run.path
+    dst = top / "results" / system / benchmark / run.scenario
+    if rule_set.layout == "v6":
+        measure, compliance = dst, dst
+        measurements_file = dst / "measurements.json"
+    else:
+        measure = top / "measurements" / system / benchmark / run.scenario
+        compliance = top / "compliance" / system / benchmark / run.scenario
+        measurements_file = measure / f"{system}_{IMPLEMENTATION}_{run.scenario}.json"
     for name in ("mlperf_log_detail.txt", "mlperf_log_summary.txt"):
         _copy(src / "performance" / name, dst / "performance" / "run_1" / name)
         _copy(src / "accuracy" / name, dst / "accuracy" / name)
-        _copy(src / "TEST01" / name, dst / "TEST01" / "performance" / "run_1" / name)
+        _copy(src / "TEST01" / name, compliance / "TEST01" / "performance" / "run_1" / name)
+        if "TEST05" in rule_set.compliance_tests:
+            _copy(src / "TEST05" / name, compliance / "TEST05" / "performance" / "run_1" / name)
     truncate_accuracy(src / "accuracy" / "mlperf_log_accuracy.json", src / "accuracy" / "accuracy.txt",
                       dst / "accuracy")
     truncate_accuracy(src / "TEST01" / "mlperf_log_accuracy.json", src / "TEST01" / "accuracy.txt",
-                      dst / "TEST01" / "accuracy")
+                      compliance / "TEST01" / "accuracy")
     for name in ("verify_accuracy.txt", "verify_performance.txt"):
-        _copy(src / "TEST01" / name, dst / "TEST01" / name)
+        _copy(src / "TEST01" / name, compliance / "TEST01" / name)
+    if "TEST05" in rule_set.compliance_tests:
+        _copy(src / "TEST05" / "verify_performance.txt", compliance / "TEST05" / "verify_performance.txt")
     for name in ("baseline_accuracy.txt", "compliance_accuracy.txt"):
         if (src / "TEST01" / name).is_file():
-            _copy(src / "TEST01" / name, dst / "TEST01" / "accuracy" / name)
-    _copy(src / "performance" / "user.conf", dst / "user.conf")
-    (dst / "measurements.json").write_text(json.dumps(measurements(run), indent=2) + "\n")
-    (dst / "README.md").write_text(_scenario_readme(run, benchmark))
-
+            _copy(src / "TEST01" / name, compliance / "TEST01" / "accuracy" / name)
+    _copy(src / "performance" / "user.conf", measure / "user.conf")
+    measurements_file.parent.mkdir(parents=True, exist_ok=True)
+    measurements_file.write_text(json.dumps(measurements(run), indent=2) + "\n")
+    (measure / "README.md").write_text(_scenario_readme(run, benchmark))
+    if rule_set.layout == "v4":
+        (measure / "mlperf.conf").write_text(_mlperf_conf(run, rule_set))

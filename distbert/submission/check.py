@@ -33,6 +33,7 @@ from distbert.data.squad import DEV_FEATURES
 from distbert.data.squad.accuracy import TARGETS
 from distbert.errors import UserError
 from distbert.submission.compliance import ACCURACY_DELTA, f1_gap
+from distbert.submission.rules import RULES, rules
 
 # --- constants; each names its source in /work/shared/MLPERF.md --------------------------------
 
@@ -44,16 +45,11 @@ CLOSED_RULES_DIVISIONS = ("closed", "network")
 BENCHMARKS = ("bert-99", "bert-99.9")
 # section 4 table: LoadGen's four scenarios; the only names a scenario directory may have
 KNOWN_SCENARIOS = ("Offline", "SingleStream", "Server", "MultiStream")
-# sections 0 and 4 (`constants.py` required-scenarios-edge, v5.0...v6.1): closed/network bert
-REQUIRED_SCENARIOS_EDGE = frozenset({"SingleStream", "Offline"})
 # sections 0 and 3 (`constants.py` accuracy-target): F1 >= 99% / 99.9% of the fp32 90.874
 ACCURACY_TARGETS = TARGETS
-# section 0 (checker `seeds`, loadgen 6.0.17's embedded mlperf.conf); detail-log keys effective_<name>
-SEEDS = {
-    "v6.1": {"qsl_rng_seed": 2085463073848966840,
-             "sample_index_rng_seed": 2747215439041700203,
-             "schedule_rng_seed": 16159082839903944936},
-}
+# section 0 (checker `seeds`) for v6.1, and each round's table (distbert/submission/rules.py);
+# detail-log keys effective_<name>
+SEEDS = {version: r.seeds.as_dict() for version, r in RULES.items()}
 # sections 0 and 3: QSL size, and the sample count an accuracy run must cover
 DATASET_SIZE = DEV_FEATURES
 # sections 0 and 5: effective_performance_sample_count lower bound
@@ -193,9 +189,7 @@ class CheckReport:
 
 def check_tree(root: Path, version: str = "v6.1") -> CheckReport:
     """Check the submission tree under ``root`` (the folder holding closed/, open/, network/)."""
-    if version not in SEEDS:
-        raise UserError(f"checker version {version!r} unknown: only {', '.join(SEEDS)} "
-                        f"(MLPERF.md gives no seeds for other versions)")
+    rules(version)  # an unknown round is a user error
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such directory (pass the folder that holds closed/, open/ or network/)")
@@ -261,6 +255,7 @@ class _Checker:
 
     def __init__(self, root: Path, version: str) -> None:
         self.root = root
+        self.rules = rules(version)
         self.seeds = SEEDS[version]
         self.problems: list[Problem] = []
         self.rows: list[tuple[ResultRow, str, str]] = []  # (row, benchmark path, scenario path)
@@ -304,9 +299,10 @@ class _Checker:
     # -- <division>/<Submitter>/
 
     def check_submitter(self, sub: Path, division: str) -> None:
-        if not (sub / "src").is_dir():
-            self.add(sub / "src", "src",
-                     "missing src/ (v6.x): put the harness source or a README pointing to it there")
+        code = self.rules.code_dir
+        if not (sub / code).is_dir():
+            self.add(sub / code, "src", f"missing {code}/ ({self.rules.version}): put the harness source or a "
+                                        "README pointing to it there")
         if division == "closed":
             self.need_file(sub / "documentation" / "calibration.md", "required in closed: say how the "
                            "model was quantized or calibrated, or that it was not")
@@ -321,9 +317,10 @@ class _Checker:
         for sys_dir in systems:
             desc = self.check_system_json(sub / "systems" / f"{sys_dir.name}.json", division, sub.name)
             # an unreadable description is reported once, above; do not pile inference problems on it
-            edge = desc is None or "edge" in str(desc.get("system_type", "edge")).split(",")
+            stype = str((desc or {}).get("system_type") or self.rules.default_system_type)
+            edge = desc is None or "edge" in stype.split(",")
             for bench in _subdirs(sys_dir):
-                self.check_benchmark(bench, division, sub.name, sys_dir.name, edge)
+                self.check_benchmark(bench, division, sub.name, sys_dir.name, edge, stype)
 
     def check_system_json(self, path: Path, division: str, submitter: str) -> dict[str, Any] | None:
         """Check one system description; returns it (None when absent or unreadable)."""
@@ -352,7 +349,7 @@ class _Checker:
         if "system_type" in desc and not _is_empty(stype):
             if stype not in SYSTEM_TYPES:
                 self.add(path, "system-type", f"system_type {stype!r}: use one of {', '.join(SYSTEM_TYPES)}")
-            elif "edge" not in str(stype).split(","):
+            elif self.rules.layout != "v4" and "edge" not in str(stype).split(","):
                 self.add(path, "system-type", f"system_type {stype!r}: bert is an edge benchmark since v5.0 "
                                               "(the official checker crashes on datacenter bert): use \"edge\"")
         for key, want in (("submitter", submitter), ("division", division)):
@@ -377,7 +374,8 @@ class _Checker:
 
     # -- results/<system>/<benchmark>/
 
-    def check_benchmark(self, bench: Path, division: str, submitter: str, system: str, edge: bool) -> None:
+    def check_benchmark(self, bench: Path, division: str, submitter: str, system: str, edge: bool,
+                        system_type: str = "edge") -> None:
         if bench.name not in BENCHMARKS:
             self.add(bench, "benchmark",
                      f"unknown benchmark {bench.name!r}: this checker knows {', '.join(BENCHMARKS)}")
@@ -389,13 +387,19 @@ class _Checker:
                 self.add(scen, "scenario-name", f"unknown scenario folder {scen.name!r}: use one of "
                                                 f"{', '.join(KNOWN_SCENARIOS)} (case matters)")
         if division in CLOSED_RULES_DIVISIONS:
-            for name in sorted(REQUIRED_SCENARIOS_EDGE - names):
+            required = set(self.rules.required.get(system_type, {}).get(bench.name, ()))
+            if not required:
+                self.add(bench, "scenario-set", f"{self.rules.version} has no {bench.name} result for system_type "
+                                                f"{system_type!r}: change the system_type or the round")
+                return
+            want = " and ".join(sorted(required))
+            for name in sorted(required - names):
                 self.add(bench, "scenario-set", f"required scenario {name} missing ({division} {bench.name} needs "
-                                                "exactly SingleStream and Offline): every scenario of this benchmark "
+                                                f"exactly {want}): every scenario of this benchmark "
                                                 f"is invalid until {name}/ is added")
-            for name in sorted(names - REQUIRED_SCENARIOS_EDGE):
+            for name in sorted(names - required):
                 self.add(bench, "scenario-set", f"extra scenario folder {name}/ ({division} {bench.name} allows only "
-                                                "SingleStream and Offline): every scenario of this benchmark is "
+                                                f"{want}): every scenario of this benchmark is "
                                                 f"invalid until {name}/ is removed (or moved to open/)")
         elif not scen_dirs:
             self.add(bench, "scenario-set", f"{bench.name}/ holds no scenario folder")
@@ -408,13 +412,32 @@ class _Checker:
 
     def check_scenario(self, scen: Path, division: str, submitter: str, system: str, benchmark: str,
                        edge: bool) -> ResultRow:
-        self.need_file(scen / "README.md", "how to reproduce the result", nonempty=True)
-        self.need_file(scen / "user.conf", "the LoadGen user.conf the runs used", nonempty=True)
-        self.check_measurements(scen / "measurements.json")
+        sub = scen.parents[3]
+        if self.rules.layout == "v6":   # everything inside the scenario folder
+            measure_dir, compliance = scen, scen
+        else:                           # v5.x / v4.1: measurements/ and compliance/ trees beside results/
+            measure_dir = sub / "measurements" / system / benchmark / scen.name
+            compliance = sub / "compliance" / system / benchmark / scen.name
+        self.need_file(measure_dir / "README.md", "how to reproduce the result", nonempty=True)
+        self.need_file(measure_dir / "user.conf", "the LoadGen user.conf the runs used", nonempty=True)
+        if self.rules.layout == "v4":
+            self.need_file(measure_dir / "mlperf.conf", "the mlperf.conf the runs used (v4.1)", nonempty=True)
+        if self.rules.layout == "v6":
+            self.check_measurements(measure_dir / "measurements.json")
+        else:
+            found = sorted(measure_dir.glob(f"{system}*.json"))
+            if not found:
+                self.add(measure_dir, "missing-file", f"no {system}_<implementation>_{scen.name}.json "
+                                                      f"({self.rules.version} measurements file): add it")
+            for path in found:
+                self.check_measurements(path)
         value = self.check_performance(scen / "performance" / "run_1", scen.name, division, edge)
         f1 = self.check_accuracy(scen / "accuracy", benchmark, division)
-        if division in CLOSED_RULES_DIVISIONS or (scen / "TEST01").exists():
-            self.check_test01(scen / "TEST01", benchmark, scen.name, division, edge)
+        if division in CLOSED_RULES_DIVISIONS or (compliance / "TEST01").exists():
+            self.check_test01(compliance / "TEST01", benchmark, scen.name, division, edge)
+        if "TEST05" in self.rules.compliance_tests and (division in CLOSED_RULES_DIVISIONS
+                                                          or (compliance / "TEST05").exists()):
+            self.check_test05(compliance / "TEST05", scen.name, division, edge)
         metric = RESULT_METRICS[scen.name][1]
         return ResultRow(division, submitter, system, benchmark, scen.name, metric, value, f1, valid=True)
 
@@ -468,8 +491,8 @@ class _Checker:
         for name, want in self.seeds.items():
             got = self.need_key(detail, path, f"effective_{name}")
             if got is not None and got != want:
-                self.add(path, "seed", f"effective_{name} is {got}, not {want}: use LoadGen 6.0.17 with its "
-                                       "embedded mlperf.conf and do not set seeds")
+                self.add(path, "seed", f"effective_{name} is {got}, not {want} ({self.rules.version}): run with "
+                                       f"`distbert run --mlperf-version {self.rules.version}` and set no other seeds")
         mode = detail.get("effective_test_mode")
         if mode is not None and mode not in ("PerformanceOnly", "SubmissionRun"):
             self.add(path, "test-mode", f"effective_test_mode is {mode}: performance/ needs a PerformanceOnly run")
@@ -485,6 +508,11 @@ class _Checker:
         if got is not None and got != "VALID":
             self.add(path, "validity", f"result_validity is {got} (TEST01 verify_performance fails on it): "
                      "fix the target_qps / target_latency in user.conf and rerun")
+        if self.rules.server_latency_ns and detail.get("effective_scenario") == "Server":
+            got = self.need_number(detail, path, "effective_target_latency_ns")
+            if got is not None and got > self.rules.server_latency_ns:
+                self.add(path, "latency-bound", f"effective_target_latency_ns is {got} > "
+                         f"{self.rules.server_latency_ns} ({self.rules.version} Server bound): do not raise it")
         if division == "network":
             name = str(detail.get("sut_name", ""))
             if NETWORK_SUT_MARK not in name:
@@ -591,6 +619,26 @@ class _Checker:
         txt = test / "accuracy" / "accuracy.txt"
         if self.need_file(txt, "holds the hash of the TEST01 accuracy log") and not _f1_of(txt)[1]:
             self.add(txt, "accuracy-hash", f"no hash=<sha256> line: {_TRUNCATE_FIX}")
+
+    def check_test05(self, test: Path, scenario: str, division: str, edge: bool) -> None:
+        """v4.1's TEST05: performance again with the TEST05 seeds, within 5 % (one-sided)."""
+        if not test.is_dir():
+            self.add(test, "test05", f"missing TEST05/ (compliance test, required in closed {self.rules.version}): "
+                                     "run it (`distbert run --mode submission --mlperf-version v4.1`) and add its "
+                                     "output")
+            return
+        verify_perf = test / "verify_performance.txt"
+        if (self.need_file(verify_perf, "TEST05 performance verification")
+                and not _passed(verify_perf, whole_line=False)):
+            self.add(verify_perf, "test05-verify", f"no {TEST_PASS!r}: the TEST05 performance check failed; rerun "
+                                                   "both runs VALID with the TEST05 score within 5%")
+        seeds = self.seeds
+        assert self.rules.test05_seeds is not None
+        self.seeds = self.rules.test05_seeds.as_dict()
+        try:
+            self.check_performance(test / "performance" / "run_1", scenario, division, edge)
+        finally:
+            self.seeds = seeds
 
     def check_test01_fallback(self, acc: Path, verify_acc: Path, benchmark: str) -> None:
         """verify_accuracy failed: accept baseline/compliance F1 within the allowed gap (MLPERF.md section 5)."""

@@ -1,0 +1,410 @@
+"""``distbert submission run``: from an empty results directory to a checked submission, resumable.
+
+For each scenario: a short calibration run measures throughput (Offline), latency (SingleStream)
+or the highest VALID QPS (Server, by ``--find-peak`` probes); the submission run (performance,
+accuracy, TEST01) then gets a LoadGen target chosen so the minimum duration and query count are met
+with margin. A run that still comes back INVALID is diagnosed from LoadGen's detail log: the message
+names the setting, the old and the new value, and the next attempt (in this invocation, up to
+``--max-attempts``, or in the next one) uses it. Then ``build`` writes the tree for the rules of
+``--version``, checks it, and writes the tarball, ``summary.json`` and the plots.
+
+The output directory is the only state::
+
+    OUT/campaign.json                      the flags each scenario's accepted run was made with
+    OUT/runs/<Scenario>-calibration/       calibration run (test mode, performance only)
+    OUT/runs/<Scenario>-attempt-<k>/       each submission attempt, kept (INVALID ones too)
+    OUT/runs/<Scenario>/                   the accepted run (renamed from its attempt)
+    OUT/submission/                        tree, mlperf_submission.tar.gz, summary.{csv,txt,json}, *.png
+
+A rerun with the same flags skips every scenario whose accepted run exists, redoes the others, and
+rebuilds the tree. Each run is a separate ``distbert run`` process: LoadGen reads its configuration
+once per process (a second ``FromConfig`` puts an ERROR into every later log). Under a launcher,
+rank 0 starts each run as a child coordinator and the launched ranks join it as workers, run after
+run (:class:`LaunchedSteps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from distbert.data.loadgen_logs import read_detail
+from distbert.errors import UserError
+from distbert.submission.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+#: Offline: expected QPS = this x the measured samples/s (LoadGen adds its own 1.1: ~1.2 x min duration)
+OFFLINE_MARGIN = 1.1
+#: SingleStream: expected latency = this x the measured mean (LoadGen stops once the minimums are met,
+#: so a low expected latency only generates spare queries; a high one runs out of them)
+SINGLESTREAM_MARGIN = 0.5
+#: Server: target = this x the highest VALID QPS the probes found; after an INVALID run, this x its target
+SERVER_MARGIN = 0.9
+
+Runner = Callable[[list[str], Path], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a submission attempt passes to ``distbert run`` (one of the two), and why."""
+
+    flag: str           # "--target-qps" | "--target-latency-ms"
+    value: float
+    why: str
+
+    def argv(self) -> list[str]:
+        return [self.flag, f"{self.value:.6g}"]
+
+
+def _load(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def performance(record: dict[str, Any]) -> dict[str, Any]:
+    return record.get("results", {}).get("performance") or {}
+
+
+def calibration_target(scenario: str, record: dict[str, Any]) -> Target:
+    """The first attempt's target from a calibration run's record."""
+    perf = performance(record)
+    if scenario == "Offline":
+        rate = perf.get("result_samples_per_second")
+        if not rate:
+            raise UserError("the Offline calibration run has no samples/s: see its run.json")
+        return Target("--target-qps", OFFLINE_MARGIN * float(rate),
+                      f"{OFFLINE_MARGIN:g} x {float(rate):,.1f} samples/s measured by the calibration run")
+    if scenario == "SingleStream":
+        mean = perf.get("result_mean_latency_ns")
+        if not mean:
+            raise UserError("the SingleStream calibration run has no mean latency: see its run.json")
+        return Target("--target-latency-ms", SINGLESTREAM_MARGIN * float(mean) / 1e6,
+                      f"{SINGLESTREAM_MARGIN:g} x the {float(mean) / 1e6:,.3f} ms mean latency of the calibration run")
+    peak = (record.get("results", {}).get("find_peak") or {}).get("best_valid_qps")
+    if not peak:
+        raise UserError("the Server calibration run found no VALID QPS: see its find-peak/ probes")
+    return Target("--target-qps", SERVER_MARGIN * float(peak),
+                  f"{SERVER_MARGIN:g} x {float(peak):,.1f} QPS, the highest VALID QPS of the calibration probes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """Why a submission attempt is INVALID, in LoadGen's terms, and the target that fixes it."""
+
+    reasons: list[str]
+    fix: Target | None
+
+    def message(self, scenario: str, attempt: Path, old: Target | None) -> str:
+        text = f"{scenario} run {attempt.name} is INVALID: {'; '.join(self.reasons) or 'LoadGen says so'}"
+        if self.fix is None:
+            return text + (" (no LoadGen target fixes this: see "
+                           f"{attempt}/performance/mlperf_log_summary.txt)")
+        was = f" (was {old.value:.6g})" if old is not None else ""
+        return text + f": the next attempt uses {self.fix.flag} {self.fix.value:.6g}{was}, {self.fix.why}"
+
+
+def diagnose(scenario: str, record: dict[str, Any], run_dir: Path, used: Target | None) -> Diagnosis:
+    """Read an INVALID attempt's detail log: which LoadGen requirement failed, and the new target."""
+    detail = read_detail(run_dir / "performance" / "mlperf_log_detail.txt")
+    perf = performance(record)
+    reasons: list[str] = []
+    min_ms = detail.get("effective_min_duration_ms")
+    if detail.get("result_min_duration_met") is False:
+        ran = ""
+        samples, rate = detail.get("generated_samples_per_query"), perf.get("result_samples_per_second")
+        if scenario == "Offline" and samples and rate:
+            ran = f" (ran {samples / rate:.1f} s"
+            ran += f" of {min_ms / 1000:g} s)" if min_ms else ")"
+        reasons.append("min duration not met" + ran)
+    if detail.get("result_min_queries_met") is False:
+        reasons.append("min query count not met")
+    if detail.get("early_stopping_met") is False:
+        reasons.append("early stopping not met")
+    if detail.get("result_perf_constraints_met") is False:
+        p99 = perf.get("result_99.00_percentile_latency_ns")
+        reasons.append("latency bound not met" + (f" (p99 {p99 / 1e6:.1f} ms)" if p99 else ""))
+    errors = detail.get("_errors") or []
+    if errors:
+        reasons.append(f"LoadGen errors: {errors[0]}")
+    short = detail.get("result_min_duration_met") is False or detail.get("result_min_queries_met") is False
+    fix: Target | None = None
+    rate, mean = perf.get("result_samples_per_second"), perf.get("result_mean_latency_ns")
+    if scenario == "Offline" and short and rate:
+        fix = Target("--target-qps", OFFLINE_MARGIN * float(rate),
+                     f"{OFFLINE_MARGIN:g} x the {float(rate):,.1f} samples/s this attempt measured")
+    elif scenario == "SingleStream" and (short or detail.get("early_stopping_met") is False) and mean:
+        value = SINGLESTREAM_MARGIN * float(mean) / 1e6
+        if used is not None and used.value <= value:
+            value = used.value * SINGLESTREAM_MARGIN  # lower still: LoadGen generates more queries
+        fix = Target("--target-latency-ms", value, f"below the {float(mean) / 1e6:,.3f} ms mean latency this "
+                     "attempt measured, so LoadGen generates enough queries")
+    elif scenario == "Server" and detail.get("result_perf_constraints_met") is False and used is not None:
+        fix = Target("--target-qps", SERVER_MARGIN * used.value, f"{SERVER_MARGIN:g} x this attempt's target")
+    return Diagnosis(reasons, fix)
+
+
+def subprocess_runner(run_argv: list[str], log_path: Path) -> int:
+    """One ``distbert run`` as a child process, its output shown and kept in ``log_path``."""
+    cmd = [sys.executable, "-m", "distbert", "run", *run_argv]
+    log.info("$ distbert run %s", " ".join(run_argv))
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+        return proc.wait()
+
+
+class Campaign:
+    """The steps of one ``distbert submission run`` (rank 0 only); ``runner`` runs one ``distbert run``."""
+
+    def __init__(self, out: Path, scenarios: Sequence[str], run_flags: list[str], rules: RuleSet, *,
+                 execution_mode: str, allow_invalid: bool, max_attempts: int, first_target_qps: float | None,
+                 calibration_samples: int, calibration_queries: int, probe_s: float,
+                 runner: Runner = subprocess_runner) -> None:
+        self.out = out
+        self.runs = out / "runs"
+        self.scenarios = list(scenarios)
+        self.run_flags = run_flags
+        self.rules = rules
+        self.execution_mode = execution_mode
+        self.allow_invalid = allow_invalid
+        self.max_attempts = max_attempts
+        self.first_target_qps = first_target_qps
+        self.calibration_samples = calibration_samples
+        self.calibration_queries = calibration_queries
+        self.probe_s = probe_s
+        self.runner = runner
+        self.state_path = out / "campaign.json"
+        self.state: dict[str, Any] = {}
+        self.events: list[str] = []
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        if self.state_path.is_file():
+            try:
+                self.state = json.loads(self.state_path.read_text())
+            except ValueError as exc:
+                raise UserError(f"{self.state_path} is not JSON ({exc}): remove it to start over") from exc
+        self.state.setdefault("scenarios", {})
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        os.replace(tmp, self.state_path)
+
+    def _say(self, text: str) -> None:
+        log.info("%s", text)
+        print(f"distbert submission: {text}", flush=True)
+        self.events.append(text)
+
+    # --- the steps ----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Path]:
+        """Every scenario's accepted run directory (after calibration and attempts as needed)."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        self._load_state()
+        self.state.update({"version": self.rules.version, "scenarios_wanted": self.scenarios})
+        accepted: dict[str, Path] = {}
+        for i, scenario in enumerate(self.scenarios, 1):
+            self._say(f"[{i}/{len(self.scenarios)}] {scenario}")
+            accepted[scenario] = self._scenario(scenario)
+        self._save_state()
+        return accepted
+
+    def _flags_of(self, scenario: str) -> list[str]:
+        return [*self.run_flags, "--scenario", scenario, "--execution-mode", self.execution_mode]
+
+    def _scenario(self, scenario: str) -> Path:
+        final = self.runs / scenario
+        flags = self._flags_of(scenario)
+        known = self.state["scenarios"].get(scenario, {})
+        if final.is_dir():
+            if known.get("flags") == flags and _load(final) is not None:
+                self._say(f"{scenario}: already complete in {final} (skipped)")
+                return final
+            stale = final.with_name(f"{scenario}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
+            os.replace(final, stale)
+            self._say(f"{scenario}: the run in {final} was made with other flags; kept as {stale.name}, redoing it")
+            known = {}
+        if known.get("flags") != flags:
+            known = {"flags": flags}  # attempts made with other flags do not count
+        attempts = [a for a in known.get("attempts", []) if (self.runs / a).is_dir()]
+        target = self._first_target(scenario, known, attempts)
+        for _ in range(self.max_attempts):
+            k = 1 + max([int(a.rsplit("-", 1)[1]) for a in attempts] or [0])
+            attempt = self.runs / f"{scenario}-attempt-{k}"
+            argv = [*flags, "--mode", "submission", "--output", str(attempt), *(target.argv() if target else [])]
+            if target is not None:
+                self._say(f"{scenario} attempt {k}: {target.flag} {target.value:.6g} ({target.why})")
+            code = self.runner(argv, self.runs / f"{attempt.name}.log")
+            attempts.append(attempt.name)
+            known["attempts"] = attempts
+            self.state["scenarios"][scenario] = known
+            self._save_state()
+            record = _load(attempt)
+            if code != 0 or record is None:
+                raise UserError(f"{scenario} attempt {k} failed (exit {code}): see {attempt}.failed/error.txt and "
+                                f"{self.runs / (attempt.name + '.log')}; fix the cause and rerun the same command")
+            validity = performance(record).get("result_validity")
+            if validity == "VALID" or self.execution_mode == "test":
+                if validity != "VALID":
+                    self._say(f"{scenario}: attempt {k} is {validity} (test mode: kept for the dry run)")
+                os.replace(attempt, final)
+                known["accepted"] = attempt.name
+                known["attempts"] = [a for a in attempts if a != attempt.name]
+                self._save_state()
+                self._say(f"{scenario}: {validity} -> {final}")
+                return final
+            diagnosis = diagnose(scenario, record, attempt, target)
+            self._say(diagnosis.message(scenario, attempt, target))
+            known["next_target"] = dataclasses.asdict(diagnosis.fix) if diagnosis.fix else None
+            self._save_state()
+            if diagnosis.fix is None:
+                break
+            target = diagnosis.fix
+        last = self.runs / attempts[-1]
+        if self.allow_invalid:
+            self._say(f"{scenario}: still INVALID after {len(attempts)} attempt(s); --allow-invalid: "
+                      f"{last.name} goes into the dry-run tree")
+            shutil.copytree(last, final)
+            return final
+        raise UserError(f"{scenario} is still INVALID after attempt {len(attempts)} ({last}): rerun the same "
+                        "command (the next attempt uses the fix above), raise --max-attempts, or give "
+                        "--allow-invalid for a dry-run tree")
+
+    def _first_target(self, scenario: str, known: dict[str, Any], attempts: list[str]) -> Target | None:
+        """The fix of the last INVALID attempt, else --target-qps, else a calibration run's figure."""
+        nxt = known.get("next_target")
+        if attempts and nxt:
+            self._say(f"{scenario}: resuming after {attempts[-1]} (INVALID) with its fix")
+            return Target(**nxt)
+        if self.first_target_qps is not None and scenario in ("Offline", "Server"):
+            return Target("--target-qps", self.first_target_qps, "given with --target-qps")
+        calib = self.runs / f"{scenario}-calibration"
+        record = _load(calib)
+        if record is None or record.get("_flags") is not None:
+            if calib.exists():
+                shutil.rmtree(calib)
+            argv = [*self.run_flags, "--scenario", scenario, "--execution-mode", "test", "--mode", "performance",
+                    "--output", str(calib)]
+            if scenario == "Offline":
+                argv += ["--test-query-count", str(self.calibration_samples)]
+            elif scenario == "SingleStream":
+                argv += ["--test-query-count", str(self.calibration_queries)]
+            else:
+                argv += ["--find-peak", "--find-peak-probe-s", f"{self.probe_s:g}"]
+                offline = _load(self.runs / "Offline-calibration")
+                rate = performance(offline or {}).get("result_samples_per_second")
+                if rate:
+                    argv += ["--target-qps", f"{0.8 * float(rate):.6g}"]
+            self._say(f"{scenario}: calibration run -> {calib}")
+            code = self.runner(argv, self.runs / f"{calib.name}.log")
+            record = _load(calib)
+            if code != 0 or record is None:
+                raise UserError(f"the {scenario} calibration run failed (exit {code}): see "
+                                f"{self.runs / (calib.name + '.log')}; fix the cause and rerun the same command")
+        else:
+            self._say(f"{scenario}: calibration from {calib} (kept from an earlier invocation)")
+        return calibration_target(scenario, record)
+
+
+# --- under a launcher: rank 0 starts each run as a child coordinator; the launched ranks join it ----
+
+#: launcher variables a child coordinator must not see (it would take itself for a launched rank)
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCAL", "MPIR_", "I_MPI_")
+_LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+                   "SLURM_LOCALID")
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+    env.update(extra)
+    return env
+
+
+class LaunchedSteps:
+    """Rank 0's runner under ``mpiexec``/``srun``: each step is a child ``distbert run`` that listens
+    on tcp and waits for the launched ranks as external workers; rank 0 broadcasts where it listens
+    once the child has bound its socket (so a child that fails earlier costs the workers nothing)."""
+
+    ANNOUNCE_TIMEOUT_S = 600.0
+
+    def __init__(self, comm: Any, bind_host: str, hosts_worker: bool) -> None:
+        self.comm = comm
+        self.bind_host = bind_host
+        self.hosts_worker = hosts_worker
+
+    def __call__(self, run_argv: list[str], log_path: Path) -> int:
+        import secrets
+
+        from distbert.run.rendezvous import bcast_json
+
+        announce = log_path.with_suffix(".address")
+        announce.unlink(missing_ok=True)
+        key = secrets.token_hex(32)
+        argv = [*run_argv, "--listen", f"tcp://{self.bind_host}:0", "--bind-host", self.bind_host,
+                "--expect-workers", str(self.comm.Get_size() - 1), "--workers", "1" if self.hosts_worker else "0"]
+        cmd = [sys.executable, "-m", "distbert", "run", *argv]
+        log.info("$ distbert run %s", " ".join(argv))
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    env=child_env({"DISTBERT_SESSION_KEY": key, "DISTBERT_ANNOUNCE": str(announce)}))
+            t0 = time.monotonic()
+            while not announce.is_file() and proc.poll() is None:
+                if time.monotonic() - t0 > self.ANNOUNCE_TIMEOUT_S:
+                    proc.kill()
+                    break
+                time.sleep(0.05)
+            if announce.is_file():
+                hello = json.loads(announce.read_text())
+                bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"]})
+            code = proc.wait()
+        sys.stdout.write(log_path.read_text())
+        return code
+
+    def done(self, error: str | None = None) -> None:
+        from distbert.run.rendezvous import bcast_json
+
+        bcast_json(self.comm, {"done": True, "error": error})
+
+
+def launched_worker_loop(topology: Any, comm: Any) -> int:
+    """A rank >= 1 of ``mpiexec -n N distbert submission run``: join each run rank 0 starts."""
+    import socket
+
+    from distbert.engine.worker import worker_run
+    from distbert.run.rendezvous import bcast_json
+    from distbert.wire.base import Endpoint
+    from distbert.wire.zmq import ZmqWorkerTransport
+
+    code = 0
+    while True:
+        msg = bcast_json(comm, None)
+        if msg.get("done"):
+            if msg.get("error"):
+                log.error("rank 0 stopped the submission (%s); rank %d exits", msg["error"], topology.rank)
+                return 2
+            return code
+        local_count, local_index = topology.local_size, topology.local_rank
+        if msg.get("rank0_host") == socket.gethostname():
+            local_count, local_index = max(1, local_count - 1), max(0, local_index - 1)
+        transport = ZmqWorkerTransport.connect(Endpoint(msg["step"], msg["key"]), topology.rank)
+        code = worker_run(transport, topology.rank, local_index, local_count)

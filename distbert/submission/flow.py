@@ -1,0 +1,229 @@
+"""``distbert submission run``: the flags, the campaign in any launch mode, the tree, the summary.
+
+The campaign (:mod:`distbert.submission.campaign`) makes one accepted run per scenario; this module
+turns the command line into the flags of each ``distbert run``, chooses how the runs are started
+(child processes; under a launcher, child coordinators the launched ranks join), builds the tree
+(:mod:`distbert.submission.build`) into ``OUT/submission/`` and writes ``summary.json`` and one
+plot per scenario beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from distbert.errors import UserError
+from distbert.submission.rules import rules
+
+log = logging.getLogger(__name__)
+
+#: run flags the campaign sets itself on each run (the user's value is the first attempt's, or none)
+_CAMPAIGN_SETS = ("--execution-mode", "--target-qps")
+
+
+def run_flags(args: argparse.Namespace, actions: list[argparse.Action]) -> list[str]:
+    """The ``distbert run`` flags the user gave (those that differ from their defaults), in order."""
+    out: list[str] = []
+    for action in actions:
+        flag = action.option_strings[0]
+        value = getattr(args, action.dest, None)
+        if flag in _CAMPAIGN_SETS or value is None or value == action.default:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                out += [flag, str(item)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _check_run_flags(flags: list[str], scenario: str) -> None:
+    """Parse the flags as ``distbert run`` would (bad flags fail here, before any run starts)."""
+    from distbert.cli.main import build_parser
+    from distbert.cli.run import config_from_args
+
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(["run", *flags, "--scenario", scenario])
+    except SystemExit as exc:  # argparse has printed why
+        raise UserError(f"a `distbert run` flag above is not valid: {' '.join(flags)}") from exc
+    config_from_args(ns)
+
+
+def submission_run(args: argparse.Namespace) -> int:
+    from distbert import topology as topo_mod
+    from distbert.submission.campaign import Campaign, LaunchedSteps, launched_worker_loop, subprocess_runner
+
+    rule_set = rules(args.version)
+    system_type = args.system_type or rule_set.default_system_type
+    benchmark = args.benchmark
+    required = rule_set.scenarios(system_type, benchmark)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(required)
+    for s in scenarios:
+        if s not in ("Offline", "SingleStream", "Server"):
+            raise UserError(f"--scenarios: unknown scenario {s!r} (Offline, SingleStream, Server)")
+    if args.division == "closed" and sorted(scenarios) != sorted(required):
+        raise UserError(f"--scenarios {','.join(scenarios)}: closed {benchmark} under {args.version} ({system_type}) "
+                        f"needs exactly {','.join(required)}")
+    if args.execution_mode not in ("valid", "test"):
+        raise UserError(f"--execution-mode {args.execution_mode}: valid (default) or test")
+    if args.execution_mode == "test" and not args.allow_invalid:
+        raise UserError("--execution-mode test makes short runs that are never a result: add --allow-invalid for "
+                        "a dry-run tree, or drop --execution-mode test for the real (600 s per run) submission")
+    if args.max_attempts < 1:
+        raise UserError("--max-attempts must be at least 1")
+    flags = [*run_flags(args, args.run_actions), "--mlperf-version", args.version]
+    topology = topo_mod.detect()
+    if topology.distributed:
+        if args.transport != "zmq":
+            raise UserError("submission run under a launcher starts each run as its own coordinator that the "
+                            "launched ranks join over ZeroMQ: drop --transport mpi")
+        if args.in_process_worker:
+            raise UserError("--in-process-worker is for a run without a launcher")
+    for s in dict.fromkeys(scenarios):
+        _check_run_flags(flags, s)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    def campaign(runner: Any) -> Campaign:
+        return Campaign(out, scenarios, flags, rule_set, execution_mode=args.execution_mode,
+                        allow_invalid=args.allow_invalid, max_attempts=args.max_attempts,
+                        first_target_qps=args.target_qps if isinstance(args.target_qps, float) else None,
+                        calibration_samples=args.calibration_samples, calibration_queries=args.calibration_queries,
+                        probe_s=args.find_peak_probe_s, runner=runner)
+
+    if not topology.distributed:
+        accepted = campaign(subprocess_runner).run()
+        return finish(args, out, accepted, system_type)
+
+    import mpi4py
+
+    mpi4py.rc.finalize = False
+    from mpi4py import MPI
+
+    from distbert.run.launch import finalize_mpi
+
+    code = 1
+    try:
+        comm = MPI.COMM_WORLD
+        if topology.rank != 0:
+            code = launched_worker_loop(topology, comm)
+            return code
+        from distbert.util.net import host_address
+
+        steps = LaunchedSteps(comm, args.bind_host or host_address(), args.coordinator_hosts_worker)
+        try:
+            accepted = campaign(steps).run()
+        except BaseException as exc:
+            steps.done(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        steps.done()
+        code = finish(args, out, accepted, system_type)
+        return code
+    except UserError as exc:
+        print(f"distbert: error: {exc}", file=sys.stderr)
+        code = 2
+        return code
+    finally:
+        finalize_mpi(MPI, code)
+
+
+def finish(args: argparse.Namespace, out: Path, accepted: dict[str, Path], system_type: str) -> int:
+    """Build the tree into OUT/submission (replacing an older one whole), then summary.json and plots."""
+    from distbert.submission.build import build
+
+    final = out / "submission"
+    staging = out / ".submission-new"
+    if staging.exists():
+        shutil.rmtree(staging)
+    result = build(list(accepted.values()), staging, args.submitter, args.system, args.division, args.benchmark,
+                   args.system_json, args.allow_invalid, args.version, system_type)
+    summary = summarize(args, accepted, result, system_type)
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for scenario, run_dir in accepted.items():
+        try:
+            from distbert.submission.plots import plot_scenario
+
+            plot_scenario(run_dir, staging / f"{scenario}.png", args.version)
+        except Exception as exc:  # a plot must never fail the submission
+            log.warning("could not draw the %s plot: %s", scenario, exc)
+    if final.exists():
+        old = out / ".submission-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    print_summary(summary, final)
+    return 0 if result.report.ok or args.allow_invalid else 1
+
+
+def summarize(args: argparse.Namespace, accepted: dict[str, Path], result: Any, system_type: str) -> dict[str, Any]:
+    from distbert.data.loadgen_logs import read_detail
+    from distbert.data.squad.accuracy import TARGETS
+    from distbert.submission.check import RESULT_METRICS
+
+    rows = {(r.benchmark, r.scenario): r for r in result.report.results}
+    scenarios: dict[str, Any] = {}
+    for scenario, run_dir in accepted.items():
+        record = json.loads((run_dir / "run.json").read_text())
+        res = record.get("results", {})
+        perf = res.get("performance") or {}
+        detail = read_detail(run_dir / "performance" / "mlperf_log_detail.txt")
+        reasons = [name for key, name in (("result_min_duration_met", "min duration not met"),
+                                          ("result_min_queries_met", "min query count not met"),
+                                          ("early_stopping_met", "early stopping not met"),
+                                          ("result_perf_constraints_met", "latency bound not met"))
+                   if detail.get(key) is False]
+        key, unit, divisor = RESULT_METRICS[scenario]
+        figure = detail.get(key)
+        f1 = (res.get("accuracy") or {}).get("f1")
+        row = rows.get((args.benchmark, scenario))
+        scenarios[scenario] = {
+            "run": str(run_dir), "validity": perf.get("result_validity"), "loadgen_reasons": reasons,
+            "loadgen_errors": perf.get("loadgen_errors", 0),
+            "result": None if figure is None else float(figure) / divisor, "unit": unit,
+            "f1": f1, "accuracy": None if f1 is None else ("PASS" if f1 >= TARGETS[args.benchmark] else "FAIL"),
+            "accuracy_meaningful": record.get("accuracy_meaningful"),
+            "compliance": {t: {k: v for k, v in (res.get(t) or {}).items() if k.endswith("_pass")}
+                           for t in ("TEST01", "TEST05") if t in res},
+            "target": {k: record["config"]["loadgen"].get(k) for k in ("target_qps", "target_latency_ms")},
+            "checker_valid": row.valid if row is not None else None,
+            "plot": f"{scenario}.png",
+        }
+    return {
+        "distbert_submission": 1, "version": args.version, "division": args.division, "submitter": args.submitter,
+        "system": args.system, "system_type": system_type, "benchmark": args.benchmark,
+        "execution_mode": args.execution_mode, "dry_run": {k: v for k, v in result.invalid.items()},
+        "scenarios": scenarios,
+        "check": {"ok": result.report.ok, "problems": [str(p) for p in result.report.problems]},
+        "tarball": "mlperf_submission.tar.gz",
+    }
+
+
+def print_summary(summary: dict[str, Any], final: Path) -> None:
+    print(f"distbert submission {summary['version']} {summary['division']} {summary['benchmark']} "
+          f"({summary['system_type']}) -> {final}")
+    for scenario, s in summary["scenarios"].items():
+        figure = "n/a" if s["result"] is None else f"{s['result']:,.3f} {s['unit']}"
+        why = f" ({'; '.join(s['loadgen_reasons'])})" if s["loadgen_reasons"] else ""
+        acc = "n/a" if s["f1"] is None else f"F1 {s['f1']:.3f} {s['accuracy']}"
+        if s["f1"] is not None and not s["accuracy_meaningful"]:
+            acc += " (meaningless: harness backend or random weights)"
+        comp = ", ".join(f"{t} {'PASS' if all(v.values()) else 'FAIL'}" for t, v in s["compliance"].items())
+        print(f"  {scenario}: {figure}; LoadGen {s['validity']}{why}; accuracy {acc}; {comp}")
+    for run, reasons in summary["dry_run"].items():
+        print(f"  dry run: {Path(run).name}: {'; '.join(reasons)}")
+    problems = summary["check"]["problems"]
+    verdict = "OK" if summary["check"]["ok"] else f"{len(problems)} problem(s), first: {problems[0]}"
+    print(f"  check ({summary['version']} rules): {verdict}")
+    print(f"  tree: {final}, tarball: {final / summary['tarball']}, summary: {final / 'summary.json'}")
