@@ -2,7 +2,9 @@
 # GPU check: the real distbert path on one NVIDIA GPU, BERT-Large shape, PyTorch backend.
 #
 #   bench/gpu_check.sh                     # fp16 and bf16: Offline, Server, SingleStream (worker process
-#                                          # and --in-process-worker)
+#                                          # and --in-process-worker), Offline and SingleStream again with
+#                                          # --option graphs=1 (CUDA graphs), then a torch-profiler capture
+#                                          # of the backend (bench/gpu_profile.py) for the first precision
 #   PRECISIONS=fp16 SERVER_QPS=800 bench/gpu_check.sh
 #   DEVICE=cpu SHAPE=tiny PRECISIONS=fp32 OFFLINE_SAMPLES=64 SERVER_QPS=20 SERVER_QUERIES=40 \
 #       bench/gpu_check.sh                 # dry run of the script itself on a CPU box
@@ -11,6 +13,7 @@
 # set and vocab where `distbert run` finds them (DISTBERT_DATA_DIR, the cache, or DATASET=/VOCAB=).
 # No internet: the model is a generated random-weight BERT-Large (speed is real, accuracy is not).
 # Prints every command before running it, then samples/s and p99 latency per run (bench/gpu_summary.py).
+# The profiler's key-averages tables land in $WORK/profile/ (batch 1 and 64 at seq 192, eager and graphs=1).
 # Budget: about 1 min to generate the model, then well under 2 min per run (capped by RUN_TIMEOUT).
 set -euo pipefail
 
@@ -37,6 +40,8 @@ SERVER_QPS="${SERVER_QPS:-400}"
 SERVER_QUERIES="${SERVER_QUERIES:-4000}"         # ~10 s at the default QPS
 SS_QUERIES="${SS_QUERIES:-2000}"                 # SingleStream queries per run (~5 s at 2 ms)
 RUN_TIMEOUT="${RUN_TIMEOUT:-240}"                # seconds per distbert run
+PROFILE_BATCHES="${PROFILE_BATCHES:-1 64}"       # batch sizes the profiler captures (seq PROFILE_SEQ)
+PROFILE_SEQ="${PROFILE_SEQ:-192}"
 # loading BERT-Large (1.3 GB) onto the GPU can keep a worker busy longer than the default heartbeat timeout
 HEARTBEAT_TIMEOUT="${HEARTBEAT_TIMEOUT:-120}"
 DATA_ARGS=()
@@ -80,7 +85,30 @@ for precision in $PRECISIONS; do
     say "SingleStream, $precision, --in-process-worker"
     run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario SingleStream "${base[@]}" \
         --in-process-worker --test-query-count "$SS_QUERIES" --output "$WORK/singlestream-inprocess-$precision"
+    if [[ "$DEVICE" == cpu ]]; then
+        say "Offline and SingleStream with graphs=1, $precision: skipped (CUDA graphs need a GPU; the torch backend refuses graphs=1 on cpu)"
+    else
+        say "Offline, $precision, graphs=1"
+        run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario Offline "${common[@]}" --option graphs=1 \
+            --test-query-count "$OFFLINE_SAMPLES" --output "$WORK/offline-graphs-$precision"
+        say "SingleStream, $precision, worker process, graphs=1"
+        run timeout "$RUN_TIMEOUT" "$PYTHON" -m distbert run --scenario SingleStream "${common[@]}" --option graphs=1 \
+            --test-query-count "$SS_QUERIES" --output "$WORK/singlestream-graphs-$precision"
+    fi
 done
 
 say "results ($WORK)"
 run "$PYTHON" "$REPO/bench/gpu_summary.py" "$WORK"
+
+read -r -a precision_list <<< "$PRECISIONS"
+profile=("$REPO/bench/gpu_profile.py" --model "$MODEL" --device "$DEVICE" --precision "${precision_list[0]}"
+         --seq "$PROFILE_SEQ" --out "$WORK/profile")
+for b in $PROFILE_BATCHES; do profile+=(--batch "$b"); done
+say "torch profiler: the backend alone, ${precision_list[0]}, batches $PROFILE_BATCHES at seq $PROFILE_SEQ"
+run timeout "$RUN_TIMEOUT" "$PYTHON" "${profile[@]}" --tag eager
+if [[ "$DEVICE" == cpu ]]; then
+    say "torch profiler with graphs=1: skipped (CUDA graphs need a GPU)"
+else
+    run timeout "$RUN_TIMEOUT" "$PYTHON" "${profile[@]}" --tag graphs --option graphs=1
+fi
+run ls "$WORK/profile"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from distbert.topology import Topology, detect
+from distbert.topology import Topology, bind_worker, detect, visible_gpus
 
 CASES = {
     "none": ({}, ("none", 0, 1, 0, 1)),
@@ -30,3 +32,41 @@ def test_detect(name):
     assert (t.launcher, t.rank, t.world_size, t.local_rank, t.local_size) == (launcher, rank, size, local_rank,
                                                                               local_size)
     assert isinstance(t, Topology) and t.distributed == (launcher != "none")
+
+
+# --- GPU binding: the visible GPU count comes from CUDA_VISIBLE_DEVICES, as visible_gpus() reads it first
+
+@pytest.mark.parametrize("cvd,count", [("0,1,2,3", 4), ("3", 1), (" 2, 5 ,", 2), ("", 0), ("-1", 0)])
+def test_visible_gpus_counts_cuda_visible_devices(monkeypatch, cvd, count):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
+    assert visible_gpus() == count
+
+
+def _bind_all(monkeypatch, cvd: str, requested: str, workers: int) -> list[str]:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    bindings = [bind_worker(requested, i, workers) for i in range(workers)]
+    assert all(b.cores == allowed for b in bindings)      # GPU workers are not pinned to a core subset
+    assert tuple(sorted(os.sched_getaffinity(0))) == allowed
+    return [b.device for b in bindings]
+
+
+def test_k_workers_on_k_gpus_get_one_gpu_each(monkeypatch):
+    assert _bind_all(monkeypatch, "0,1,2,3", "cuda", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+
+
+def test_two_workers_sharing_one_gpu_both_get_cuda_0(monkeypatch):
+    assert _bind_all(monkeypatch, "0", "cuda", 2) == ["cuda:0", "cuda:0"]
+
+
+def test_more_workers_than_gpus_wrap_round(monkeypatch):
+    assert _bind_all(monkeypatch, "4,5", "cuda", 5) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_explicit_gpu_index_is_respected_for_every_worker(monkeypatch):
+    assert _bind_all(monkeypatch, "0,1,2,3", "cuda:2", 3) == ["cuda:2"] * 3
+    assert _bind_all(monkeypatch, "0,1", "rocm:1", 2) == ["rocm:1"] * 2
+
+
+def test_rocm_keeps_its_kind(monkeypatch):
+    assert _bind_all(monkeypatch, "0,1", "rocm", 2) == ["rocm:0", "rocm:1"]

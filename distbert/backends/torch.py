@@ -171,16 +171,20 @@ class StaticGraph:
     release: Callable[[], None] = lambda: None
 
 
-def capture_cuda(forward: Forward, bucket: Bucket, device: torch.device, pool: Any = None) -> StaticGraph:
+def capture_cuda(forward: Forward, bucket: Bucket, device: torch.device, pool: Any,
+                 stream: torch.cuda.Stream) -> StaticGraph:
     """Capture ``forward`` at ``bucket``'s shape as a CUDA graph, as PyTorch's CUDA-graph notes do it:
-    static inputs, eager warmup passes on a side stream, then capture. Call under inference_mode.
+    static inputs, eager warmup passes on a side stream, then capture. Call under inference_mode,
+    with ``device`` the current device (``torch.cuda.set_device``).
 
-    ``pool`` (``torch.cuda.graph_pool_handle()``) is shared by every bucket so that their activations
-    reuse one memory pool. That is safe here because graphs replay one at a time on one stream and
-    each replay's outputs are copied to the host before the next replay.
+    ``pool`` (``torch.cuda.graph_pool_handle()``) and the capture ``stream`` are shared by every
+    bucket, so that their activations reuse one memory pool (PyTorch asks for the same stream with a
+    shared pool). Sharing is safe here because graphs replay one at a time on one stream and each
+    replay's outputs are copied to the host before the next replay.
     """
     inputs = torch.zeros((3, bucket.batch, bucket.length), dtype=torch.int64, device=device)
-    inputs[1].fill_(1)
+    # one pad column in the mask: a library that skips an all-ones mask must still capture the masked path
+    inputs[1, :, :-1] = 1
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -189,7 +193,7 @@ def capture_cuda(forward: Forward, bucket: Bucket, device: torch.device, pool: A
                 forward(inputs[0], inputs[1], inputs[2])
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             outputs = forward(inputs[0], inputs[1], inputs[2])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -319,9 +323,11 @@ class TorchBackend(Backend):
             model = cast(torch.nn.Module, torch.compile(model, dynamic=True))
         self._model, self._device = model, device
         if graph_capacity is not None:
-            pool = torch.cuda.graph_pool_handle()
-            forward = qa_forward(model)
-            self._graphed = GraphedModel(lambda bucket: capture_cuda(forward, bucket, device, pool), device,
+            # a capture records on the current device's streams: with cuda:1 left at the default
+            # cuda:0, the model's kernels would run on a device the capture stream does not belong to
+            torch.cuda.set_device(device)
+            pool, stream, forward = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device), qa_forward(model)
+            self._graphed = GraphedModel(lambda bucket: capture_cuda(forward, bucket, device, pool, stream), device,
                                          GPU_HINT.max_batch, graph_capacity)
         log.info("torch %s: %s model %s on %s (%s), %s, %d threads", torch.__version__, self._source,
                  self.spec.model, device, self._device_name, precision, torch.get_num_threads())
