@@ -96,6 +96,10 @@ class RunConfig:
 MAX_BATCH = 4096
 
 
+#: every precision some backend runs (each backend refuses the ones it does not, at load)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     lg = cfg.loadgen
     if lg.scenario == "MultiStream":
@@ -105,6 +109,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"unknown --scenario {lg.scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if lg.mode not in MODES:
         raise UserError(f"unknown --mode {lg.mode!r}: choose one of {', '.join(MODES)}")
+    if cfg.backend.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {cfg.backend.precision!r}: choose one of {', '.join(PRECISIONS)} "
+                        "(which ones a backend runs, it says at start-up)")
     from distbert.submission.rules import rules
 
     rules(lg.mlperf_version)  # an unknown round is a user error

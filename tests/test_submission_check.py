@@ -391,10 +391,26 @@ def test_empty_root(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(UserError, match="v5.0"):
-        check_tree(tmp_path, version="v5.0")
+    with pytest.raises(UserError, match="v3.0: distbert knows"):
+        check_tree(tmp_path, version="v3.0")
     with pytest.raises(UserError, match="no such directory"):
         check_tree(tmp_path / "absent")
+
+
+def test_each_round_checks_its_own_seeds_and_layout(tree):
+    """The v6.1 tree under another round's rules: v6.0 (same layout) finds only the seeds wrong, in
+    every performance log; v5.1 also misses its compliance/ and measurements/ trees and code/."""
+    meet_duration(tree)
+    v60 = check_tree(tree, "v6.0")
+    seeds = {p.path for p in v60.problems if p.rule == "seed"}
+    assert seeds == {f"{BENCH}/{scenario}/{where}{PERF}" for scenario in ("Offline", "SingleStream")
+                     for where in ("", "TEST01/")}
+    assert {p.rule for p in v60.problems} == {"seed"}
+    v51 = check_tree(tree, "v5.1")
+    rules_hit = {p.rule for p in v51.problems}
+    assert {"seed", "src", "test01", "missing-file"} <= rules_hit
+    assert any(p.path == f"{SUB}/compliance/{SYSTEM}/bert-99/Offline/TEST01" for p in v51.problems)
+    assert any(p.path.startswith(f"{SUB}/measurements/{SYSTEM}/bert-99/") for p in v51.problems)
 
 
 # --- scenario set --------------------------------------------------------------------------------

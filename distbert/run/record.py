@@ -122,7 +122,10 @@ def print_summary(record: dict[str, Any], final: Path) -> None:
         if "verdicts" in res:
             print(f"  accuracy: {res['coverage']}")
             print("  accuracy: " + "; ".join(res["verdicts"]))
-        if "performance_pass" in res:
+        if mode == "TEST05":
+            print(f"  TEST05: performance {'PASS' if res.get('performance_pass') else 'FAIL'} (the TEST05 seeds; "
+                  f"see {final}/TEST05/verify_performance.txt)")
+        elif "performance_pass" in res:
             how = "same first bytes" if res["first_element_pass"] else "first bytes differ, F1 within the tolerance"
             print(f"  TEST01: accuracy {'PASS (' + how + ')' if res['accuracy_pass'] else 'FAIL'}, "
                   f"performance {'PASS' if res['performance_pass'] else 'FAIL'} (see {final}/TEST01/verify_*.txt)")

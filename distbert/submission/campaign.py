@@ -157,6 +157,16 @@ def diagnose(scenario: str, record: dict[str, Any], run_dir: Path, used: Target 
     return Diagnosis(reasons, fix)
 
 
+def child_error(log_path: Path) -> str:
+    """``", said: <its one-line error>"`` from a failed run's output, or ""."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    said = [line.split("distbert: error: ", 1)[1] for line in lines if "distbert: error: " in line]
+    return f", said: {said[-1]}" if said else ""
+
+
 def subprocess_runner(run_argv: list[str], log_path: Path) -> int:
     """One ``distbert run`` as a child process, its output shown and kept in ``log_path``."""
     cmd = [sys.executable, "-m", "distbert", "run", *run_argv]
@@ -174,7 +184,7 @@ class Campaign:
     """The steps of one ``distbert submission run`` (rank 0 only); ``runner`` runs one ``distbert run``."""
 
     def __init__(self, out: Path, scenarios: Sequence[str], run_flags: list[str], rules: RuleSet, *,
-                 execution_mode: str, allow_invalid: bool, max_attempts: int, first_target_qps: float | None,
+                 execution_mode: str, max_attempts: int, first_target_qps: float | None,
                  calibration_samples: int, calibration_queries: int, probe_s: float,
                  runner: Runner = subprocess_runner) -> None:
         self.out = out
@@ -183,7 +193,6 @@ class Campaign:
         self.run_flags = run_flags
         self.rules = rules
         self.execution_mode = execution_mode
-        self.allow_invalid = allow_invalid
         self.max_attempts = max_attempts
         self.first_target_qps = first_target_qps
         self.calibration_samples = calibration_samples
@@ -222,7 +231,9 @@ class Campaign:
         self._load_state()
         self.state.update({"version": self.rules.version, "scenarios_wanted": self.scenarios})
         accepted: dict[str, Path] = {}
-        for i, scenario in enumerate(self.scenarios, 1):
+        # Offline first: its throughput is the Server calibration's starting point
+        order = sorted(self.scenarios, key=lambda s: s != "Offline")
+        for i, scenario in enumerate(order, 1):
             self._say(f"[{i}/{len(self.scenarios)}] {scenario}")
             accepted[scenario] = self._scenario(scenario)
         self._save_state()
@@ -253,15 +264,16 @@ class Campaign:
             argv = [*flags, "--mode", "submission", "--output", str(attempt), *(target.argv() if target else [])]
             if target is not None:
                 self._say(f"{scenario} attempt {k}: {target.flag} {target.value:.6g} ({target.why})")
-            code = self.runner(argv, self.runs / f"{attempt.name}.log")
+            log_path = self.runs / f"{attempt.name}.log"
+            code = self.runner(argv, log_path)
             attempts.append(attempt.name)
             known["attempts"] = attempts
             self.state["scenarios"][scenario] = known
             self._save_state()
             record = _load(attempt)
             if code != 0 or record is None:
-                raise UserError(f"{scenario} attempt {k} failed (exit {code}): see {attempt}.failed/error.txt and "
-                                f"{self.runs / (attempt.name + '.log')}; fix the cause and rerun the same command")
+                raise UserError(f"{scenario} attempt {k} failed (exit {code}{child_error(log_path)}): see {log_path}; "
+                                "fix the cause and rerun the same command")
             validity = performance(record).get("result_validity")
             if validity == "VALID" or self.execution_mode == "test":
                 if validity != "VALID":
@@ -280,14 +292,11 @@ class Campaign:
                 break
             target = diagnosis.fix
         last = self.runs / attempts[-1]
-        if self.allow_invalid:
-            self._say(f"{scenario}: still INVALID after {len(attempts)} attempt(s); --allow-invalid: "
-                      f"{last.name} goes into the dry-run tree")
-            shutil.copytree(last, final)
-            return final
-        raise UserError(f"{scenario} is still INVALID after attempt {len(attempts)} ({last}): rerun the same "
-                        "command (the next attempt uses the fix above), raise --max-attempts, or give "
-                        "--allow-invalid for a dry-run tree")
+        fix = known.get("next_target")
+        how = (f"rerun the same command: the next attempt uses {fix['flag']} {fix['value']:.6g}" if fix
+               else "fix the cause LoadGen names in its summary, then rerun the same command")
+        raise UserError(f"{scenario} is still INVALID after {len(attempts)} attempt(s) ({last.name}): {how} "
+                        "(or raise --max-attempts)")
 
     def _first_target(self, scenario: str, known: dict[str, Any], attempts: list[str]) -> Target | None:
         """The fix of the last INVALID attempt, else --target-qps, else a calibration run's figure."""
@@ -318,8 +327,9 @@ class Campaign:
             code = self.runner(argv, self.runs / f"{calib.name}.log")
             record = _load(calib)
             if code != 0 or record is None:
-                raise UserError(f"the {scenario} calibration run failed (exit {code}): see "
-                                f"{self.runs / (calib.name + '.log')}; fix the cause and rerun the same command")
+                log_path = self.runs / f"{calib.name}.log"
+                raise UserError(f"the {scenario} calibration run failed (exit {code}{child_error(log_path)}): see "
+                                f"{log_path}; fix the cause and rerun the same command")
         else:
             self._say(f"{scenario}: calibration from {calib} (kept from an earlier invocation)")
         return calibration_target(scenario, record)
@@ -338,6 +348,10 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
            if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
     env.update(extra)
     return env
+
+
+#: how often a launched rank waiting for the next step looks (it must not busy-poll a core meanwhile)
+BCAST_POLL_S = 0.02
 
 
 class LaunchedSteps:
@@ -375,7 +389,8 @@ class LaunchedSteps:
                 time.sleep(0.05)
             if announce.is_file():
                 hello = json.loads(announce.read_text())
-                bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"]})
+                bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"]},
+                           poll_s=BCAST_POLL_S)
             code = proc.wait()
         sys.stdout.write(log_path.read_text())
         return code
@@ -383,7 +398,7 @@ class LaunchedSteps:
     def done(self, error: str | None = None) -> None:
         from distbert.run.rendezvous import bcast_json
 
-        bcast_json(self.comm, {"done": True, "error": error})
+        bcast_json(self.comm, {"done": True, "error": error}, poll_s=BCAST_POLL_S)
 
 
 def launched_worker_loop(topology: Any, comm: Any) -> int:
@@ -397,7 +412,7 @@ def launched_worker_loop(topology: Any, comm: Any) -> int:
 
     code = 0
     while True:
-        msg = bcast_json(comm, None)
+        msg = bcast_json(comm, None, poll_s=BCAST_POLL_S)
         if msg.get("done"):
             if msg.get("error"):
                 log.error("rank 0 stopped the submission (%s); rank %d exits", msg["error"], topology.rank)

@@ -319,6 +319,8 @@ class _Checker:
             # an unreadable description is reported once, above; do not pile inference problems on it
             stype = str((desc or {}).get("system_type") or self.rules.default_system_type)
             edge = desc is None or "edge" in stype.split(",")
+            if not edge and self.rules.layout != "v4":
+                stype = "edge"  # reported on the system description already; judge the scenarios as edge
             for bench in _subdirs(sys_dir):
                 self.check_benchmark(bench, division, sub.name, sys_dir.name, edge, stype)
 

@@ -95,7 +95,7 @@ def submission_run(args: argparse.Namespace) -> int:
 
     def campaign(runner: Any) -> Campaign:
         return Campaign(out, scenarios, flags, rule_set, execution_mode=args.execution_mode,
-                        allow_invalid=args.allow_invalid, max_attempts=args.max_attempts,
+                        max_attempts=args.max_attempts,
                         first_target_qps=args.target_qps if isinstance(args.target_qps, float) else None,
                         calibration_samples=args.calibration_samples, calibration_queries=args.calibration_queries,
                         probe_s=args.find_peak_probe_s, runner=runner)

@@ -65,8 +65,8 @@ class RuleSet:
         return found
 
 
-_EDGE_V5: dict[str, tuple[str, ...]] = {"bert-99": ("SingleStream", "Offline"),
-                                        "bert-99.9": ("SingleStream", "Offline")}
+_EDGE_V5: dict[str, tuple[str, ...]] = {"bert-99": ("Offline", "SingleStream"),
+                                        "bert-99.9": ("Offline", "SingleStream")}
 
 RULES: dict[str, RuleSet] = {
     "v6.1": RuleSet("v6.1", Seeds(2085463073848966840, 2747215439041700203, 16159082839903944936), "v6",
@@ -78,9 +78,9 @@ RULES: dict[str, RuleSet] = {
     "v5.0": RuleSet("v5.0", Seeds(6023615788873153749, 15036839855038426416, 9933818062894767841), "v5",
                     {"edge": _EDGE_V5, "datacenter,edge": _EDGE_V5}),
     "v4.1": RuleSet("v4.1", Seeds(3066443479025735752, 10688027786191513374, 14962580496156340209), "v4",
-                    {"datacenter": {"bert-99": ("Server", "Offline"), "bert-99.9": ("Server", "Offline")},
-                     "edge": {"bert-99": ("SingleStream", "Offline")},
-                     "datacenter,edge": {"bert-99": ("SingleStream", "Offline", "Server"),
+                    {"datacenter": {"bert-99": ("Offline", "Server"), "bert-99.9": ("Offline", "Server")},
+                     "edge": {"bert-99": ("Offline", "SingleStream")},
+                     "datacenter,edge": {"bert-99": ("Offline", "SingleStream", "Server"),
                                          "bert-99.9": ("Offline", "Server")}},
                     compliance_tests=("TEST01", "TEST05"),
                     test05_seeds=Seeds(16799458546791641818, 5453809927556429288, 5435552105434836064),

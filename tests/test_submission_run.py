@@ -1,0 +1,233 @@
+"""``distbert submission run``: from an empty directory to a tree, for each round's layout, resumable.
+
+Real runs: the real CLI in subprocesses (real LoadGen, ZeroMQ, local worker processes), the oracle
+backend (deterministic logits, so TEST01's byte check passes) and, for the INVALID-then-VALID case,
+the sim backend (a predictable throughput). Test-mode campaigns build dry-run trees: the checks
+must pass every rule of the layout and fail only for what a short, small-QSL, harness-backend run
+is (the ``DRY_RUN_RULES``). One campaign runs under the real ``mpiexec`` (three ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distbert.submission.check import check_tree
+from tests.conftest import REPO
+
+PY = sys.executable
+MPIEXEC = shutil.which("mpiexec", path=str(Path(PY).parent))
+pytestmark = [pytest.mark.slow]
+
+#: the rules a test-mode, 300-feature, oracle-backend run breaks (and nothing else may fail)
+DRY_RUN_RULES = {"min-duration", "performance-sample-count", "accuracy-count", "accuracy-target",
+                 "test01-verify", "test05-verify", "offline-samples-per-query", "early-stopping", "validity"}
+
+
+@pytest.fixture(scope="module")
+def env(session_cache) -> dict[str, str]:
+    return dict(os.environ, DISTBERT_CACHE=str(session_cache), DISTBERT_NO_PROGRESS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def data_flags(squad_dev, vocab) -> list[str]:
+    return ["--dataset", str(squad_dev), "--vocab", str(vocab), "--max-examples", "300"]
+
+
+def _submission(env, out: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "distbert", "submission", "run", "--out", str(out), "--submitter", "Acme",
+           "--system", "box1", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _run_ids(out: Path) -> dict[str, float]:
+    """Each run directory's run.json mtime: unchanged means not redone."""
+    return {p.parent.name: p.stat().st_mtime for p in (out / "runs").glob("*/run.json")}
+
+
+# --- one campaign per round's layout ----------------------------------------------------------------
+
+LAYOUTS = {
+    "v6.1": (["--scenarios", "Offline,SingleStream"], ("Offline", "SingleStream")),
+    "v5.1": ([], ("Offline", "SingleStream")),
+    "v4.1": (["--find-peak-probe-s", "0.5"], ("Offline", "Server")),   # datacenter: Server + Offline, TEST05
+}
+
+
+def _expected_files(version: str, scenario: str) -> set[str]:
+    sub = "closed/Acme"
+    res = f"{sub}/results/box1/bert-99/{scenario}"
+    files = {f"{sub}/systems/box1.json", f"{sub}/documentation/calibration.md",
+             *(f"{res}/{d}/{f}" for d in ("performance/run_1", "accuracy")
+               for f in ("mlperf_log_detail.txt", "mlperf_log_summary.txt")),
+             f"{res}/accuracy/accuracy.txt", f"{res}/accuracy/mlperf_log_accuracy.json"}
+    if version.startswith("v6"):
+        comp, meas = res, res
+        files |= {f"{sub}/src/bert-99/README.md", f"{res}/measurements.json"}
+    else:
+        comp = f"{sub}/compliance/box1/bert-99/{scenario}"
+        meas = f"{sub}/measurements/box1/bert-99/{scenario}"
+        files |= {f"{sub}/code/bert-99/distbert/README.md", f"{meas}/box1_distbert_{scenario}.json"}
+    files |= {f"{meas}/README.md", f"{meas}/user.conf",
+              f"{comp}/TEST01/verify_accuracy.txt", f"{comp}/TEST01/verify_performance.txt",
+              f"{comp}/TEST01/accuracy/accuracy.txt", f"{comp}/TEST01/accuracy/mlperf_log_accuracy.json",
+              *(f"{comp}/TEST01/performance/run_1/{f}" for f in ("mlperf_log_detail.txt", "mlperf_log_summary.txt"))}
+    if version == "v4.1":
+        files |= {f"{meas}/mlperf.conf", f"{comp}/TEST05/verify_performance.txt",
+                  *(f"{comp}/TEST05/performance/run_1/{f}" for f in ("mlperf_log_detail.txt", "mlperf_log_summary.txt"))}
+    return files
+
+
+@pytest.mark.parametrize("version", list(LAYOUTS))
+def test_campaign_builds_the_rounds_tree_and_resumes(env, data_flags, tmp_path, version):
+    extra, scenarios = LAYOUTS[version]
+    out = tmp_path / "campaign"
+    args = ["--version", version, "--execution-mode", "test", "--allow-invalid", "--backend", "oracle",
+            "--workers", "2", *data_flags, *extra]
+    proc = _submission(env, out, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tree = out / "submission"
+    files = _files(tree)
+    for scenario in scenarios:
+        missing = _expected_files(version, scenario) - files
+        assert not missing, sorted(missing)
+        assert f"{scenario}.png" in files and (tree / f"{scenario}.png").stat().st_size > 5000
+    assert {"mlperf_submission.tar.gz", "summary.csv", "summary.txt", "summary.json"} <= files
+    # every accuracy log truncated and hashed
+    for acc in tree.rglob("accuracy.txt"):
+        if acc.parent.name == "accuracy":
+            assert any(line.startswith("hash=") for line in acc.read_text().splitlines()), acc
+    for log in tree.rglob("mlperf_log_accuracy.json"):
+        assert log.stat().st_size <= 10 * 1024, log
+    # the round's seeds in every performance log; v4.1's TEST05 with its own
+    from distbert.data.loadgen_logs import read_detail
+    from distbert.submission.rules import rules
+
+    r = rules(version)
+    for detail_path in tree.rglob("performance/run_1/mlperf_log_detail.txt"):
+        seeds = r.test05_seeds if "TEST05" in detail_path.parts else r.seeds
+        detail = read_detail(detail_path)
+        assert detail["effective_qsl_rng_seed"] == seeds.qsl_rng_seed, detail_path
+        assert detail["effective_schedule_rng_seed"] == seeds.schedule_rng_seed, detail_path
+    # the layout passes the round's checker everywhere except where a dry run must fail
+    report = check_tree(tree, version)
+    assert {p.rule for p in report.problems} <= DRY_RUN_RULES, [str(p) for p in report.problems
+                                                                 if p.rule not in DRY_RUN_RULES]
+    summary = json.loads((tree / "summary.json").read_text())
+    assert summary["version"] == version and set(summary["scenarios"]) == set(scenarios)
+    for scenario in scenarios:
+        row = summary["scenarios"][scenario]
+        assert row["validity"] in ("VALID", "INVALID") and row["result"] is not None and row["f1"] is not None
+        assert row["compliance"]["TEST01"]["accuracy_pass"] is True
+        if version == "v4.1":
+            assert "TEST05" in row["compliance"]
+    rows = (tree / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(scenarios)
+    assert "check (" + version + " rules)" in proc.stdout
+
+    # the same command again: nothing is rerun, the tree is rebuilt
+    before = _run_ids(out)
+    proc = _submission(env, out, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for scenario in scenarios:
+        assert f"{scenario}: already complete" in proc.stdout
+    assert _run_ids(out) == before
+    assert _files(out / "submission") >= _expected_files(version, scenarios[0])
+
+
+def test_changed_flags_redo_the_scenario_and_keep_the_old_run(env, data_flags, tmp_path):
+    out = tmp_path / "campaign"
+    base = ["--execution-mode", "test", "--allow-invalid", "--backend", "oracle", *data_flags,
+            "--division", "open", "--scenarios", "SingleStream"]
+    assert _submission(env, out, *base, "--workers", "1").returncode == 0
+    proc = _submission(env, out, *base, "--workers", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "made with other flags" in proc.stdout
+    assert list((out / "runs").glob("SingleStream.replaced-*"))
+    record = json.loads((out / "runs" / "SingleStream" / "run.json").read_text())
+    assert record["config"]["workers"] == 2
+
+
+# --- INVALID, the fix named, then VALID -------------------------------------------------------------
+
+def test_a_short_valid_run_is_invalid_names_the_fix_and_the_rerun_is_valid(env, data_flags, tmp_path):
+    """Offline, valid rules but a 2 s minimum duration: with --target-qps 1 LoadGen issues its minimum
+    10,833 samples, which the sim backend finishes in about a second: INVALID (min duration). The
+    message names --target-qps and its new value; the same command again uses it and is VALID."""
+    out = tmp_path / "campaign"
+    args = ["--execution-mode", "valid", "--min-duration-ms", "2000", "--allow-invalid", "--backend", "sim",
+            "--sim-latency", "0.001 + 1e-6*tokens", "--workers", "2", *data_flags, "--division", "open",
+            "--scenarios", "Offline", "--max-attempts", "1"]
+    proc = _submission(env, out, *args, "--target-qps", "1")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "Offline run Offline-attempt-1 is INVALID: min duration not met" in said
+    assert "the next attempt uses --target-qps" in said
+    err = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(err) == 1 and "rerun the same command" in err[0] and "--target-qps" in err[0], proc.stderr[-2000:]
+    state = json.loads((out / "campaign.json").read_text())
+    fix = state["scenarios"]["Offline"]["next_target"]
+    assert fix["flag"] == "--target-qps" and fix["value"] > 100
+    assert not (out / "submission").exists()
+
+    proc = _submission(env, out, *args, "--target-qps", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Offline attempt 2: --target-qps {fix['value']:.6g}" in proc.stdout
+    record = json.loads((out / "runs" / "Offline" / "run.json").read_text())
+    assert record["results"]["performance"]["result_validity"] == "VALID"
+    assert record["config"]["loadgen"]["target_qps"] == pytest.approx(fix["value"], rel=1e-5)
+    assert (out / "runs" / "Offline-attempt-1").is_dir()   # the INVALID attempt is kept
+    summary = json.loads((out / "submission" / "summary.json").read_text())
+    assert summary["scenarios"]["Offline"]["validity"] == "VALID"
+
+
+# --- bad input: one line, exit 2, nothing started -----------------------------------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["--execution-mode", "test"], "add --allow-invalid"),
+    (["--scenarios", "Offline"], "needs exactly Offline,SingleStream"),
+    (["--version", "v3.0"], "--version v3.0: distbert knows"),
+    (["--version", "v4.1", "--system-type", "edge", "--benchmark", "bert-99.9"], "has no bert-99.9 result"),
+    (["--backend", "nope"], "nope"),
+    (["--precision", "int3", "--backend", "torch"], "int3"),
+])
+def test_bad_input_is_one_line_and_starts_nothing(env, tmp_path, args, needle):
+    out = tmp_path / "campaign"
+    t0 = time.monotonic()
+    proc = _submission(env, out, *args, timeout=60)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 30
+    assert not (out / "runs").exists()
+
+
+# --- under a launcher -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found next to the Python interpreter (the mpich wheel)")
+def test_campaign_under_mpiexec_runs_every_step_on_the_launched_ranks(env, data_flags, tmp_path):
+    out = tmp_path / "campaign"
+    cmd = [MPIEXEC, "-n", "3", PY, "-m", "distbert", "submission", "run", "--out", str(out), "--submitter", "Acme",
+           "--system", "box1", "--execution-mode", "test", "--allow-invalid", "--backend", "oracle", *data_flags,
+           "--bind-host", "127.0.0.1", "--max-batch", "16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for scenario in ("Offline", "SingleStream"):
+        record = json.loads((out / "runs" / scenario / "run.json").read_text())
+        assert sorted(w["worker"] for w in record["workers"]) == [1, 2], record["workers"]
+        # each rank joined, served and said goodbye (its stats arrived); Offline's batches went to both
+        assert all(w["stats"].get("rank") == w["worker"] for w in record["workers"])
+        if scenario == "Offline":
+            assert all(w["stats"]["samples"] > 0 for w in record["workers"]), record["workers"]
+    assert (out / "submission" / "mlperf_submission.tar.gz").is_file()
