@@ -103,6 +103,9 @@ def why_invalid(run: Run, benchmark: str) -> list[str]:
         reasons.append(f"LoadGen called its performance run {perf.get('result_validity')}")
     if run.loadgen["execution_mode"] != "valid":
         reasons.append("it ran with --execution-mode test (short run, not the MLPerf rules)")
+    lowered = run.loadgen.get("min_duration_ms")
+    if run.loadgen["execution_mode"] == "valid" and lowered is not None and lowered < 600_000:
+        reasons.append(f"it lowered --min-duration-ms to {lowered} (the rules need 600000)")
     if run.record["config"].get("max_examples"):
         reasons.append(f"it used --max-examples {run.record['config']['max_examples']} (not the whole dev set)")
     if not run.record.get("accuracy_meaningful"):

@@ -219,7 +219,6 @@ class Campaign:
         os.replace(tmp, self.state_path)
 
     def _say(self, text: str) -> None:
-        log.info("%s", text)
         print(f"distbert submission: {text}", flush=True)
         self.events.append(text)
 
