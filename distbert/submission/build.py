@@ -266,9 +266,10 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
         if not _NAME.match(name):
             raise UserError(f"{label} {name!r}: use letters, digits and _.+- only (it becomes a directory name)")
     if division == "network":
-        raise UserError("--division network: not possible for bert (the network division is datacenter-only and "
-                        "bert is edge-only since v5.0; up to v4.1 the SUT name must contain 'Network SUT', which "
-                        "LoadGen's Python SUT cannot carry): use closed or open")
+        raise UserError("--division network: not for distbert's bert results (the network division is "
+                        "datacenter-only and bert is edge-only since v5.0; and it forbids batching on the LoadGen "
+                        "node, which is what distbert's rank 0 does): use closed (a multi-node system is allowed "
+                        "there) or open")
     if division not in ("closed", "open"):
         raise UserError(f"--division {division}: choose closed or open")
     if benchmark not in ("bert-99", "bert-99.9"):

@@ -267,6 +267,7 @@ class Campaign:
             code = self.runner(argv, log_path)
             attempts.append(attempt.name)
             known["attempts"] = attempts
+            known.setdefault("targets", {})[attempt.name] = dataclasses.asdict(target) if target else None
             self.state["scenarios"][scenario] = known
             self._save_state()
             record = _load(attempt)
