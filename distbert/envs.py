@@ -56,6 +56,13 @@ def worker_inline() -> bool:
     return os.environ.get("DISTBERT_WORKER_INLINE", "1") not in ("0", "")
 
 
+def worker_pipeline() -> bool:
+    """``DISTBERT_WORKER_PIPELINE=0`` keeps a worker on one compute thread even when its backend gains
+    from overlapping the next batch's gather and device copy with this batch's compute (the torch
+    backend on CUDA; default: a prepare thread does that). For A/B measurement."""
+    return os.environ.get("DISTBERT_WORKER_PIPELINE", "1") not in ("0", "")
+
+
 def trace_dir() -> str | None:
     """``DISTBERT_TRACE``: a folder; every process of the run writes its per-hop timestamps there at
     exit (``distbert.util.trace``, read by ``bench/latency_timeline.py``). Unset: no tracing."""
@@ -68,3 +75,9 @@ def announce_file() -> Path | None:
     launcher sets it for each child run, to tell the launched ranks where to connect."""
     value = os.environ.get("DISTBERT_ANNOUNCE")
     return Path(value) if value else None
+
+
+def gc_tune() -> bool:
+    """``DISTBERT_GC_TUNE=0`` keeps Python's default garbage-collector settings while LoadGen runs
+    (default: fewer collections during a test; ``run/loadgen.quiet_gc``). For A/B measurements."""
+    return os.environ.get("DISTBERT_GC_TUNE", "1") not in ("0", "")

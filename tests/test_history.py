@@ -78,3 +78,19 @@ def test_find_peak_that_finds_nothing_fails_with_one_line(env, tmp_path):  # noq
                    "--target-qps", "50000", "--target-latency-ms", "0.001")
     assert proc.returncode == 2
     assert "--find-peak: no VALID Server run" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(300)
+def test_auto_compares_with_the_model_the_run_will_use(env, tmp_path):  # noqa: F811
+    """A real backend without --model: earlier runs recorded the generated model's path, and auto
+    must compare with that path, not with 'no --model given'."""
+    results = tmp_path / "results"
+    results.mkdir()
+    flags = ["--backend", "onnxruntime", "--random-shape", "tiny", "--scenario", "Offline", "--test-query-count", "64"]
+    proc, first = _run(env, results, "ort1", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert first["config"]["backend"]["model"]   # the resolved (generated) model's path
+    proc, second = _run(env, results, "ort2", *flags, "--target-qps", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rate = first["results"]["performance"]["result_samples_per_second"]
+    assert second["config"]["loadgen"]["target_qps"] == pytest.approx(rate, rel=1e-3)

@@ -4,6 +4,14 @@ A backend is created from a :class:`BackendSpec` (plain data, part of the run co
 ``load()`` (read the model, bind the device) and ``warmup()`` are called once before the worker says
 ready. ``run()`` is then called once per batch, from one thread.
 
+Two stages, for a device that computes while the host feeds it: ``prepare(inputs)`` does the host
+work and starts the copy to the device, ``run_prepared(prepared)`` computes. A backend whose
+:attr:`Backend.overlap_prepare` is True gets ``prepare`` of the next batch on the worker's prepare
+thread while ``run_prepared`` of this one runs on its compute thread (at most one call of each at a
+time; every prepared batch is run once, in the order prepared, unless shutdown drops it). The
+defaults (``prepare`` returns the inputs, ``run_prepared`` calls ``run``) keep one-stage backends as
+they are, and ``run()`` stays valid on every backend: ``run_prepared(prepare(x))`` must equal it.
+
 Inputs are int arrays ``[B, L]`` already trimmed by the worker to the longest real length of the
 batch (L <= 384; a backend that needs a fixed length pads internally and slices the outputs back).
 The output is ``(start_logits, end_logits)``, each float32 ``[B, L]``.
@@ -87,6 +95,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(start_logits, end_logits)``, float32 ``[B, L]`` each."""
+
+    @property
+    def overlap_prepare(self) -> bool:
+        """True when ``prepare`` of the next batch overlapping ``run_prepared`` of this one pays (a GPU:
+        host staging and the device copy next to device compute). Only then does the worker run a
+        prepare thread: False (the default) keeps one compute thread, with no extra hand-off."""
+        return False
+
+    def prepare(self, inputs: ModelInputs) -> object:
+        """Stage one: host-side work, and the start of the copy to the device. Default: ``inputs``."""
+        return inputs
+
+    def run_prepared(self, prepared: object) -> tuple[np.ndarray, np.ndarray]:
+        """Stage two: what ``run`` returns, for what ``prepare`` returned. Default: ``run(prepared)``."""
+        if not isinstance(prepared, ModelInputs):
+            raise TypeError(f"{type(self).__name__}.run_prepared: expected what prepare() returned "
+                            f"(ModelInputs), got {type(prepared).__name__}")
+        return self.run(prepared)
 
     def batch_hint(self) -> BatchHint:
         return BatchHint()

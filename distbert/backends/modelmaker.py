@@ -408,6 +408,11 @@ def random_model_dir(shape: str, fmt: str, seed: int = 0, cache_dir: str | Path 
     return root / "models" / "random" / f"{shape}-{fmt}-{seed}"
 
 
+def random_model_path(shape: str, fmt: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """The ``--model`` path :func:`ensure_random_model` returns, without generating anything."""
+    return _model_entry(random_model_dir(shape, fmt, seed, cache_dir), fmt)
+
+
 def ensure_random_model(shape: str, fmt: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """The cached random model for ``(shape, fmt, seed)``, generated on first use.
 

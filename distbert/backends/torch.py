@@ -9,6 +9,12 @@ Accepted ``--model``:
 Precision: fp32, bf16, fp16 (CUDA only). Attention runs through SDPA. Outputs are float32 numpy.
 ``spec.option("compile") == "1"`` wraps the model in ``torch.compile`` (dynamic shapes).
 
+On CUDA, a batch goes in two stages (:meth:`TorchBackend.prepare`, :meth:`TorchBackend.run_prepared`):
+its rows are written into one of two pinned host buffers and copied to the device on a copy stream,
+then the compute stream waits for that copy's event and runs the model. The worker runs the two
+stages on two threads, so the next batch's copy overlaps this batch's compute; ``run`` runs them
+back to back.
+
 ``spec.option("graphs") == "1"`` (CUDA only) runs every batch through CUDA graphs captured per
 (batch, length) bucket (:mod:`distbert.backends.graphs` chooses the buckets): one launch per batch
 instead of hundreds of kernel launches. Buckets are captured on first use, batch 1 at every length
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,12 +41,14 @@ from distbert.backends.graphs import (
     LENGTH_STEP,
     MAX_LENGTH,
     Bucket,
+    Chunk,
     GraphCache,
     batch_ladder,
     pad_into,
     plan,
     unpad,
 )
+from distbert.backends.staging import StagingRing
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -142,6 +151,27 @@ def load_model(model: str | None, dtype: torch.dtype) -> tuple[torch.nn.Module, 
                     "(MLPerf checkpoint) or config.json + weights (Hugging Face directory)")
 
 
+# --- CUDA staging: pinned buffers and a copy stream ------------------------------------------
+
+#: pinned host buffers: the next batch is written into one while the copy from the other runs
+STAGING_SLOTS = 2
+
+
+def _pinned(elements: int) -> torch.Tensor:
+    return torch.empty(elements, dtype=torch.int64).pin_memory()
+
+
+@dataclasses.dataclass
+class Staged:
+    """A batch :meth:`TorchBackend.prepare` sent to the device: ``run_prepared`` waits for ``copied``."""
+
+    tensor: torch.Tensor            # int64 on the device: [3, B, L] (eager), or the graph chunks packed
+    copied: torch.cuda.Event        # recorded on the copy stream right after the copy
+    rows: int
+    length: int
+    chunks: list[Chunk] | None      # the graph buckets (graphs=1), None for eager
+
+
 # --- CUDA graphs (option graphs=1) ------------------------------------------------------------
 
 #: (input ids, mask, segments), each int64 ``[b, l]`` on the device -> logits ``[2, b, l]`` float32
@@ -217,7 +247,6 @@ class GraphedModel:
                                                          release=lambda g: g.release())
         self.capture_s = 0.0
         self._device = device
-        self._staging: torch.Tensor | None = None
 
     def _timed(self, capture: Callable[[Bucket], StaticGraph]) -> Callable[[Bucket], StaticGraph]:
         def timed(bucket: Bucket) -> StaticGraph:
@@ -231,28 +260,48 @@ class GraphedModel:
 
         return timed
 
-    def _stage(self, bucket: Bucket) -> torch.Tensor:
-        """A host buffer ``[3, b, l]`` int64, reused (pinned on CUDA for an asynchronous copy). Reuse is
-        safe: ``run`` waits for each replay's outputs, so the copy that read it has finished."""
-        need = 3 * bucket.batch * bucket.length
-        if self._staging is None or self._staging.numel() < need:
-            size = max(need, 3 * self.ladder[-1] * MAX_LENGTH)
-            buf = torch.empty(size, dtype=torch.int64)
-            self._staging = buf.pin_memory() if self._device.type == "cuda" else buf
-        return self._staging[:need].view(3, bucket.batch, bucket.length)
+    def plan(self, rows: int, length: int) -> list[Chunk]:
+        return plan(rows, length, self.ladder)
 
-    def run(self, input_ids: np.ndarray, input_mask: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
-        """Logits ``[2, B, L]`` float32 for a ``[B, L]`` batch. Call under inference_mode."""
-        rows, length = input_ids.shape
+    @staticmethod
+    def packed_size(chunks: list[Chunk]) -> int:
+        """Elements of a :meth:`pack` buffer: every chunk's ``[3, b, l]`` bucket, back to back."""
+        return sum(3 * c.bucket.batch * c.bucket.length for c in chunks)
+
+    @staticmethod
+    def pack(out: np.ndarray, chunks: list[Chunk], input_ids: np.ndarray, input_mask: np.ndarray,
+             segment_ids: np.ndarray) -> None:
+        """Pad each chunk into its region of ``out`` (flat int64, :meth:`packed_size` long)."""
+        offset = 0
+        for chunk in chunks:
+            b, n = chunk.bucket, 3 * chunk.bucket.batch * chunk.bucket.length
+            pad_into(out[offset:offset + n].reshape(3, b.batch, b.length), chunk, input_ids, input_mask, segment_ids)
+            offset += n
+
+    def replay(self, packed: torch.Tensor, chunks: list[Chunk], rows: int, length: int) -> np.ndarray:
+        """Logits ``[2, rows, length]`` float32: each chunk's region of ``packed`` (on the device, laid
+        out by :meth:`pack`) into its bucket's static inputs, replay, outputs back to the host. Call
+        under inference_mode, on the stream the graphs replay on. Reusing a graph's static tensors
+        for the next chunk is safe: each replay's outputs are copied back (synchronously) first."""
         out = np.empty((2, rows, length), np.float32)
-        for chunk in plan(rows, length, self.ladder):
+        offset = 0
+        for chunk in chunks:
             graph = self.cache.get(chunk.bucket)
-            staged = self._stage(chunk.bucket)
-            pad_into(staged.numpy(), chunk, input_ids, input_mask, segment_ids)
-            graph.inputs.copy_(staged, non_blocking=True)
+            n = 3 * chunk.bucket.batch * chunk.bucket.length
+            graph.inputs.copy_(packed[offset:offset + n].view(3, chunk.bucket.batch, chunk.bucket.length))
             graph.replay()
             out[:, chunk.start:chunk.stop] = unpad(graph.outputs.cpu().numpy(), chunk.rows, length)
+            offset += n
         return out
+
+    def run(self, input_ids: np.ndarray, input_mask: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+        """Logits ``[2, B, L]`` float32 for a ``[B, L]`` batch, staged through plain host memory (the
+        CPU stand-in tests; on CUDA the backend stages through pinned buffers and a copy stream)."""
+        rows, length = input_ids.shape
+        chunks = self.plan(rows, length)
+        host = np.empty(self.packed_size(chunks), np.int64)
+        self.pack(host, chunks, input_ids, input_mask, segment_ids)
+        return self.replay(torch.from_numpy(host).to(self._device), chunks, rows, length)
 
     def info(self) -> dict[str, Any]:
         return {"batch_ladder": list(self.ladder), "length_step": LENGTH_STEP, "max_length": MAX_LENGTH,
@@ -260,7 +309,6 @@ class GraphedModel:
 
     def close(self) -> None:
         self.cache.clear()
-        self._staging = None
 
 
 def _graph_options(spec: BackendSpec, device: torch.device) -> int | None:
@@ -293,8 +341,12 @@ class TorchBackend(Backend):
         self._dtype = torch.float32
         self._source = ""
         self._device_name = "cpu"
-        self._pinned: torch.Tensor | None = None
         self._graphed: GraphedModel | None = None
+        self._copy: torch.cuda.Stream | None = None     # CUDA: the host-to-device copy stream
+        self._ring: StagingRing[torch.Tensor, torch.cuda.Event] | None = None
+        # held by prepare() around its CUDA calls and by a graph capture: a capture forbids other
+        # threads' CUDA calls (a pinned allocation, an event wait) while it runs
+        self._cuda_lock = threading.Lock()
 
     def load(self) -> None:
         precision = self.spec.precision
@@ -318,6 +370,9 @@ class TorchBackend(Backend):
             if off:
                 raise RuntimeError(f"parameters not on the GPU after .to({device}): {off[:3]}")
             self._device_name = torch.cuda.get_device_name(device)
+            self._copy = torch.cuda.Stream(device)
+            self._ring = StagingRing(STAGING_SLOTS, _pinned, torch.Tensor.numel, torch.cuda.Event.synchronize,
+                                     min_size=3 * GPU_HINT.max_batch * MAX_LENGTH)
         if self.spec.option("compile") == "1":
             # typed as returning a callable; for a Module it is an OptimizedModule, itself a Module
             model = cast(torch.nn.Module, torch.compile(model, dynamic=True))
@@ -327,38 +382,74 @@ class TorchBackend(Backend):
             # cuda:0, the model's kernels would run on a device the capture stream does not belong to
             torch.cuda.set_device(device)
             pool, stream, forward = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device), qa_forward(model)
-            self._graphed = GraphedModel(lambda bucket: capture_cuda(forward, bucket, device, pool, stream), device,
-                                         GPU_HINT.max_batch, graph_capacity)
+
+            def capture(bucket: Bucket) -> StaticGraph:
+                with self._cuda_lock:
+                    return capture_cuda(forward, bucket, device, pool, stream)
+
+            self._graphed = GraphedModel(capture, device, GPU_HINT.max_batch, graph_capacity)
         log.info("torch %s: %s model %s on %s (%s), %s, %d threads", torch.__version__, self._source,
                  self.spec.model, device, self._device_name, precision, torch.get_num_threads())
 
-    def _to_device(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def overlap_prepare(self) -> bool:
+        return self._copy is not None
+
+    def prepare(self, inputs: ModelInputs) -> object:
+        """CUDA: the batch into a pinned buffer, copied to the device on the copy stream; the copy's
+        event recorded (a :class:`Staged`). CPU: ``inputs`` unchanged."""
+        if self._copy is None or self._ring is None:
+            return inputs
+        rows, length = inputs.shape
         arrays = (inputs.input_ids, inputs.input_mask, inputs.segment_ids)
-        if self._device.type != "cuda":
-            # three arrays in, three tensors out (mypy sees tuple[Tensor, ...])
-            return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays)  # type: ignore[return-value]
-        # One reusable pinned staging buffer and one asynchronous host-to-device copy per batch.
-        # Reusing it is safe: run() waits for the outputs (.cpu()), so the previous copy has finished.
-        batch, length = inputs.shape
-        need = 3 * batch * length
-        if self._pinned is None or self._pinned.numel() < need:
-            self._pinned = torch.empty(max(need, 3 * 64 * 384), dtype=torch.int64).pin_memory()
-        staged = self._pinned[:need].view(3, batch, length)
-        for i, a in enumerate(arrays):
-            staged[i].copy_(torch.from_numpy(a))
-        on_gpu = staged.to(self._device, non_blocking=True)
-        return on_gpu[0], on_gpu[1], on_gpu[2]
+        chunks = self._graphed.plan(rows, length) if self._graphed is not None else None
+        need = 3 * rows * length if chunks is None else GraphedModel.packed_size(chunks)
+        with self._cuda_lock, torch.inference_mode():
+            slot, pinned = self._ring.acquire(need)   # waits for this buffer's last copy, not the device
+            host = pinned[:need]
+            if chunks is None:
+                for plane, a in zip(host.numpy().reshape(3, rows, length), arrays, strict=True):
+                    plane[...] = a
+            else:
+                GraphedModel.pack(host.numpy(), chunks, *arrays)
+            with torch.cuda.stream(self._copy):
+                on_device = host.to(self._device, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self._copy)
+            self._ring.fence(slot, copied)
+        return Staged(on_device, copied, rows, length, chunks)
+
+    def run_prepared(self, prepared: object) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(prepared, Staged):   # CPU: prepare() passed the inputs through
+            return super().run_prepared(prepared)
+        if self._model is None:
+            raise RuntimeError("TorchBackend.run_prepared() before load()")
+        with torch.inference_mode():
+            compute = torch.cuda.current_stream(self._device)
+            compute.wait_event(prepared.copied)   # this batch's copy, on the device: the host does not wait
+            # allocated on the copy stream, read on this one: without this the allocator could hand
+            # its memory to a later copy while this stream still reads it
+            prepared.tensor.record_stream(compute)
+            if prepared.chunks is not None:
+                if self._graphed is None:
+                    raise RuntimeError("a batch staged for CUDA graphs reached a backend without graphs")
+                logits = self._graphed.replay(prepared.tensor, prepared.chunks, prepared.rows, prepared.length)
+                return logits[0], logits[1]
+            planes = prepared.tensor.view(3, prepared.rows, prepared.length)
+            out = self._model(input_ids=planes[0], attention_mask=planes[1], token_type_ids=planes[2])
+            # one stacked copy back instead of two
+            logits = torch.stack((out.start_logits, out.end_logits)).float().cpu().numpy()
+        return logits[0], logits[1]
 
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
         if self._model is None:
             raise RuntimeError("TorchBackend.run() before load()")
+        if self._copy is not None:   # CUDA: the worker's two stages, back to back
+            return self.run_prepared(self.prepare(inputs))
         with torch.inference_mode():
-            if self._graphed is not None:
-                logits = self._graphed.run(inputs.input_ids, inputs.input_mask, inputs.segment_ids)
-                return logits[0], logits[1]
-            ids, mask, segments = self._to_device(inputs)
+            ids, mask, segments = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+                                   for a in (inputs.input_ids, inputs.input_mask, inputs.segment_ids))
             out = self._model(input_ids=ids, attention_mask=mask, token_type_ids=segments)
-            # one stacked copy back instead of two
             logits = torch.stack((out.start_logits, out.end_logits)).float().cpu().numpy()
         return logits[0], logits[1]
 
@@ -389,6 +480,7 @@ class TorchBackend(Backend):
         out.update({"runtime": f"torch {torch.__version__}", "device_name": self._device_name,
                     "model_format": self._source, "attention": "sdpa",
                     "compiled": self.spec.option("compile") == "1", "threads": torch.get_num_threads(),
+                    "copy_stream": self._copy is not None,
                     "cuda_graphs": self._graphed.info() if self._graphed is not None else None})
         return out
 
@@ -396,8 +488,11 @@ class TorchBackend(Backend):
         if self._graphed is not None:
             self._graphed.close()
             self._graphed = None
+        if self._ring is not None:
+            self._ring.drain()   # no copy still reading a pinned buffer when it is freed
+            self._ring = None
+        self._copy = None
         if self._model is not None:
             self._model = None
-            self._pinned = None
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -141,9 +141,12 @@ def _resolve_auto(cfg: RunConfig, qps: float | str | None, latency: float | str 
 
     from distbert import topology
     from distbert.run import history
+    from distbert.run.rank0 import resolve_model
 
     results = Path(cfg.output).parent if cfg.output else Path("results")
-    config, world = json.loads(cfg.to_json()), topology.detect().world_size
+    # compare with the model the run will use (earlier runs recorded the resolved path)
+    resolved = cfg.replace(backend=resolve_model(cfg.backend, generate=False))
+    config, world = json.loads(resolved.to_json()), topology.detect().world_size
     lg = cfg.loadgen
     if qps == "auto":
         value, why = history.auto_target_qps(results, config, world)

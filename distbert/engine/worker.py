@@ -8,6 +8,13 @@ Two threads, so the transport is only ever touched by one of them (STYLE §5):
   to the longest real length, runs the backend and hands the result back through a deque, waking
   the I/O thread.
 
+With a backend that gains from overlapping host work and device compute
+(:attr:`~distbert.backends.base.Backend.overlap_prepare`: the torch backend on CUDA) a third thread,
+the **prepare thread**, does the gather and ``backend.prepare`` (pinned buffer, copy to the device)
+and hands each batch to the compute thread through a one-slot queue; the compute thread only calls
+``backend.run_prepared``. So batch k+1's gather and copy overlap batch k's compute. Other backends
+(CPU) keep the two threads: no extra hand-off. ``DISTBERT_WORKER_PIPELINE=0`` turns it off.
+
 A worker exits 0 when rank 0 says ``Shutdown``. It exits 3 when rank 0 is gone: its transport saw
 rank 0's process end (:class:`~distbert.wire.RankZeroGone`, within about a second), rank 0 stayed
 unreachable for ``--rejoin-timeout`` (a cut link: until then it keeps trying, and rank 0 takes it
@@ -57,6 +64,15 @@ class CoordinatorLost(Exception):
 EXIT_COORDINATOR_LOST = 3
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """A batch through stage one (the prepare thread), for stage two (the compute thread)."""
+
+    batch: m.Batch
+    prepared: object       # what backend.prepare returned
+    prepare_s: float       # gather + prepare time
+
+
 def _failure(rank: int, batch_id: int, exc: BaseException) -> m.Failure:
     return m.Failure(rank=rank, host=socket.gethostname(), batch_id=batch_id, exc_type=type(exc).__name__,
                      text=str(exc), traceback="".join(traceback.format_exception(exc)))
@@ -83,6 +99,11 @@ class Worker:
         self._last_heard = time.monotonic()
         self._warned_silence = False
         self.inline = envs.worker_inline()  # one-sample batches on the I/O thread when compute is idle
+        self.pipeline = envs.worker_pipeline()  # a prepare thread, if the backend gains from one
+        self.pipelined = False                  # whether serve() runs one
+        # prepare thread -> compute thread; bounded, so the prepare thread stays at most two batches
+        # ahead (one queued, one in hand): enough to hide a copy, without holding every batch staged
+        self._staged: queue.Queue[_Prepared | m.Failure | None] = queue.Queue(maxsize=1)
         self._queued = 0       # batches handed to the compute thread (I/O thread writes)
         self._finished = 0     # batches it finished (compute thread writes)
         self.batches = 0
@@ -160,6 +181,23 @@ class Worker:
             ids = mask = seg = np.zeros((len(indices), int(lengths.max()) if len(indices) else 0), np.int32)
         return ModelInputs(indices, ids, mask, seg, lengths)
 
+    def _result(self, batch: m.Batch, start: np.ndarray, end: np.ndarray, t0: float,
+                earlier_s: float = 0.0) -> m.Result:
+        if batch.want_logits:
+            logits = np.stack([np.asarray(start, np.float32), np.asarray(end, np.float32)], axis=-1)
+        else:
+            logits = np.zeros((len(batch.ids), 0, 2), np.float32)
+        took = time.perf_counter() - t0 + earlier_s
+        self.compute_s += took
+        self.batches += 1
+        self.samples += len(batch.ids)
+        return m.Result(batch_id=batch.batch_id, ids=batch.ids, logits=logits, compute_s=took)
+
+    def _failed(self, batch: m.Batch, exc: Exception, stage: str) -> m.Failure:
+        """A failure is a message (STYLE §8)."""
+        log.exception("batch %d failed in %s", batch.batch_id, stage)
+        return _failure(self.rank, batch.batch_id, exc)
+
     def _compute(self, batch: m.Batch) -> m.Result | m.Failure:
         """Run one batch on the backend (the compute thread, or inline on the I/O thread)."""
         if trace.ON:
@@ -168,32 +206,65 @@ class Worker:
         try:
             inputs = self._inputs(batch)
             start, end = self.backend.run(inputs)  # type: ignore[union-attr]  # set before serve()
-            if batch.want_logits:
-                logits = np.stack([np.asarray(start, np.float32), np.asarray(end, np.float32)], axis=-1)
-            else:
-                logits = np.zeros((len(batch.ids), 0, 2), np.float32)
-            took = time.perf_counter() - t0
-            self.compute_s += took
-            self.batches += 1
-            self.samples += len(batch.ids)
-            out: m.Result | m.Failure = m.Result(batch_id=batch.batch_id, ids=batch.ids, logits=logits,
-                                                 compute_s=took)
-        except Exception as exc:  # a failure is a message (STYLE §8)
-            log.exception("batch %d failed", batch.batch_id)
-            out = _failure(self.rank, batch.batch_id, exc)
+            out: m.Result | m.Failure = self._result(batch, start, end, t0)
+        except Exception as exc:
+            out = self._failed(batch, exc, "run")
         if trace.ON:
             trace.mark("w_end", batch.batch_id)
         return out
 
+    def _prepare(self, batch: m.Batch) -> _Prepared | m.Failure:
+        """Stage one of a pipelined batch (the prepare thread): gather its rows, ``backend.prepare``."""
+        if trace.ON:
+            trace.mark("w_start", batch.batch_id)
+        t0 = time.perf_counter()
+        try:
+            prepared = self.backend.prepare(self._inputs(batch))  # type: ignore[union-attr]  # set before serve()
+        except Exception as exc:
+            return self._failed(batch, exc, "prepare")
+        return _Prepared(batch, prepared, time.perf_counter() - t0)
+
+    def _run_prepared(self, item: _Prepared) -> m.Result | m.Failure:
+        """Stage two of a pipelined batch (the compute thread): ``backend.run_prepared``."""
+        t0 = time.perf_counter()
+        try:
+            start, end = self.backend.run_prepared(item.prepared)  # type: ignore[union-attr]  # set before serve()
+            return self._result(item.batch, start, end, t0, item.prepare_s)
+        except Exception as exc:
+            return self._failed(item.batch, exc, "run")
+
+    def _deliver(self, out: m.Result | m.Failure) -> None:
+        self._done.append(out)
+        self._finished += 1   # written by the compute thread only; the I/O thread reads it
+        self.transport.wake()
+
     def _compute_loop(self) -> None:
-        assert self.backend is not None
         while True:
             batch = self._todo.get()
             if batch is None:
                 return
-            self._done.append(self._compute(batch))
-            self._finished += 1   # written by this thread only; the I/O thread reads it
-            self.transport.wake()
+            self._deliver(self._compute(batch))
+
+    def _prepare_loop(self) -> None:
+        """The prepare thread: stage one of each batch, in arrival order."""
+        while True:
+            batch = self._todo.get()
+            if batch is None:
+                self._staged.put(None)   # behind every staged batch: the compute thread runs them first
+                return
+            self._staged.put(self._prepare(batch))   # waits while the compute thread is behind
+
+    def _run_loop(self) -> None:
+        """The compute thread when pipelined. A batch that failed in stage one arrives as its Failure
+        and is delivered from here too, so that this thread alone counts finished batches."""
+        while True:
+            item = self._staged.get()
+            if item is None:
+                return
+            out = item if isinstance(item, m.Failure) else self._run_prepared(item)
+            if trace.ON:
+                trace.mark("w_end", out.batch_id)
+            self._deliver(out)
 
     def _take(self, batch: m.Batch) -> None:
         """A batch arrived. A one-sample batch while the compute thread is idle runs right here, on
@@ -237,10 +308,17 @@ class Worker:
 
     def serve(self) -> str:
         """Run until Shutdown or rank 0 is gone; returns the reason."""
-        assert self.cfg is not None
+        assert self.cfg is not None and self.backend is not None
         cfg = self.cfg
-        compute = threading.Thread(target=self._compute_loop, name="distbert-compute", daemon=True)
-        compute.start()
+        self.pipelined = self.pipeline and self.backend.overlap_prepare
+        if self.pipelined:
+            log.info("pipelined: a prepare thread gathers and copies the next batch during compute")
+            threads = [threading.Thread(target=self._prepare_loop, name="distbert-prepare", daemon=True),
+                       threading.Thread(target=self._run_loop, name="distbert-compute", daemon=True)]
+        else:
+            threads = [threading.Thread(target=self._compute_loop, name="distbert-compute", daemon=True)]
+        for thread in threads:
+            thread.start()
         next_beat = time.monotonic() + cfg.heartbeat_s
         self._last_heard = time.monotonic()  # model loading was not silence
         reason = "?"
@@ -267,15 +345,17 @@ class Worker:
             reason = str(stop)
         finally:
             self._todo.put(None)
-        # Let an in-progress batch finish (bounded) so its result is not lost on a clean stop.
-        compute.join(timeout=5.0)
+        # Let the batches in progress finish (bounded) so their results are not lost on a clean stop.
+        deadline = time.monotonic() + 5.0
+        for thread in threads:   # the prepare thread first: it passes the stop on to the compute thread
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         while self._done:
             self.transport.send(self._done.popleft())
         return reason
 
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "host": socket.gethostname(), "batches": self.batches,
-                "inline_batches": self.inline_batches, "samples": self.samples,
+                "inline_batches": self.inline_batches, "samples": self.samples, "pipelined": self.pipelined,
                 "compute_s": round(self.compute_s, 6),
                 "backend": self.backend.info() if self.backend else None}
 

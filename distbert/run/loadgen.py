@@ -10,12 +10,16 @@ submission as ``user.conf``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distbert import envs
 from distbert.config import LoadGenConfig, RunConfig
 from distbert.data.loadgen_logs import headline, read_detail
 from distbert.data.squad import DEV_FEATURES
@@ -156,6 +160,31 @@ def probe_server(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, qps: f
     return _start(cfg, coordinator, qsl_size, s, logdir, "performance", False, str(logdir / "audit.config"))
 
 
+#: generation-0 threshold while a test runs (Python's default is 700)
+GC_GEN0_DURING_TEST = 200_000
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """Fewer garbage collections while LoadGen runs: every issue callback hands Python two fresh
+    lists, so at Server rates the default threshold ran a generation-0 collection every few hundred
+    samples (7 % of rank 0's samples in a py-spy profile at 200k QPS). Objects that exist before the
+    test are frozen out of the collector, and the threshold is raised; both are restored after.
+    Acyclic garbage is still freed at once by reference counting. ``DISTBERT_GC_TUNE=0``: off."""
+    if not envs.gc_tune():
+        yield
+        return
+    old = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_DURING_TEST, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: Any, logdir: Path, mode: str,
            want_logits: bool, audit_path: str) -> dict[str, Any]:
     import mlperf_loadgen as lg
@@ -172,7 +201,8 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
     t0 = time.monotonic()
     try:
-        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit_path)
+        with quiet_gc():
+            lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit_path)
     finally:
         lg.DestroyQSL(qsl)
         lg.DestroyFastSUT(sut)

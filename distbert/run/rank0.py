@@ -320,17 +320,21 @@ class Rank0Run:
             Path(address[len("ipc://"):]).unlink(missing_ok=True)
 
 
-def resolve_model(spec: BackendSpec) -> BackendSpec:
-    """Fill in ``--model`` for real backends: the official file if cached, else a random-weight one."""
+def resolve_model(spec: BackendSpec, generate: bool = True) -> BackendSpec:
+    """Fill in ``--model`` for real backends: the official file if cached, else a random-weight one
+    (generated now unless ``generate`` is False: then only its path, e.g. to compare with old runs)."""
     if spec.name in HARNESS or spec.model:
         return spec
-    from distbert.backends.modelmaker import ensure_random_model
+    from distbert.backends.modelmaker import ensure_random_model, random_model_path
     from distbert.data.artifacts import resolve_model as resolve_official
 
     fmt = "pytorch" if spec.name == "torch" else ("onnx-int8" if spec.precision == "int8" else "onnx")
     path = resolve_official(fmt, None, download_missing=False)
     if path is None:
         shape = spec.option("random_shape", "large") or "large"
+        if not generate:
+            return dataclasses.replace(spec, model=str(random_model_path(shape, "torch" if spec.name == "torch"
+                                                                         else fmt, seed=0)))
         path = ensure_random_model(shape, "torch" if spec.name == "torch" else fmt, seed=0)
         log.warning("no official %s model in the cache: using a RANDOM-WEIGHT BERT-%s model (%s); "
                     "speed is representative, accuracy is meaningless", fmt, shape, path)
