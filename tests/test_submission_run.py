@@ -201,6 +201,14 @@ def test_a_short_valid_run_is_invalid_names_the_fix_and_the_rerun_is_valid(env, 
     (["--version", "v4.1", "--system-type", "edge", "--benchmark", "bert-99.9"], "has no bert-99.9 result"),
     (["--backend", "nope"], "nope"),
     (["--precision", "int3", "--backend", "torch"], "int3"),
+    (["--division", "network"], "--division network: not for distbert"),
+    (["--system", "my box"], "--system 'my box': use letters"),
+    (["--system-json", "/nonexistent/system.json"], "--system-json /nonexistent/system.json"),
+    (["--max-examples", "100", "--backend", "oracle"], "--max-examples 100 is not the whole dev set"),
+    (["--backend", "null"], "--backend null runs no model"),
+    (["--target-qps", "auto", "--allow-invalid"], "--target-qps auto: submission run calibrates"),
+    (["--version", "v4.1", "--target-qps", "500", "--allow-invalid"], "both Offline's and Server's"),
+    (["--audit-conf", "x.config", "--allow-invalid", "--backend", "oracle"], "drop --audit-conf"),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(env, tmp_path, args, needle):
     out = tmp_path / "campaign"
@@ -231,3 +239,22 @@ def test_campaign_under_mpiexec_runs_every_step_on_the_launched_ranks(env, data_
         if scenario == "Offline":
             assert all(w["stats"]["samples"] > 0 for w in record["workers"]), record["workers"]
     assert (out / "submission" / "mlperf_submission.tar.gz").is_file()
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found next to the Python interpreter (the mpich wheel)")
+def test_a_failing_step_under_mpiexec_ends_every_rank_at_once(env, tmp_path):
+    """The first run fails before it listens (no such data set): rank 0 says why in one line, the
+    launched ranks are told to stop (they never got an address), every rank exits within seconds."""
+    out = tmp_path / "campaign"
+    cmd = [MPIEXEC, "-n", "3", PY, "-m", "distbert", "submission", "run", "--out", str(out), "--submitter", "Acme",
+           "--system", "box1", "--execution-mode", "test", "--allow-invalid", "--backend", "oracle",
+           "--dataset", "/nonexistent/dev-v1.1.json", "--bind-host", "127.0.0.1"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(errors) == 1 and "calibration run failed" in errors[0] and "/nonexistent/dev-v1.1.json" in errors[0], \
+        proc.stderr[-3000:]
+    assert "rank 0 stopped the submission" in proc.stderr
+    assert took < 60, took

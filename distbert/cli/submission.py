@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     from distbert.cli.run import CAMPAIGN_OWNED, add_run_arguments
 
     run_actions = add_run_arguments(r, skip=CAMPAIGN_OWNED | {"--mlperf-version"})
+    for action in run_actions:  # this command's own defaults and meanings
+        if action.dest == "execution_mode":
+            action.help = "valid (default): the full MLPerf rules; test: short runs for a dry run (--allow-invalid)"
+        elif action.dest == "target_qps":
+            action.help = ("the first attempt's Offline or Server target instead of a calibration run (not both "
+                           "scenarios at once)")
     r.set_defaults(handler=_cmd_run, run_actions=run_actions, execution_mode="valid")
 
     b = actions.add_parser("build", help="tree + mlperf_submission.tar.gz + summary from run directories")

@@ -219,6 +219,16 @@ class Rank0Run:
             results[mode] = run_test(self.cfg, self.coordinator, self.qsl_size, mode, work / mode, audit, settings)
             if self.coordinator.failure:
                 raise RunFailed(self.coordinator.failure)
+            lg = self.cfg.loadgen
+            if (mode == "performance" and lg.mode == "submission" and lg.execution_mode == "valid"
+                    and results[mode].get("result_validity") != "VALID"):
+                # it cannot be part of a submission: do not spend another 600 s + the accuracy run on it
+                log.warning("the performance run is %s: accuracy and compliance runs skipped (see its "
+                            "mlperf_log_summary.txt; `distbert submission run` picks a new target)",
+                            results[mode].get("result_validity"))
+                results["skipped"] = {"tests": [t for t in tests_of(self.cfg) if t != "performance"],
+                                      "why": "performance run not VALID"}
+                break
         self.coordinator.stop()
         if self.local is not None:
             self.local.stop()

@@ -98,6 +98,9 @@ def print_summary(record: dict[str, Any], final: Path) -> None:
     print(f"distbert {lg['scenario']} {lg['mode']} run, backend {cfg['backend']['name']}, "
           f"{n} worker{'s' if n != 1 else ''} -> {final}")
     for mode, res in record["results"].items():
+        if mode == "skipped":
+            print(f"  {', '.join(res['tests'])}: skipped ({res['why']})")
+            continue
         if mode == "find_peak":
             print(f"  find-peak: highest VALID Server QPS {res['best_valid_qps']:,.1f} after {len(res['probes'])} "
                   f"probes of {res['probe_s']:g} s (the tests below ran at it; probes in {final}/find-peak/)")

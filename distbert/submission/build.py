@@ -253,15 +253,10 @@ class BuildResult:
     invalid: dict[str, list[str]]
 
 
-def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, division: str = "closed",
-          benchmark: str = "bert-99", system_json: Path | None = None, allow_invalid: bool = False,
-          version: str = LOADGEN_ROUND, system_type: str | None = None) -> BuildResult:
-    """Write the tree (``version``'s layout), tarball and summary into ``out`` (which must not exist
-    or be empty)."""
-    from distbert.submission.check import check_tree
-
-    rule_set = rules(version)
-    system_type = system_type or rule_set.default_system_type
+def check_tree_args(submitter: str, system: str, division: str, benchmark: str, rule_set: RuleSet,
+                    system_type: str) -> tuple[str, ...]:
+    """The tree's naming and rule arguments (also checked by `submission run` before any run);
+    returns the scenarios the round requires."""
     for label, name in (("--submitter", submitter), ("--system", system)):
         if not _NAME.match(name):
             raise UserError(f"{label} {name!r}: use letters, digits and _.+- only (it becomes a directory name)")
@@ -274,7 +269,31 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
         raise UserError(f"--division {division}: choose closed or open")
     if benchmark not in ("bert-99", "bert-99.9"):
         raise UserError(f"--benchmark {benchmark}: choose bert-99 or bert-99.9")
-    required = rule_set.scenarios(system_type, benchmark)
+    return rule_set.scenarios(system_type, benchmark)
+
+
+def read_system_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        overrides = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--system-json {path}: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise UserError(f"--system-json {path}: expected a JSON object of system fields")
+    return overrides
+
+
+def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, division: str = "closed",
+          benchmark: str = "bert-99", system_json: Path | None = None, allow_invalid: bool = False,
+          version: str = LOADGEN_ROUND, system_type: str | None = None) -> BuildResult:
+    """Write the tree (``version``'s layout), tarball and summary into ``out`` (which must not exist
+    or be empty)."""
+    from distbert.submission.check import check_tree
+
+    rule_set = rules(version)
+    system_type = system_type or rule_set.default_system_type
+    required = check_tree_args(submitter, system, division, benchmark, rule_set, system_type)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty: choose a new directory")
     runs = [load_run(Path(p), rule_set.compliance_tests) for p in run_dirs]
@@ -297,14 +316,7 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
         path, reasons = next(iter(invalid.items()))
         raise UserError(f"{path} cannot be in a submission: {'; '.join(reasons)} "
                         "(--allow-invalid builds a dry-run tree anyway)")
-    overrides: dict[str, Any] = {}
-    if system_json is not None:
-        try:
-            overrides = json.loads(Path(system_json).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"--system-json {system_json}: {exc}") from exc
-        if not isinstance(overrides, dict):
-            raise UserError(f"--system-json {system_json}: expected a JSON object of system fields")
+    overrides = read_system_json(system_json)
     desc = system_description(runs, submitter, system, division, overrides, allow_invalid, system_type)
 
     out.parent.mkdir(parents=True, exist_ok=True)

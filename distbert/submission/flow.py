@@ -45,14 +45,44 @@ def run_flags(args: argparse.Namespace, actions: list[argparse.Action]) -> list[
     return out
 
 
-def _check_run_flags(flags: list[str], scenario: str) -> None:
-    """Parse the flags as ``distbert run`` would (bad flags fail here, before any run starts)."""
+def dry_run_reasons(args: argparse.Namespace) -> list[str]:
+    """What would make the campaign's tree a dry run (the build refuses it without --allow-invalid),
+    known before any run starts."""
+    from distbert.backends import HARNESS
+    from distbert.backends.base import BackendSpec
+    from distbert.backends.modelmaker import random_model_dir
+    from distbert.run.rank0 import resolve_model
+
+    reasons = []
+    if args.execution_mode == "test":
+        reasons.append("--execution-mode test makes short runs")
+    if args.max_examples:
+        reasons.append(f"--max-examples {args.max_examples} is not the whole dev set")
+    if args.min_duration_ms is not None and args.min_duration_ms < 600_000:
+        reasons.append(f"--min-duration-ms {args.min_duration_ms} is below the rules' 600000")
+    if args.backend in HARNESS:
+        reasons.append(f"--backend {args.backend} runs no model")
+    else:
+        options = tuple((k.strip(), v.strip()) for k, v in (o.split("=", 1) for o in args.option if "=" in o))
+        spec = BackendSpec(name=args.backend, model=args.model, precision=args.precision,
+                           options=(("random_shape", args.random_shape), *options))
+        model = resolve_model(spec, generate=False).model or ""
+        if Path(model).resolve().is_relative_to(random_model_dir("x", "x").parent.resolve()):
+            reasons.append(f"no official model is cached, so the runs would use a random-weight model ({model}); "
+                           "fetch it with `distbert download model` or give --model")
+    return reasons
+
+
+def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> None:
+    """Parse the flags as ``distbert run`` would for a submission run (bad flags fail here, before
+    any run starts)."""
     from distbert.cli.main import build_parser
     from distbert.cli.run import config_from_args
 
     parser = build_parser()
     try:
-        ns = parser.parse_args(["run", *flags, "--scenario", scenario])
+        ns = parser.parse_args(["run", *flags, "--scenario", scenario, "--mode", "submission",
+                                "--execution-mode", execution_mode])
     except SystemExit as exc:  # argparse has printed why
         raise UserError(f"a `distbert run` flag above is not valid: {' '.join(flags)}") from exc
     config_from_args(ns)
@@ -60,12 +90,14 @@ def _check_run_flags(flags: list[str], scenario: str) -> None:
 
 def submission_run(args: argparse.Namespace) -> int:
     from distbert import topology as topo_mod
+    from distbert.submission.build import check_tree_args, read_system_json
     from distbert.submission.campaign import Campaign, LaunchedSteps, launched_worker_loop, subprocess_runner
 
     rule_set = rules(args.version)
     system_type = args.system_type or rule_set.default_system_type
     benchmark = args.benchmark
-    required = rule_set.scenarios(system_type, benchmark)
+    required = check_tree_args(args.submitter, args.system, args.division, benchmark, rule_set, system_type)
+    read_system_json(args.system_json)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(required)
     for s in scenarios:
         if s not in ("Offline", "SingleStream", "Server"):
@@ -80,6 +112,12 @@ def submission_run(args: argparse.Namespace) -> int:
                         "a dry-run tree, or drop --execution-mode test for the real (600 s per run) submission")
     if args.max_attempts < 1:
         raise UserError("--max-attempts must be at least 1")
+    if args.target_qps == "auto":
+        raise UserError("--target-qps auto: submission run calibrates the target itself; give a number (the first "
+                        "attempt's target) or leave it out")
+    if args.target_qps is not None and {"Offline", "Server"} <= set(scenarios):
+        raise UserError("--target-qps would be both Offline's and Server's first target: leave it out (calibration "
+                        "sets each), or run the two scenarios in separate invocations")
     flags = [*run_flags(args, args.run_actions), "--mlperf-version", args.version]
     topology = topo_mod.detect()
     if topology.distributed:
@@ -88,8 +126,15 @@ def submission_run(args: argparse.Namespace) -> int:
                             "launched ranks join over ZeroMQ: drop --transport mpi")
         if args.in_process_worker:
             raise UserError("--in-process-worker is for a run without a launcher")
+        if args.coordinator_hosts_worker:
+            raise UserError("--coordinator-hosts-worker is not supported by submission run under a launcher: start "
+                            "one more rank on rank 0's node instead (it becomes a worker)")
     for s in dict.fromkeys(scenarios):
-        _check_run_flags(flags, s)
+        _check_run_flags(flags, s, args.execution_mode)
+    dry = dry_run_reasons(args)
+    if dry and not args.allow_invalid:
+        raise UserError(f"this campaign cannot make a submission: {'; '.join(dry)}; fix that, or add "
+                        "--allow-invalid for a dry-run tree")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -219,7 +264,8 @@ def print_summary(summary: dict[str, Any], final: Path) -> None:
         acc = "n/a" if s["f1"] is None else f"F1 {s['f1']:.3f} {s['accuracy']}"
         if s["f1"] is not None and not s["accuracy_meaningful"]:
             acc += " (meaningless: harness backend or random weights)"
-        comp = ", ".join(f"{t} {'PASS' if all(v.values()) else 'FAIL'}" for t, v in s["compliance"].items())
+        comp = ", ".join(f"{t} {'PASS' if v.get('accuracy_pass', True) and v.get('performance_pass') else 'FAIL'}"
+                         for t, v in s["compliance"].items())
         print(f"  {scenario}: {figure}; LoadGen {s['validity']}{why}; accuracy {acc}; {comp}")
     for run, reasons in summary["dry_run"].items():
         print(f"  dry run: {Path(run).name}: {'; '.join(reasons)}")

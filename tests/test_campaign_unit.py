@@ -1,0 +1,143 @@
+"""The campaign's decisions without running anything: calibration targets, the diagnosis of an
+INVALID attempt and its fix, attempt numbering from the disk, calibration reuse, and the printed
+summary's verdicts. Records and detail logs are written by the test in LoadGen's format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distbert.errors import UserError
+from distbert.submission import campaign as camp
+from distbert.submission.rules import rules
+
+
+def _detail(run_dir: Path, **values) -> None:
+    perf = run_dir / "performance"
+    perf.mkdir(parents=True, exist_ok=True)
+    lines = [f':::MLLOG {json.dumps({"key": k, "value": v, "metadata": {}})}' for k, v in values.items()]
+    (perf / "mlperf_log_detail.txt").write_text("\n".join(lines) + "\n")
+
+
+def _record(run_dir: Path, scenario: str, perf: dict, **extra) -> dict:
+    record = {"distbert_run": 1, "config": {"loadgen": {"scenario": scenario}}, "results": {"performance": perf},
+              **extra}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return record
+
+
+def test_calibration_targets_have_the_documented_margins():
+    off = camp.calibration_target("Offline", {"results": {"performance": {"result_samples_per_second": 1000.0}}})
+    assert (off.flag, off.value) == ("--target-qps", pytest.approx(1100.0))
+    ss = camp.calibration_target("SingleStream", {"results": {"performance": {"result_mean_latency_ns": 4e6}}})
+    assert (ss.flag, ss.value) == ("--target-latency-ms", pytest.approx(2.0))
+    srv = camp.calibration_target("Server", {"results": {"find_peak": {"best_valid_qps": 500.0}}})
+    assert (srv.flag, srv.value) == ("--target-qps", pytest.approx(450.0))
+    with pytest.raises(UserError, match="found no VALID QPS"):
+        camp.calibration_target("Server", {"results": {}})
+
+
+def test_offline_too_short_names_the_duration_and_raises_the_target(tmp_path):
+    run = tmp_path / "Offline-attempt-1"
+    _detail(run, result_min_duration_met=False, result_min_queries_met=True, effective_min_duration_ms=600000,
+            generated_samples_per_query=10833)
+    rec = _record(run, "Offline", {"result_samples_per_second": 5000.0, "result_validity": "INVALID"})
+    d = camp.diagnose("Offline", rec, run, camp.Target("--target-qps", 1.0, "given"))
+    assert d.reasons == ["min duration not met (ran 2.2 s of 600 s)"]
+    assert d.fix is not None and d.fix.flag == "--target-qps" and d.fix.value == pytest.approx(5500.0)
+    text = d.message("Offline", run, camp.Target("--target-qps", 1.0, "given"))
+    assert "the next attempt uses --target-qps 5500 (was 1)" in text
+
+
+def test_singlestream_out_of_queries_lowers_the_expected_latency_but_early_stopping_alone_has_no_fix(tmp_path):
+    run = tmp_path / "SingleStream-attempt-1"
+    _detail(run, result_min_duration_met=False, result_min_queries_met=False, early_stopping_met=True)
+    rec = _record(run, "SingleStream", {"result_mean_latency_ns": 2e6, "result_validity": "INVALID"})
+    d = camp.diagnose("SingleStream", rec, run, camp.Target("--target-latency-ms", 5.0, "x"))
+    assert d.fix is not None and d.fix.value == pytest.approx(1.0)
+    # an expected latency already below the measured mean: lower still
+    d = camp.diagnose("SingleStream", rec, run, camp.Target("--target-latency-ms", 0.5, "x"))
+    assert d.fix is not None and d.fix.value == pytest.approx(0.25)
+    _detail(run, result_min_duration_met=True, result_min_queries_met=True, early_stopping_met=False)
+    d = camp.diagnose("SingleStream", rec, run, camp.Target("--target-latency-ms", 1.0, "x"))
+    assert d.reasons == ["early stopping not met"] and d.fix is None
+    assert "no LoadGen target fixes this" in d.message("SingleStream", run, None)
+
+
+@pytest.mark.parametrize("values", [{"result_perf_constraints_met": False}, {"early_stopping_met": False}])
+def test_server_over_the_bound_steps_the_qps_down(tmp_path, values):
+    run = tmp_path / "Server-attempt-1"
+    _detail(run, **values)
+    rec = _record(run, "Server", {"result_99.00_percentile_latency_ns": 2e8, "result_validity": "INVALID"})
+    d = camp.diagnose("Server", rec, run, camp.Target("--target-qps", 1000.0, "x"))
+    assert d.fix is not None and d.fix.value == pytest.approx(900.0)
+
+
+class _Recorder:
+    """A runner that records the command lines it got and writes what a run would leave."""
+
+    def __init__(self, perf: dict) -> None:
+        self.calls: list[list[str]] = []
+        self.perf = perf
+
+    def __call__(self, argv: list[str], log_path: Path) -> int:
+        self.calls.append(argv)
+        out = Path(argv[argv.index("--output") + 1])
+        scenario = argv[argv.index("--scenario") + 1]
+        _detail(out)
+        _record(out, scenario, dict(self.perf), find_peak={"best_valid_qps": 100.0})
+        log_path.write_text("ok\n")
+        return 0
+
+
+def _campaign(out: Path, runner, flags=("--backend", "null"), mode="test") -> camp.Campaign:
+    return camp.Campaign(out, ["Offline"], list(flags), rules("v6.1"), execution_mode=mode, max_attempts=2,
+                         first_target_qps=None, calibration_samples=64, calibration_queries=64, probe_s=1.0,
+                         runner=runner)
+
+
+def test_attempt_numbers_come_from_the_disk_and_calibration_follows_the_flags(tmp_path):
+    out = tmp_path / "c"
+    runner = _Recorder({"result_samples_per_second": 100.0, "result_validity": "VALID",
+                        "wall_s": 30.0})
+    (out / "runs" / "Offline-attempt-1").mkdir(parents=True)          # left by an older invocation
+    (out / "runs" / "Offline-attempt-2.failed").mkdir(parents=True)   # a failed run, renamed aside
+    _campaign(out, runner).run()
+    outputs = [c[c.index("--output") + 1] for c in runner.calls]
+    assert outputs[0].endswith("Offline-calibration") and outputs[1].endswith("Offline-attempt-3")
+    # other flags: the accepted run is replaced and the calibration is redone, not reused
+    runner.calls.clear()
+    _campaign(out, runner, flags=("--backend", "null", "--workers", "2")).run()
+    outputs = [c[c.index("--output") + 1] for c in runner.calls]
+    assert outputs[0].endswith("Offline-calibration") and outputs[1].endswith("Offline-attempt-4")
+    # the same flags again: nothing runs
+    runner.calls.clear()
+    _campaign(out, runner, flags=("--backend", "null", "--workers", "2")).run()
+    assert runner.calls == []
+
+
+def test_a_short_calibration_is_repeated_long_enough(tmp_path):
+    """1024 samples on a fast GPU take a fraction of a second: warm-up would dominate the rate."""
+    out = tmp_path / "c"
+    runner = _Recorder({"result_samples_per_second": 5000.0, "result_validity": "VALID", "wall_s": 0.2})
+    _campaign(out, runner).run()
+    calib = [c for c in runner.calls if c[c.index("--output") + 1].endswith("calibration")]
+    assert len(calib) == 2
+    counts = [int(c[c.index("--test-query-count") + 1]) for c in calib]
+    assert counts[0] == 64 and counts[1] == int(5000.0 * camp.CALIBRATION_MIN_S)
+
+
+def test_printed_summary_counts_the_f1_fallback_as_a_pass(capsys, tmp_path):
+    from distbert.submission.flow import print_summary
+
+    row = {"result": 1.0, "unit": "samples/s", "loadgen_reasons": [], "validity": "VALID", "f1": 90.5,
+           "accuracy": "PASS", "accuracy_meaningful": True,
+           "compliance": {"TEST01": {"accuracy_pass": True, "first_element_pass": False, "performance_pass": True}}}
+    summary = {"version": "v6.1", "division": "closed", "benchmark": "bert-99", "system_type": "edge",
+               "scenarios": {"Offline": row}, "dry_run": {}, "check": {"ok": True, "problems": []},
+               "tarball": "t.tar.gz"}
+    print_summary(summary, tmp_path)
+    assert "TEST01 PASS" in capsys.readouterr().out
