@@ -9,6 +9,7 @@ with :func:`distbert.data.loadgen_logs.read_detail`.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,19 +36,26 @@ def main(root: str) -> int:
                 else d.get("result_completed_samples_per_sec"))
         if scenario == "SingleStream":
             rate = d.get("result_qps_with_loadgen_overhead") or d.get("result_samples_per_second")
+        busy = None
+        try:  # rank 0's CPU use during the test, in cores (run.json; absent in older runs)
+            record = json.loads((detail_path.parent.parent / "run.json").read_text())
+            busy = record["results"]["performance"].get("rank0_cores_busy")
+        except (OSError, ValueError, KeyError):
+            pass
         rows.append((detail_path.parent.parent.name, scenario, rate, d.get("result_90.00_percentile_latency_ns"),
                      d.get("result_99.00_percentile_latency_ns"), d.get("result_mean_latency_ns"),
-                     d.get("result_validity"), d["errors"]))
+                     d.get("result_validity"), d["errors"], busy))
     if not rows:
         print(f"no run directories with performance/mlperf_log_detail.txt under {root}", file=sys.stderr)
         return 1
     print("| run | scenario | samples/s | p90 latency ms | p99 latency ms | mean latency ms | LoadGen verdict "
-          "| errors |")
-    print("|---|---|---:|---:|---:|---:|---|---:|")
-    for name, scenario, rate, p90, p99, mean, validity, errors in rows:
+          "| errors | rank 0 cores busy |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|")
+    for name, scenario, rate, p90, p99, mean, validity, errors, busy in rows:
         rate_s = f"{float(rate):.1f}" if rate is not None else "-"
+        busy_s = f"{busy:.2f}" if busy is not None else "-"
         print(f"| {name} | {scenario} | {rate_s} | {_ms(p90)} | {_ms(p99)} | {_ms(mean)} | {validity or '-'} "
-              f"| {errors} |")
+              f"| {errors} | {busy_s} |")
     return 0
 
 

@@ -199,7 +199,7 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     sut = lg.ConstructFastSUT(coordinator.issue, coordinator.flush)
     qsl = lg.ConstructQSL(qsl_size, min(qsl_size, DEV_FEATURES), lambda s: None, lambda s: None)
     log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     try:
         with quiet_gc():
             lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit_path)
@@ -207,8 +207,10 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
         lg.DestroyQSL(qsl)
         lg.DestroyFastSUT(sut)
     wall = time.monotonic() - t0
+    cpu = time.process_time() - cpu0   # rank 0's own CPU time, all its threads (LoadGen's included)
     detail = read_detail(logdir / "mlperf_log_detail.txt")
-    out = headline(detail, cfg.loadgen.scenario) | {"wall_s": round(wall, 3)}
+    out = headline(detail, cfg.loadgen.scenario) | {"wall_s": round(wall, 3), "rank0_cpu_s": round(cpu, 3),
+                                                    "rank0_cores_busy": round(cpu / wall, 3) if wall > 0 else None}
     if coordinator.dispatcher is not None:
         out["dispatcher"] = coordinator.dispatcher.stats
         out["batch_policy"] = dataclasses.asdict(coordinator.dispatcher.policy)

@@ -121,6 +121,8 @@ def print_summary(record: dict[str, Any], final: Path) -> None:
         if "f1" in res:
             parts.append(f"exact_match {res['exact_match']:.3f}, f1 {res['f1']:.3f} (official)")
         parts.append(f"{res.get('loadgen_errors', 0)} LoadGen errors, {res.get('wall_s', 0):.1f} s")
+        if res.get("rank0_cores_busy") is not None:
+            parts.append(f"rank 0 busy {res['rank0_cores_busy']:.2f} cores")
         print(f"  {mode}: " + "; ".join(parts))
         if "verdicts" in res:
             print(f"  accuracy: {res['coverage']}")

@@ -338,7 +338,7 @@ class Campaign:
             if calib.exists():
                 shutil.rmtree(calib)
             argv = [*self.run_flags, "--scenario", scenario, "--execution-mode", "test", "--mode", "performance",
-                    "--output", str(calib)]
+                    "--min-duration-ms", "0", "--output", str(calib)]  # sized by its query count alone
             if scenario == "Offline":
                 argv += ["--test-query-count", str(self.calibration_samples)]
             elif scenario == "SingleStream":
