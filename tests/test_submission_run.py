@@ -209,6 +209,7 @@ def test_a_short_valid_run_is_invalid_names_the_fix_and_the_rerun_is_valid(env, 
     (["--target-qps", "auto", "--allow-invalid"], "--target-qps auto: submission run calibrates"),
     (["--version", "v4.1", "--target-qps", "500", "--allow-invalid"], "both Offline's and Server's"),
     (["--audit-conf", "x.config", "--allow-invalid", "--backend", "oracle"], "drop --audit-conf"),
+    (["--backend", "onnxruntime", "--model", str(REPO / "pyproject.toml")], "must give host_memory_configuration, host_storage_type, cooling"),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(env, tmp_path, args, needle):
     out = tmp_path / "campaign"

@@ -73,6 +73,20 @@ def dry_run_reasons(args: argparse.Namespace) -> list[str]:
     return reasons
 
 
+def _check_system_fields(args: argparse.Namespace) -> None:
+    """The system-description fields no run can measure must be in --system-json before hours of runs
+    (the build would refuse the tree without them)."""
+    from distbert.submission.build import GPU_USER_FIELDS, USER_FIELDS, read_system_json
+
+    given = read_system_json(args.system_json)
+    needed = list(USER_FIELDS) + (list(GPU_USER_FIELDS) if str(args.device).startswith(("cuda", "rocm")) else [])
+    missing = [k for k in needed if given.get(k) in (None, "")]
+    if missing:
+        where = f"--system-json {args.system_json}" if args.system_json else "a --system-json file"
+        raise UserError(f"{where} must give {', '.join(missing)} (the system description needs them and no run "
+                        "can measure them), e.g. {\"cooling\": \"air\", ...}")
+
+
 def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> None:
     """Parse the flags as ``distbert run`` would for a submission run (bad flags fail here, before
     any run starts)."""
@@ -135,6 +149,8 @@ def submission_run(args: argparse.Namespace) -> int:
     if dry and not args.allow_invalid:
         raise UserError(f"this campaign cannot make a submission: {'; '.join(dry)}; fix that, or add "
                         "--allow-invalid for a dry-run tree")
+    if not args.allow_invalid:
+        _check_system_fields(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
