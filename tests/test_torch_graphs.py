@@ -31,6 +31,7 @@ from distbert.backends.graphs import (
     unpad,
 )
 from distbert.errors import UserError
+from tests.test_backends import batch
 
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch and transformers are not installed")
@@ -181,17 +182,8 @@ def _backend(model, **kw):
     return backend
 
 
-def _batch(lengths, width=None, seed=3) -> ModelInputs:
-    rng = np.random.default_rng(seed)
-    width = width or max(lengths)
-    ids = np.zeros((len(lengths), width), np.int32)
-    mask, seg = np.zeros_like(ids), np.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = rng.integers(1000, 30000, n)
-        ids[i, 0], ids[i, n - 1] = 101, 102
-        mask[i, :n] = 1
-        seg[i, n // 2:n] = 1
-    return ModelInputs(np.arange(len(lengths), dtype=np.int64), ids, mask, seg, np.asarray(lengths, np.int32))
+def _batch(lengths, seed=3) -> ModelInputs:
+    return batch(tuple(lengths), seed=seed)   # tests/test_backends.py: a worker-style random batch
 
 
 @needs_torch
