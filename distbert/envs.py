@@ -81,3 +81,15 @@ def gc_tune() -> bool:
     """``DISTBERT_GC_TUNE=0`` keeps Python's default garbage-collector settings while LoadGen runs
     (default: fewer collections during a test; ``run/loadgen.quiet_gc``). For A/B measurements."""
     return os.environ.get("DISTBERT_GC_TUNE", "1") not in ("0", "")
+
+
+def local_slot() -> tuple[int, int, int | None]:
+    """``DISTBERT_LOCAL_SLOT=FIRST_RANK,FIRST_LOCAL_INDEX,LOCAL_COUNT``: where the local workers of a
+    run without a launcher sit (default ``1,0,`` = ranks from 1, device slots from 0 of their own
+    count). ``distbert submission run`` under a launcher sets it when rank 0's node also computes
+    (``--coordinator-hosts-worker``): rank 0's worker then takes the rank after the launched ones and
+    rank 0's device slot on its node, as in a plain launched run."""
+    parts = os.environ.get("DISTBERT_LOCAL_SLOT", "").split(",")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return 1, 0, None
+    return max(1, int(parts[0])), int(parts[1]), int(parts[2]) if parts[2].isdigit() else None

@@ -259,3 +259,19 @@ def test_a_failing_step_under_mpiexec_ends_every_rank_at_once(env, tmp_path):
         proc.stderr[-3000:]
     assert "rank 0 stopped the submission" in proc.stderr
     assert took < 60, took
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found next to the Python interpreter (the mpich wheel)")
+def test_rank0_that_also_computes_under_mpiexec_takes_the_next_rank(env, data_flags, tmp_path):
+    """--coordinator-hosts-worker: each run's rank-0 worker is rank 2 (after launched rank 1), never a
+    second rank 1."""
+    out = tmp_path / "campaign"
+    cmd = [MPIEXEC, "-n", "2", PY, "-m", "distbert", "submission", "run", "--out", str(out), "--submitter", "Acme",
+           "--system", "box1", "--execution-mode", "test", "--allow-invalid", "--backend", "oracle", *data_flags,
+           "--bind-host", "127.0.0.1", "--max-batch", "16", "--coordinator-hosts-worker", "--division", "open",
+           "--scenarios", "Offline"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("Offline", "Offline-calibration"):
+        record = json.loads((out / "runs" / name / "run.json").read_text())
+        assert sorted(w["worker"] for w in record["workers"]) == [1, 2], (name, record["workers"])

@@ -189,7 +189,9 @@ class Rank0Run:
                 self.local = LocalWorkers(count, address, self.key, first_rank=topology.world_size,
                                           first_local_index=topology.local_rank, local_count=topology.local_size)
             else:
-                self.local = LocalWorkers(count, address, self.key, first_rank=1)
+                first_rank, first_index, local_count = envs.local_slot()
+                self.local = LocalWorkers(count, address, self.key, first_rank=first_rank,
+                                          first_local_index=first_index, local_count=local_count)
             expected |= self.local.ranks
         self.coordinator = Coordinator(cfg, self.transport, self.store.lengths[: self.qsl_size], expected,
                                        is_alive=self.local.is_alive if self.local else None,

@@ -403,10 +403,12 @@ class LaunchedSteps:
 
     ANNOUNCE_TIMEOUT_S = 600.0
 
-    def __init__(self, comm: Any, bind_host: str, hosts_worker: bool) -> None:
+    def __init__(self, comm: Any, bind_host: str, hosts_worker: bool, local_rank: int = 0,
+                 local_size: int = 1) -> None:
         self.comm = comm
         self.bind_host = bind_host
         self.hosts_worker = hosts_worker
+        self.local_rank, self.local_size = local_rank, local_size
 
     def __call__(self, run_argv: list[str], log_path: Path) -> int:
         import secrets
@@ -421,8 +423,11 @@ class LaunchedSteps:
         cmd = [sys.executable, "-m", "distbert", "run", *argv]
         log.info("$ distbert run %s", " ".join(argv))
         with open(log_path, "w") as out:
+            extra = {"DISTBERT_SESSION_KEY": key, "DISTBERT_ANNOUNCE": str(announce),
+                     # rank 0's own worker (if any): the rank after the launched ones, rank 0's device slot
+                     "DISTBERT_LOCAL_SLOT": f"{self.comm.Get_size()},{self.local_rank},{self.local_size}"}
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    env=child_env({"DISTBERT_SESSION_KEY": key, "DISTBERT_ANNOUNCE": str(announce)}))
+                                    env=child_env(extra))
             tee = threading.Thread(target=_tee, args=(proc, out), name="distbert-tee", daemon=True)
             tee.start()
             t0 = time.monotonic()
@@ -433,8 +438,8 @@ class LaunchedSteps:
                 time.sleep(0.05)
             if announce.is_file():
                 hello = json.loads(announce.read_text())
-                bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"]},
-                           poll_s=BCAST_POLL_S)
+                bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"],
+                                       "rank0_computes": self.hosts_worker}, poll_s=BCAST_POLL_S)
             code = proc.wait()
             tee.join(timeout=5.0)
         return code
@@ -463,7 +468,8 @@ def launched_worker_loop(topology: Any, comm: Any) -> int:
                 return 2
             return code
         local_count, local_index = topology.local_size, topology.local_rank
-        if msg.get("rank0_host") == socket.gethostname():
+        if msg.get("rank0_host") == socket.gethostname() and not msg.get("rank0_computes"):
+            # rank 0 shares this node but runs no model: give its share to the workers
             local_count, local_index = max(1, local_count - 1), max(0, local_index - 1)
         transport = ZmqWorkerTransport.connect(Endpoint(msg["step"], msg["key"]), topology.rank)
         code = worker_run(transport, topology.rank, local_index, local_count)

@@ -140,9 +140,6 @@ def submission_run(args: argparse.Namespace) -> int:
                             "launched ranks join over ZeroMQ: drop --transport mpi")
         if args.in_process_worker:
             raise UserError("--in-process-worker is for a run without a launcher")
-        if args.coordinator_hosts_worker:
-            raise UserError("--coordinator-hosts-worker is not supported by submission run under a launcher: start "
-                            "one more rank on rank 0's node instead (it becomes a worker)")
     for s in dict.fromkeys(scenarios):
         _check_run_flags(flags, s, args.execution_mode)
     dry = dry_run_reasons(args)
@@ -180,7 +177,8 @@ def submission_run(args: argparse.Namespace) -> int:
             return code
         from distbert.util.net import host_address
 
-        steps = LaunchedSteps(comm, args.bind_host or host_address(), args.coordinator_hosts_worker)
+        steps = LaunchedSteps(comm, args.bind_host or host_address(), args.coordinator_hosts_worker,
+                              topology.local_rank, topology.local_size)
         try:
             accepted = campaign(steps).run()
         except BaseException as exc:
