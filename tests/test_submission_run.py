@@ -275,3 +275,26 @@ def test_rank0_that_also_computes_under_mpiexec_takes_the_next_rank(env, data_fl
     for name in ("Offline", "Offline-calibration"):
         record = json.loads((out / "runs" / name / "run.json").read_text())
         assert sorted(w["worker"] for w in record["workers"]) == [1, 2], (name, record["workers"])
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found next to the Python interpreter (the mpich wheel)")
+def test_a_preflight_error_only_rank0_sees_stops_every_rank(env, tmp_path):
+    """Rank 0 alone checks the files a campaign needs (on a cluster they may exist on its node only):
+    here its working directory lacks the --system-json the launched ranks' directory has. One error
+    line from rank 0, the launched ranks told to stop, every rank gone within seconds."""
+    with_file, without = tmp_path / "with", tmp_path / "without"
+    with_file.mkdir()
+    without.mkdir()
+    (with_file / "sys.json").write_text('{"cooling": "air"}')
+    run = [PY, "-m", "distbert", "submission", "run", "--out", str(tmp_path / "campaign"), "--submitter", "Acme",
+           "--system", "box1", "--system-json", "sys.json", "--execution-mode", "test", "--allow-invalid",
+           "--backend", "oracle", "--bind-host", "127.0.0.1"]
+    cmd = [MPIEXEC, "-n", "1", "-wdir", str(without), *run, ":", "-n", "2", "-wdir", str(with_file), *run]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(errors) == 1 and "--system-json sys.json" in errors[0], proc.stderr[-3000:]
+    assert proc.stderr.count("rank 0 stopped the submission") == 2, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "campaign").exists()

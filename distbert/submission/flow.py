@@ -10,6 +10,7 @@ plot per scenario beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distbert.errors import UserError
-from distbert.submission.rules import rules
+from distbert.submission.rules import RuleSet, rules
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,11 @@ def dry_run_reasons(args: argparse.Namespace) -> list[str]:
     return reasons
 
 
-def _check_system_fields(args: argparse.Namespace) -> None:
+def _check_system_fields(args: argparse.Namespace, given: dict[str, Any]) -> None:
     """The system-description fields no run can measure must be in --system-json before hours of runs
     (the build would refuse the tree without them)."""
-    from distbert.submission.build import GPU_USER_FIELDS, USER_FIELDS, read_system_json
+    from distbert.submission.build import GPU_USER_FIELDS, USER_FIELDS
 
-    given = read_system_json(args.system_json)
     needed = list(USER_FIELDS) + (list(GPU_USER_FIELDS) if str(args.device).startswith(("cuda", "rocm")) else [])
     missing = [k for k in needed if given.get(k) in (None, "")]
     if missing:
@@ -102,16 +102,26 @@ def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> No
     config_from_args(ns)
 
 
-def submission_run(args: argparse.Namespace) -> int:
-    from distbert import topology as topo_mod
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the pre-flight settled: the runs' flags and the tree's shape."""
+
+    scenarios: list[str]
+    flags: list[str]
+    rule_set: RuleSet
+    system_type: str
+
+
+def preflight(args: argparse.Namespace, distributed: bool) -> Plan:
+    """Every check that needs no run, before the first one (rank 0 only under a launcher: the files
+    it reads, like --system-json or the model cache, may exist on rank 0's node alone)."""
     from distbert.submission.build import check_tree_args, read_system_json
-    from distbert.submission.campaign import Campaign, LaunchedSteps, launched_worker_loop, subprocess_runner
 
     rule_set = rules(args.version)
     system_type = args.system_type or rule_set.default_system_type
     benchmark = args.benchmark
     required = check_tree_args(args.submitter, args.system, args.division, benchmark, rule_set, system_type)
-    read_system_json(args.system_json)
+    system_fields = read_system_json(args.system_json)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(required)
     for s in scenarios:
         if s not in ("Offline", "SingleStream", "Server"):
@@ -133,8 +143,7 @@ def submission_run(args: argparse.Namespace) -> int:
         raise UserError("--target-qps would be both Offline's and Server's first target: leave it out (calibration "
                         "sets each), or run the two scenarios in separate invocations")
     flags = [*run_flags(args, args.run_actions), "--mlperf-version", args.version]
-    topology = topo_mod.detect()
-    if topology.distributed:
+    if distributed:
         if args.transport != "zmq":
             raise UserError("submission run under a launcher starts each run as its own coordinator that the "
                             "launched ranks join over ZeroMQ: drop --transport mpi")
@@ -147,20 +156,27 @@ def submission_run(args: argparse.Namespace) -> int:
         raise UserError(f"this campaign cannot make a submission: {'; '.join(dry)}; fix that, or add "
                         "--allow-invalid for a dry-run tree")
     if not args.allow_invalid:
-        _check_system_fields(args)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+        _check_system_fields(args, system_fields)
+    return Plan(scenarios, flags, rule_set, system_type)
 
-    def campaign(runner: Any) -> Campaign:
-        return Campaign(out, scenarios, flags, rule_set, execution_mode=args.execution_mode,
+
+def submission_run(args: argparse.Namespace) -> int:
+    from distbert import topology as topo_mod
+    from distbert.submission.campaign import Campaign, LaunchedSteps, launched_worker_loop, subprocess_runner
+
+    topology = topo_mod.detect()
+
+    def campaign(plan: Plan, runner: Any) -> dict[str, Path]:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return Campaign(args.out, plan.scenarios, plan.flags, plan.rule_set, execution_mode=args.execution_mode,
                         max_attempts=args.max_attempts,
                         first_target_qps=args.target_qps if isinstance(args.target_qps, float) else None,
                         calibration_samples=args.calibration_samples, calibration_queries=args.calibration_queries,
-                        probe_s=args.find_peak_probe_s, runner=runner)
+                        probe_s=args.find_peak_probe_s, runner=runner).run()
 
     if not topology.distributed:
-        accepted = campaign(subprocess_runner).run()
-        return finish(args, out, accepted, system_type)
+        plan = preflight(args, distributed=False)
+        return finish(args, args.out, campaign(plan, subprocess_runner), plan.system_type)
 
     import mpi4py
 
@@ -172,7 +188,7 @@ def submission_run(args: argparse.Namespace) -> int:
     code = 1
     try:
         comm = MPI.COMM_WORLD
-        if topology.rank != 0:
+        if topology.rank != 0:   # the launched ranks only serve: rank 0 checks, decides and says when to stop
             code = launched_worker_loop(topology, comm)
             return code
         from distbert.util.net import host_address
@@ -180,12 +196,13 @@ def submission_run(args: argparse.Namespace) -> int:
         steps = LaunchedSteps(comm, args.bind_host or host_address(), args.coordinator_hosts_worker,
                               topology.local_rank, topology.local_size)
         try:
-            accepted = campaign(steps).run()
+            plan = preflight(args, distributed=True)
+            accepted = campaign(plan, steps)
         except BaseException as exc:
             steps.done(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         steps.done()
-        code = finish(args, out, accepted, system_type)
+        code = finish(args, args.out, accepted, plan.system_type)
         return code
     except UserError as exc:
         print(f"distbert: error: {exc}", file=sys.stderr)
