@@ -52,3 +52,15 @@ def headline(detail: dict[str, Any], scenario: str) -> dict[str, Any]:
                                             "result_min_queries_met", "early_stopping_met"] if k in detail}
     out["loadgen_errors"] = len(detail.get("_errors", []))
     return out
+
+
+#: what LoadGen requires of a VALID performance run: the detail-log key, and what its ``false`` means
+REQUIREMENTS = (("result_min_duration_met", "min duration not met"),
+                ("result_min_queries_met", "min query count not met"),
+                ("early_stopping_met", "early stopping not met"),
+                ("result_perf_constraints_met", "latency bound not met"))
+
+
+def unmet_requirements(detail: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (key, reason) pairs of :data:`REQUIREMENTS` that a detail log says are not met."""
+    return [(key, text) for key, text in REQUIREMENTS if detail.get(key) is False]

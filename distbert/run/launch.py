@@ -114,11 +114,13 @@ def launched_worker_main(cfg: RunConfig, topology: Topology, comm: Any) -> int:
         from distbert.wire.zmq import ZmqWorkerTransport
 
         transport = ZmqWorkerTransport.connect(Endpoint(hello["address"], hello["key"]), topology.rank)
-    # ranks on this node that are workers: local index among them picks GPU / cores
-    local_count = topology.local_size
-    local_index = topology.local_rank
-    if hello.get("rank0_host") == socket.gethostname() and not cfg.coordinator_hosts_worker:
-        # rank 0 shares this node but runs no model: give its share to the workers
-        local_count = max(1, local_count - 1)
-        local_index = max(0, local_index - 1)
+    local_index, local_count = worker_slot(topology, hello.get("rank0_host"), cfg.coordinator_hosts_worker)
     return worker_run(transport, topology.rank, local_index, local_count)
+
+
+def worker_slot(topology: Topology, rank0_host: str | None, rank0_computes: bool) -> tuple[int, int]:
+    """(local index, local count) of a launched worker among this node's workers: the index picks
+    its GPU or core share. When rank 0 shares the node but runs no model, its share goes to them."""
+    if rank0_host == socket.gethostname() and not rank0_computes:
+        return max(0, topology.local_rank - 1), max(1, topology.local_size - 1)
+    return topology.local_rank, topology.local_size

@@ -120,8 +120,8 @@ def run_test(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, mode: str,
              audit: Path | None = None, settings_box: list[Any] | None = None) -> dict[str, Any]:
     """One LoadGen test through ``coordinator`` (the SUT); ``mode`` "TEST01" is a performance test
     under ``audit`` (a compliance audit.config), "TEST05" one with the round's TEST05 seeds.
-    ``settings_box`` carries this process's one
-    ``TestSettings`` from test to test (see :func:`make_settings`). Returns the headline figures."""
+    ``settings_box`` carries this process's one ``TestSettings`` from test to test (see
+    :func:`make_settings`). Returns the headline figures."""
     logdir.mkdir(parents=True, exist_ok=True)
     user_conf = write_user_conf(cfg.loadgen, logdir / "user.conf")
     box = settings_box if settings_box is not None else []

@@ -31,6 +31,7 @@ from distbert.run.loadgen import TEST_SERVER_QPS, probe_server, run_test
 from distbert.run.rendezvous import bcast_json
 from distbert.run.rundir import RunDir, output_dir
 from distbert.topology import Topology
+from distbert.util.fs import atomic_write_text
 from distbert.util.net import host_address
 from distbert.wire.base import CoordinatorTransport
 from distbert.wire.keys import check_session_key, new_session_key
@@ -117,10 +118,8 @@ class Rank0Run:
             raise
         announce = envs.announce_file()
         if announce is not None and comm is None:
-            tmp = announce.with_name(announce.name + ".tmp")
-            tmp.write_text(json.dumps({"address": self.transport.endpoint.address,
-                                       "rank0_host": socket.gethostname()}))
-            os.replace(tmp, announce)
+            atomic_write_text(announce, json.dumps({"address": self.transport.endpoint.address,
+                                                    "rank0_host": socket.gethostname()}))
         if comm is not None:
             hello: dict[str, Any] = {"key": self.key}
             if self.cfg.transport == "zmq":

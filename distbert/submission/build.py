@@ -348,7 +348,7 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
     return BuildResult(root=out, tarball=out / "mlperf_submission.tar.gz", report=report, invalid=invalid)
 
 
-def _mlperf_conf(run: Run, rule_set: RuleSet) -> str:
+def _mlperf_conf(rule_set: RuleSet) -> str:
     """v4.1 wants mlperf.conf beside the measurements file: the bert values LoadGen used (its embedded
     mlperf.conf; MLPERF.md section 4) with the round's seeds distbert set."""
     lines = [f"# bert values of LoadGen's embedded mlperf.conf as used by this run; seeds of {rule_set.version}",
@@ -393,4 +393,4 @@ def _scenario(run: Run, top: Path, system: str, benchmark: str, rule_set: RuleSe
     measurements_file.write_text(json.dumps(measurements(run), indent=2) + "\n")
     (measure / "README.md").write_text(_scenario_readme(run, benchmark))
     if rule_set.layout == "v4":
-        (measure / "mlperf.conf").write_text(_mlperf_conf(run, rule_set))
+        (measure / "mlperf.conf").write_text(_mlperf_conf(rule_set))

@@ -39,9 +39,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distbert.data.loadgen_logs import read_detail
+from distbert.data.loadgen_logs import read_detail, unmet_requirements
 from distbert.errors import UserError
 from distbert.submission.rules import RuleSet
+from distbert.util.fs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -127,28 +128,23 @@ def diagnose(scenario: str, record: dict[str, Any], run_dir: Path, used: Target 
     """Read an INVALID attempt's detail log: which LoadGen requirement failed, and the new target."""
     detail = read_detail(run_dir / "performance" / "mlperf_log_detail.txt")
     perf = performance(record)
+    rate, mean = perf.get("result_samples_per_second"), perf.get("result_mean_latency_ns")
+    unmet = unmet_requirements(detail)
+    samples, min_ms = detail.get("generated_samples_per_query"), detail.get("effective_min_duration_ms")
+    p99 = perf.get("result_99.00_percentile_latency_ns")
     reasons: list[str] = []
-    min_ms = detail.get("effective_min_duration_ms")
-    if detail.get("result_min_duration_met") is False:
-        ran = ""
-        samples, rate = detail.get("generated_samples_per_query"), perf.get("result_samples_per_second")
-        if scenario == "Offline" and samples and rate:
-            ran = f" (ran {samples / rate:.1f} s"
-            ran += f" of {min_ms / 1000:g} s)" if min_ms else ")"
-        reasons.append("min duration not met" + ran)
-    if detail.get("result_min_queries_met") is False:
-        reasons.append("min query count not met")
-    if detail.get("early_stopping_met") is False:
-        reasons.append("early stopping not met")
-    if detail.get("result_perf_constraints_met") is False:
-        p99 = perf.get("result_99.00_percentile_latency_ns")
-        reasons.append("latency bound not met" + (f" (p99 {p99 / 1e6:.1f} ms)" if p99 else ""))
+    for key, text in unmet:   # LoadGen's words, with the figure that explains them where there is one
+        if key == "result_min_duration_met" and scenario == "Offline" and samples and rate:
+            text += f" (ran {samples / rate:.1f} s" + (f" of {min_ms / 1000:g} s)" if min_ms else ")")
+        elif key == "result_perf_constraints_met" and p99:
+            text += f" (p99 {p99 / 1e6:.1f} ms)"
+        reasons.append(text)
     errors = detail.get("_errors") or []
     if errors:
         reasons.append(f"LoadGen errors: {errors[0]}")
-    short = detail.get("result_min_duration_met") is False or detail.get("result_min_queries_met") is False
+    failed = {key for key, _ in unmet}
+    short = bool(failed & {"result_min_duration_met", "result_min_queries_met"})
     fix: Target | None = None
-    rate, mean = perf.get("result_samples_per_second"), perf.get("result_mean_latency_ns")
     if scenario == "Offline" and short and rate:
         fix = Target("--target-qps", OFFLINE_MARGIN * float(rate),
                      f"{OFFLINE_MARGIN:g} x the {float(rate):,.1f} samples/s this attempt measured")
@@ -158,8 +154,8 @@ def diagnose(scenario: str, record: dict[str, Any], run_dir: Path, used: Target 
             value = used.value * SINGLESTREAM_MARGIN  # lower still: LoadGen generates more queries
         fix = Target("--target-latency-ms", value, f"below the {float(mean) / 1e6:,.3f} ms mean latency this "
                      "attempt measured, so LoadGen generates enough queries")
-    elif scenario == "Server" and used is not None and (detail.get("result_perf_constraints_met") is False
-                                                        or detail.get("early_stopping_met") is False):
+    elif scenario == "Server" and used is not None and failed & {"result_perf_constraints_met",
+                                                                  "early_stopping_met"}:
         fix = Target("--target-qps", SERVER_MARGIN * used.value, f"{SERVER_MARGIN:g} x this attempt's target")
     return Diagnosis(reasons, fix)
 
@@ -215,7 +211,6 @@ class Campaign:
         self.runner = runner
         self.state_path = out / "campaign.json"
         self.state: dict[str, Any] = {}
-        self.events: list[str] = []
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -228,13 +223,10 @@ class Campaign:
         self.state.setdefault("scenarios", {})
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
 
     def _say(self, text: str) -> None:
         print(f"distbert submission: {text}", flush=True)
-        self.events.append(text)
 
     # --- the steps ----------------------------------------------------------------------------------
 
@@ -334,7 +326,7 @@ class Campaign:
             return Target("--target-qps", self.first_target_qps, "given with --target-qps")
         calib = self.runs / f"{scenario}-calibration"
         record = _load(calib)
-        if record is None or known.get("calibrated_with") != known.get("flags"):
+        if record is None or not known.get("calibrated"):   # reset with the flags: a calibration of theirs
             if calib.exists():
                 shutil.rmtree(calib)
             argv = [*self.run_flags, "--scenario", scenario, "--execution-mode", "test", "--mode", "performance",
@@ -361,7 +353,7 @@ class Campaign:
                 argv = [*argv]
                 argv[argv.index("--test-query-count") + 1] = str(count)
                 record = self._calibrate(scenario, calib, argv)
-            known["calibrated_with"] = known.get("flags")
+            known["calibrated"] = True
             self._save_state()
         else:
             self._say(f"{scenario}: calibration from {calib} (kept from an earlier invocation)")
@@ -452,9 +444,8 @@ class LaunchedSteps:
 
 def launched_worker_loop(topology: Any, comm: Any) -> int:
     """A rank >= 1 of ``mpiexec -n N distbert submission run``: join each run rank 0 starts."""
-    import socket
-
     from distbert.engine.worker import worker_run
+    from distbert.run.launch import worker_slot
     from distbert.run.rendezvous import bcast_json
     from distbert.wire.base import Endpoint
     from distbert.wire.zmq import ZmqWorkerTransport
@@ -467,9 +458,6 @@ def launched_worker_loop(topology: Any, comm: Any) -> int:
                 log.error("rank 0 stopped the submission (%s); rank %d exits", msg["error"], topology.rank)
                 return 2
             return code
-        local_count, local_index = topology.local_size, topology.local_rank
-        if msg.get("rank0_host") == socket.gethostname() and not msg.get("rank0_computes"):
-            # rank 0 shares this node but runs no model: give its share to the workers
-            local_count, local_index = max(1, local_count - 1), max(0, local_index - 1)
+        local_index, local_count = worker_slot(topology, msg.get("rank0_host"), bool(msg.get("rank0_computes")))
         transport = ZmqWorkerTransport.connect(Endpoint(msg["step"], msg["key"]), topology.rank)
         code = worker_run(transport, topology.rank, local_index, local_count)

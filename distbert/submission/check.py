@@ -33,7 +33,7 @@ from distbert.data.squad import DEV_FEATURES
 from distbert.data.squad.accuracy import TARGETS
 from distbert.errors import UserError
 from distbert.submission.compliance import ACCURACY_DELTA, f1_gap
-from distbert.submission.rules import RULES, rules
+from distbert.submission.rules import Seeds, rules
 
 # --- constants; each names its source in /work/shared/MLPERF.md --------------------------------
 
@@ -47,9 +47,6 @@ BENCHMARKS = ("bert-99", "bert-99.9")
 KNOWN_SCENARIOS = ("Offline", "SingleStream", "Server", "MultiStream")
 # sections 0 and 3 (`constants.py` accuracy-target): F1 >= 99% / 99.9% of the fp32 90.874
 ACCURACY_TARGETS = TARGETS
-# section 0 (checker `seeds`) for v6.1, and each round's table (distbert/submission/rules.py);
-# detail-log keys effective_<name>
-SEEDS = {version: r.seeds.as_dict() for version, r in RULES.items()}
 # sections 0 and 3: QSL size, and the sample count an accuracy run must cover
 DATASET_SIZE = DEV_FEATURES
 # sections 0 and 5: effective_performance_sample_count lower bound
@@ -256,7 +253,6 @@ class _Checker:
     def __init__(self, root: Path, version: str) -> None:
         self.root = root
         self.rules = rules(version)
-        self.seeds = SEEDS[version]
         self.problems: list[Problem] = []
         self.rows: list[tuple[ResultRow, str, str]] = []  # (row, benchmark path, scenario path)
 
@@ -483,14 +479,17 @@ class _Checker:
             return None
         return got
 
-    def check_performance(self, run: Path, scenario: str, division: str, edge: bool) -> float | None:
-        """A performance run's checks (also TEST01's); returns the headline figure (None when unknown)."""
+    def check_performance(self, run: Path, scenario: str, division: str, edge: bool,
+                          seeds: Seeds | None = None) -> float | None:
+        """A performance run's checks (also TEST01's and TEST05's, the latter with ``seeds``: the round's
+        TEST05 seeds); returns the headline figure (None when unknown). Seeds: the round's table
+        (section 0 `seeds`; distbert/submission/rules.py), detail-log keys effective_<name>."""
         self.need_file(run / SUMMARY, "the performance run's summary")
         path = run / DETAIL
         detail = self.check_log(path, "the performance run's detail log")
         if detail is None:
             return None
-        for name, want in self.seeds.items():
+        for name, want in (seeds or self.rules.seeds).as_dict().items():
             got = self.need_key(detail, path, f"effective_{name}")
             if got is not None and got != want:
                 self.add(path, "seed", f"effective_{name} is {got}, not {want} ({self.rules.version}): run with "
@@ -634,13 +633,7 @@ class _Checker:
                 and not _passed(verify_perf, whole_line=False)):
             self.add(verify_perf, "test05-verify", f"no {TEST_PASS!r}: the TEST05 performance check failed; rerun "
                                                    "both runs VALID with the TEST05 score within 5%")
-        seeds = self.seeds
-        assert self.rules.test05_seeds is not None
-        self.seeds = self.rules.test05_seeds.as_dict()
-        try:
-            self.check_performance(test / "performance" / "run_1", scenario, division, edge)
-        finally:
-            self.seeds = seeds
+        self.check_performance(test / "performance" / "run_1", scenario, division, edge, self.rules.test05_seeds)
 
     def check_test01_fallback(self, acc: Path, verify_acc: Path, benchmark: str) -> None:
         """verify_accuracy failed: accept baseline/compliance F1 within the allowed gap (MLPERF.md section 5)."""

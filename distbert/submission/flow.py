@@ -244,7 +244,7 @@ def finish(args: argparse.Namespace, out: Path, accepted: dict[str, Path], syste
 
 
 def summarize(args: argparse.Namespace, accepted: dict[str, Path], result: Any, system_type: str) -> dict[str, Any]:
-    from distbert.data.loadgen_logs import read_detail
+    from distbert.data.loadgen_logs import read_detail, unmet_requirements
     from distbert.data.squad.accuracy import TARGETS
     from distbert.submission.check import RESULT_METRICS
 
@@ -255,11 +255,7 @@ def summarize(args: argparse.Namespace, accepted: dict[str, Path], result: Any, 
         res = record.get("results", {})
         perf = res.get("performance") or {}
         detail = read_detail(run_dir / "performance" / "mlperf_log_detail.txt")
-        reasons = [name for key, name in (("result_min_duration_met", "min duration not met"),
-                                          ("result_min_queries_met", "min query count not met"),
-                                          ("early_stopping_met", "early stopping not met"),
-                                          ("result_perf_constraints_met", "latency bound not met"))
-                   if detail.get(key) is False]
+        reasons = [text for _, text in unmet_requirements(detail)]
         key, unit, divisor = RESULT_METRICS[scenario]
         figure = detail.get(key)
         f1 = (res.get("accuracy") or {}).get("f1")
