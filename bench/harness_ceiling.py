@@ -1,14 +1,17 @@
 """How much does distribution cost? Python LoadGen's ceiling vs distbert with the null backend.
 
-(a) the fastest in-process Python SUT: LoadGen's ConstructFastSUT completing every sample at once,
-    one batched QuerySamplesComplete per issue callback;
+(a) the fastest in-process SUT on LoadGen's Python API: ConstructFastSUT completing every sample at
+    once, one QuerySamplesComplete of fresh QuerySampleResponses per issue callback (the comparator
+    issue 11 names; what a single-process Python harness gets);
+(a') the same SUT through LoadGen's C API, as distbert uses it (distbert/engine/lgnative.py):
+    completions from one recycled NumPy response array, Offline's query received as arrays;
 (b) distbert, null backend, N local workers over ZeroMQ (the real CLI in a subprocess).
 
 For each: Offline samples/s (full 10833-sample query, repeated --offline-samples), and the highest
 VALID Server QPS found by a short search (each probe: --server-duration-ms of traffic; VALID =
 LoadGen's verdict incl. the 130 ms p99 bound and early stopping).
 
-    .venv/bin/python bench/harness_ceiling.py [--workers 4] [--server-duration-ms 3000]
+    .venv/bin/python bench/harness_ceiling.py [--workers 4] [--server-duration-ms 3000] [--only Offline]
 
 Prints a Markdown table and writes bench/results/harness_ceiling.json.
 """
@@ -50,7 +53,7 @@ def _settings(lg, scenario: str, qps: float, duration_ms: int, offline_samples: 
     return s
 
 
-def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: int) -> dict:
+def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: int, native: bool = False) -> dict:
     """In-process FastSUT; runs in a child process so every probe starts clean."""
     import mlperf_loadgen as lg
 
@@ -58,6 +61,41 @@ def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: in
 
     def issue(ids, indices):
         lg.QuerySamplesComplete([Response(i, 0, 0) for i in ids])
+
+    if native:
+        import numpy as np
+
+        from distbert.engine.lgnative import NativeSUT, native_entry
+
+        entry, why = native_entry()
+        if entry is None:
+            raise SystemExit(f"LoadGen's C API is not usable here: {why}")
+        buffer = np.zeros(QSL * 2, entry.complete.dtype)
+        address, id_column, call = buffer.ctypes.data, buffer["id"], entry.complete.call
+
+        def issue(ids, indices):
+            n = len(ids)
+            if n == 1:
+                id_column[0] = ids[0]
+                call(address, 1)
+                return
+            for k in range(0, n, len(buffer)):
+                part = ids[k:k + len(buffer)]
+                id_column[:len(part)] = part
+                call(address, len(part))
+
+        if scenario == "Offline":   # the one big query arrives as arrays
+            sut_native = NativeSUT(entry, "ceiling", issue, lambda: None)
+            qsl = lg.ConstructQSL(QSL, QSL, lambda s: None, lambda s: None)
+            out = tempfile.mkdtemp(prefix="ceiling-")
+            log = lg.LogSettings()
+            log.log_output.outdir = out
+            log.enable_trace = False
+            settings = _settings(lg, scenario, qps, duration_ms, offline_samples)
+            lg.StartTestWithLogSettings(sut_native.handle, qsl, settings, log)
+            lg.DestroyQSL(qsl)
+            sut_native.destroy()
+            return read_detail(Path(out) / "mlperf_log_detail.txt")
 
     sut = lg.ConstructFastSUT(issue, lambda: None)
     qsl = lg.ConstructQSL(QSL, QSL, lambda s: None, lambda s: None)
@@ -71,9 +109,9 @@ def ceiling_run(scenario: str, qps: float, duration_ms: int, offline_samples: in
     return read_detail(Path(out) / "mlperf_log_detail.txt")
 
 
-def _child_ceiling(scenario: str, qps: float, duration_ms: int, offline_samples: int) -> dict:
+def _child_ceiling(scenario: str, qps: float, duration_ms: int, offline_samples: int, native: bool = False) -> dict:
     code = (f"import json,sys; sys.path.insert(0,{str(REPO)!r}); from bench.harness_ceiling import ceiling_run; "
-            f"d=ceiling_run({scenario!r},{qps},{duration_ms},{offline_samples}); "
+            f"d=ceiling_run({scenario!r},{qps},{duration_ms},{offline_samples},{native}); "
             "print(json.dumps({k:v for k,v in d.items() if k.startswith('result_') or k=='early_stopping_met'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -128,40 +166,48 @@ def main() -> None:
     ap.add_argument("--server-hi", type=float, default=800_000)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", choices=["Offline", "Server"], help="measure one scenario")
     ap.add_argument("--distbert-args", default="", help="extra `distbert run` arguments, e.g. '--max-wait-ms 1'")
     args = ap.parse_args()
     extra = args.distbert_args.split()
     rows = []
-    # Offline: this shared VM's speed drifts by tens of percent over minutes, so the two sides run
-    # interleaved, --reps times each, and the medians are compared.
-    off_a_all, off_b_all = [], []
-    for rep in range(args.reps):
-        off_a_all.append(_child_ceiling("Offline", 0, 0, args.offline_samples)["result_samples_per_second"])
-        off_b_all.append(distbert_run("Offline", 0, 0, args.offline_samples, args.workers, extra)
-                         ["result_samples_per_second"])
-        print(f"    offline rep {rep + 1}: (a) {off_a_all[-1]:,.0f}  (b) {off_b_all[-1]:,.0f} samples/s", flush=True)
-    off_a, off_b = statistics.median(off_a_all), statistics.median(off_b_all)
-    print("(a) ceiling: in-process FastSUT, Server search", flush=True)
-    srv_a, _ = search_server(lambda q: _child_ceiling("Server", q, args.server_duration_ms, 0),
-                             args.server_lo, args.server_hi, args.steps)
-    print(f"(b) distbert, null backend, {args.workers} workers over ZeroMQ, Server search", flush=True)
-    srv_b, _ = search_server(lambda q: distbert_run("Server", q, args.server_duration_ms, 0, args.workers, extra),
-                             args.server_lo, args.server_hi, args.steps)
-    rows.append((f"Offline samples/s (median of {args.reps})", off_a, off_b))
-    rows.append(("Server highest VALID QPS", srv_a, srv_b))
+    if args.only != "Server":
+        # Offline: this shared VM's speed drifts by tens of percent over minutes, so the three run
+        # interleaved, --reps times each, and the medians are compared.
+        off: dict[str, list[float]] = {"ceiling": [], "ceiling_native": [], "distbert": []}
+        for rep in range(args.reps):
+            off["ceiling"].append(_child_ceiling("Offline", 0, 0, args.offline_samples)["result_samples_per_second"])
+            off["ceiling_native"].append(_child_ceiling("Offline", 0, 0, args.offline_samples, True)
+                                         ["result_samples_per_second"])
+            off["distbert"].append(distbert_run("Offline", 0, 0, args.offline_samples, args.workers, extra)
+                                   ["result_samples_per_second"])
+            print(f"    offline rep {rep + 1}: (a) {off['ceiling'][-1]:,.0f}  (a') {off['ceiling_native'][-1]:,.0f}  "
+                  f"(b) {off['distbert'][-1]:,.0f} samples/s", flush=True)
+        rows.append((f"Offline samples/s (median of {args.reps})", *(statistics.median(off[k]) for k in off)))
+    if args.only != "Offline":
+        found = []
+        ms = args.server_duration_ms
+        for label, run in (("(a) Python API", lambda q: _child_ceiling("Server", q, ms, 0)),
+                           ("(a') C entry point", lambda q: _child_ceiling("Server", q, ms, 0, True)),
+                           (f"(b) distbert, {args.workers} workers",
+                            lambda q: distbert_run("Server", q, args.server_duration_ms, 0, args.workers, extra))):
+            print(f"{label}: Server search", flush=True)
+            found.append(search_server(run, args.server_lo, args.server_hi, args.steps)[0])
+        rows.append(("Server highest VALID QPS", *found))
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}\n")
-    print("| metric | (a) Python LoadGen ceiling | (b) distbert null, "
-          f"{args.workers} workers, ZeroMQ | (b)/(a) |")
-    print("|---|---:|---:|---:|")
-    for name, a, b in rows:
-        print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.2f} |")
+          f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}\n")
+    print("| metric | (a) in-process, LoadGen's Python API | (a') in-process, LoadGen's C entry point | "
+          f"(b) distbert null, {args.workers} workers, ZeroMQ | (b)/(a) | (b)/(a') |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, a, a2, b in rows:
+        print(f"| {name} | {a:,.0f} | {a2:,.0f} | {b:,.0f} | {b / a:.2f} | {b / a2:.2f} |")
     res = REPO / "bench" / "results"
     res.mkdir(exist_ok=True)
     (res / "harness_ceiling.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "workers": args.workers,
-         "offline_reps": {"ceiling": off_a_all, "distbert": off_b_all},
-         "rows": [{"metric": n, "ceiling": a, "distbert": b} for n, a, b in rows]}, indent=2) + "\n")
+         "offline_reps": off if args.only != "Server" else None,
+         "rows": [{"metric": n, "ceiling": a, "ceiling_native": a2, "distbert": b} for n, a, a2, b in rows]},
+        indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ def gc_tune() -> bool:
     return os.environ.get("DISTBERT_GC_TUNE", "1") not in ("0", "")
 
 
+def loadgen_native() -> bool:
+    """``DISTBERT_LOADGEN_NATIVE=0`` completes samples through LoadGen's Python binding (a list of
+    ``QuerySampleResponse`` objects) instead of its C entry point (``engine/lgnative.py``). For A/B
+    measurements, or a LoadGen build where the C path misbehaves."""
+    return os.environ.get("DISTBERT_LOADGEN_NATIVE", "1") not in ("0", "")
+
+
 def local_slot() -> tuple[int, int, int | None]:
     """``DISTBERT_LOCAL_SLOT=FIRST_RANK,FIRST_LOCAL_INDEX,LOCAL_COUNT``: where the local workers of a
     run without a launcher sit (default ``1,0,`` = ranks from 1, device slots from 0 of their own

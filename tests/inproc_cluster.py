@@ -4,12 +4,13 @@ coordinator and its transport."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from distbert.config import RunConfig
-from distbert.engine.coordinator import Coordinator
+from distbert.engine.coordinator import SWITCH, Coordinator
 from distbert.engine.worker import worker_run
 from distbert.wire.inproc import InprocHub
 
@@ -37,6 +38,8 @@ def start_cluster(cfg: RunConfig, store: Any, n: int, wrap: Callable[[Any], Any]
 
 def stop_cluster(coord: Coordinator, threads: list[threading.Thread], hub: InprocHub) -> None:
     coord.stop()
+    # the coordinator lowers the GIL switch interval while it runs and gives the process its own back
+    assert sys.getswitchinterval() == coord._old_switch != SWITCH
     for t in threads:
         t.join(timeout=10)
         assert not t.is_alive(), "a worker thread did not stop"

@@ -144,6 +144,10 @@ def test_performance_and_accuracy(launch, scenario, env, squad_dev, vocab, sessi
     perf = record["results"]["performance"]
     acc = record["results"]["accuracy"]
     assert perf["loadgen_errors"] == 0 and acc["loadgen_errors"] == 0
+    # LoadGen's C API (engine/lgnative.py): completions always, the issue side for Offline's big query
+    for result in (perf, acc):
+        assert result["completion"] == "native"
+        assert result["issue"] == ("native" if scenario == "Offline" else "python")
     assert len(record["workers"]) == (1 if launch == "in-process" else 2)
     assert all(w["stats"] and w["stats"]["samples"] > 0 for w in record["workers"]), record["workers"]
     if scenario == "SingleStream" and launch != "in-process":

@@ -103,6 +103,18 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _joined(ids: list[int], indices: list[int],
+            pieces: list[tuple[Any, Any]]) -> tuple[list[int] | np.ndarray, list[int] | np.ndarray]:
+    """The samples drained in one look, in issue order: the lists when no array came (the binding's
+    callbacks), one array pair as it is, else every piece concatenated in order."""
+    if not pieces:
+        return ids, indices
+    if len(pieces) == 1:
+        return np.asarray(pieces[0][0], np.uint64), np.asarray(pieces[0][1], np.int64)
+    return (np.concatenate([np.asarray(p[0], np.uint64) for p in pieces]),
+            np.concatenate([np.asarray(p[1], np.int64) for p in pieces]))
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, transport: CoordinatorTransport, lengths: np.ndarray,
                  expected_workers: set[int], is_alive: Callable[[int], bool] | None = None,
@@ -116,7 +128,8 @@ class Coordinator:
         self.workers: dict[int, WorkerHandle] = {}
         self.dispatcher: Dispatcher | None = None
         self.failure: str | None = None
-        self._inbox: collections.deque[tuple[list[int], list[int]] | _Control] = collections.deque()
+        # (ids, indices) as lists (the binding) or arrays (the native SUT), and control items
+        self._inbox: collections.deque[tuple[Any, Any] | _Control] = collections.deque()
         self._stop = threading.Event()
         self._all_ready = threading.Event()
         self._all_bye = threading.Event()
@@ -131,13 +144,16 @@ class Coordinator:
         # awake, so dispatcher and transport still have one user at a time.
         self._direct: Callable[[m.Batch], m.Message] | None = getattr(transport, "compute", None)
         self._lock = threading.Lock()
+        self._old_switch = sys.getswitchinterval()
 
     # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
 
     def start(self) -> None:
         # LoadGen's issue thread must take the GIL to call us; with Python's default 5 ms switch
         # interval it waits behind the driver thread and falls behind its Server schedule.
-        # 0.5 ms: highest VALID Server QPS with the null backend 75k -> 90k+ (measured).
+        # 0.5 ms: highest VALID Server QPS with the null backend 75k -> 90k+ (measured). stop()
+        # restores the process's own value.
+        self._old_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH)
         self._driver = threading.Thread(target=self._drive, name="distbert-driver", daemon=True)
         self._driver.start()
@@ -164,9 +180,11 @@ class Coordinator:
 
     # --- LoadGen callbacks: enqueue only --------------------------------------------------------
 
-    def issue(self, ids: list[int], indices: list[int]) -> None:
+    def issue(self, ids: list[int] | np.ndarray, indices: list[int] | np.ndarray) -> None:
+        """LoadGen issued samples: lists from the Python binding, arrays (uint64 ids, int64
+        indices) from the native SUT for big queries (``engine/lgnative.NativeSUT``)."""
         if trace.ON:
-            trace.mark("issue", ids[0])
+            trace.mark("issue", int(ids[0]))
         if self._direct is not None and len(ids) == 1 and self._lock.acquire(blocking=False):
             try:
                 if (self.dispatcher is not None and self.failure is None and not self._dead and not self._inbox
@@ -184,7 +202,7 @@ class Coordinator:
         if self._sleeping:
             self.transport.wake()
 
-    def _issue_direct(self, ids: list[int], indices: list[int]) -> None:
+    def _issue_direct(self, ids: list[int] | np.ndarray, indices: list[int] | np.ndarray) -> None:
         """The driver is idle: dispatch, compute and complete this sample here, on LoadGen's thread
         (the hand-off to the driver was half of an in-process SingleStream query's added latency)."""
         assert self.dispatcher is not None and self._direct is not None
@@ -230,6 +248,8 @@ class Coordinator:
         dispatcher = Dispatcher(scenario, self._policy(), self.lengths, want_logits)
         if self._completer is None:
             self._completer = Completer()
+            log.info("completing samples through %s", self._completer.why if self._completer.path == "native"
+                     else f"LoadGen's Python binding ({self._completer.why})")
         done = threading.Event()
         self._inbox.append(_Begin(dispatcher, done))
         self.transport.wake()
@@ -251,6 +271,7 @@ class Coordinator:
         self._stop.set()
         self.transport.wake()
         self._driver.join(timeout=deadline_s)
+        sys.setswitchinterval(self._old_switch)
 
     # --- the driver loop ------------------------------------------------------------------------
 
@@ -287,7 +308,8 @@ class Coordinator:
             except IndexError:  # the other thread took the last one
                 return
             if isinstance(item, tuple):
-                lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in item[0]])
+                ids = item[0] if isinstance(item[0], list) else item[0].tolist()
+                lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
 
     def _drive_loop(self) -> None:
         cfg = self.cfg
@@ -515,18 +537,24 @@ class Coordinator:
         # sample) is what keeps rank 0 from becoming the bottleneck.
         ids: list[int] = []
         indices: list[int] = []
+        pieces: list[tuple[Any, Any]] = []   # in order, once an array (native SUT, big query) came
         while self._inbox:
             item = self._inbox.popleft()
             if isinstance(item, tuple):
                 if trace.ON:
-                    trace.mark("drain", item[0][0])
-                ids += item[0]
-                indices += item[1]
+                    trace.mark("drain", int(item[0][0]))
+                if not pieces and isinstance(item[0], list):
+                    ids += item[0]
+                    indices += item[1]
+                else:
+                    if not pieces and ids:
+                        pieces.append((ids, indices))
+                    pieces.append(item)
                 continue
-            self._on_samples(ids, indices, now)  # samples before a control item go first
-            ids, indices = [], []
+            self._on_samples(*_joined(ids, indices, pieces), now)  # samples before a control item go first
+            ids, indices, pieces = [], [], []
             self._on_control(item, now)
-        self._on_samples(ids, indices, now)
+        self._on_samples(*_joined(ids, indices, pieces), now)
 
     def _on_control(self, item: _Control, now: float) -> None:
         if isinstance(item, _Flush):
@@ -551,8 +579,8 @@ class Coordinator:
                 except KeyError:
                     pass
 
-    def _on_samples(self, ids: list[int], indices: list[int], now: float) -> None:
-        if not ids:
+    def _on_samples(self, ids: list[int] | np.ndarray, indices: list[int] | np.ndarray, now: float) -> None:
+        if not len(ids):
             return
         if self.failure is not None or self.dispatcher is None:
             self._complete(np.asarray(ids, np.uint64), None)
@@ -600,6 +628,11 @@ class Coordinator:
             self._complete(np.asarray(ids, np.uint64), None)
 
     # --- completion (inline on the driver thread) --------------------------------------------------
+
+    @property
+    def completion_path(self) -> str | None:
+        """"native" or "python" once a test has begun (``engine/completion.Completer``)."""
+        return self._completer.path if self._completer is not None else None
 
     def _complete(self, ids: np.ndarray, logits: np.ndarray | None) -> None:
         # Inline on the driver thread. DESIGN.md had a separate completion thread; measured here it
