@@ -141,3 +141,20 @@ def test_printed_summary_counts_the_f1_fallback_as_a_pass(capsys, tmp_path):
                "tarball": "t.tar.gz"}
     print_summary(summary, tmp_path)
     assert "TEST01 PASS" in capsys.readouterr().out
+
+
+def test_run_flags_carry_every_kind_of_flag_to_the_runs():
+    from distbert.cli.main import build_parser
+    from distbert.submission.flow import run_flags
+
+    parser = build_parser()
+    base = ["submission", "run", "--out", "x", "--submitter", "S", "--system", "Y"]
+    args = parser.parse_args([*base, "--no-in-process-worker", "--workers", "2", "--option", "a=1", "--option", "b=2",
+                              "--spin-us", "5"])
+    flags = run_flags(args, args.run_actions)
+    assert "--no-in-process-worker" in flags and "--in-process-worker" not in flags
+    assert flags[flags.index("--workers") + 1] == "2" and flags.count("--option") == 2
+    args = parser.parse_args([*base, "--in-process-worker"])
+    assert run_flags(args, args.run_actions) == ["--in-process-worker"]
+    args = parser.parse_args(base)   # left unset: each run decides (SingleStream on one device: in rank 0)
+    assert run_flags(args, args.run_actions) == []

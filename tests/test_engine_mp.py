@@ -337,3 +337,30 @@ def test_in_process_worker_refuses_other_workers(env, tmp_path):
         proc = subprocess.run([PY, "-m", "distbert", "run", "--in-process-worker", "--backend", "null", *extra],
                               env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.strip().startswith("distbert: error: --in-process-worker"), extra
+
+
+@pytest.mark.timeout(180)
+def test_singlestream_on_one_device_runs_the_worker_in_rank_0_by_default(env, squad_dev, vocab, tmp_path):
+    """--in-process-worker unset: SingleStream with nothing asking for worker processes and one local
+    device runs the model in rank 0's own process; --no-in-process-worker and Offline keep a process."""
+    from distbert.topology import default_local_workers
+
+    one_device = default_local_workers() == 1
+    cases = [(["--scenario", "SingleStream"], one_device),
+             (["--scenario", "SingleStream", "--no-in-process-worker"], False),
+             (["--scenario", "SingleStream", "--workers", "1"], False),
+             (["--scenario", "Offline"], False)]
+    for k, (extra, in_rank0) in enumerate(cases):
+        out = tmp_path / f"run{k}"
+        e, tag = _tagged(env)
+        proc = subprocess.Popen([PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
+                                 "--backend", "null", "--test-query-count", "200", "--max-examples", "200",
+                                 "--output", str(out), *extra], env=e, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _, stderr = proc.communicate(timeout=120)
+        _assert_none_outlived(tag)
+        assert proc.returncode == 0, stderr[-3000:]
+        record = json.loads((out / "run.json").read_text())
+        assert record["config"]["in_process_worker"] is in_rank0, extra
+        assert (record["workers"][0]["info"]["pid"] == proc.pid) is in_rank0, extra
+        assert ("rank 0 runs the worker itself" in stderr) is in_rank0, extra

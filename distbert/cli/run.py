@@ -106,9 +106,11 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g.add_argument("--spin-us", type=float, default=0.0,
                    help="µs a ZeroMQ receive polls without sleeping, on rank 0 and the workers (default 0: "
                         "off; it costs latency where cores are scarce, see README)")
-    g.add_argument("--in-process-worker", action="store_true",
+    g.add_argument("--in-process-worker", action=argparse.BooleanOptionalAction, default=None,
                    help="no launcher: rank 0 runs the one worker itself, on its driver thread (lowest "
-                        "SingleStream latency; no overlap of batches, so not for Offline/Server throughput)")
+                        "SingleStream latency; no overlap of batches, so not for Offline/Server throughput). "
+                        "Default: on for SingleStream when there is no launcher, no --workers, "
+                        "--expect-workers or --transport, and one local device; --no-in-process-worker: off")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
@@ -189,6 +191,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         bind_host=args.bind_host, ready_timeout_s=args.ready_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
         rejoin_timeout_s=args.rejoin_timeout if args.rejoin_timeout is not None else max(60.0, args.heartbeat_timeout))
     backend_class(cfg.backend.name)  # unknown backend / missing extra: fail before starting anything
+    if cfg.in_process_worker is None:   # resolved here so that `auto` targets compare like with like
+        from distbert import topology
+        from distbert.run.rank0 import with_in_process_default
+
+        cfg = with_in_process_default(cfg, launched=topology.detect().world_size > 1)
     return validate(_resolve_auto(validate(cfg), args.target_qps, args.target_latency_ms))
 
 

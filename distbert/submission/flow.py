@@ -38,6 +38,8 @@ def run_flags(args: argparse.Namespace, actions: list[argparse.Action]) -> list[
             continue
         if isinstance(action, argparse._StoreTrueAction):
             out.append(flag)
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            out.append(flag if value else action.option_strings[1])
         elif isinstance(action, argparse._AppendAction):
             for item in value:
                 out += [flag, str(item)]

@@ -151,9 +151,13 @@ class _Waker:
                 pass  # the pipe is full, hence readable: the owner will wake anyway
 
     def drain(self) -> None:
+        # One read: wake() writes one byte per pending wake, so a 4096-byte read empties the pipe;
+        # if more were left the pipe stays readable and the next poll simply returns at once.
+        # (A loop until EAGAIN cost a second system call and an exception per wake-up: 6 % of the
+        # driver's busy samples in a py-spy profile at 230k Server QPS; no throughput change was
+        # measurable through this VM's noise.)
         try:
-            while os.read(self.rfd, 4096):
-                pass
+            os.read(self.rfd, 4096)
         except BlockingIOError:
             pass
 
