@@ -151,3 +151,59 @@ def test_native_and_binding_paths_give_loadgen_the_same_responses(env, squad_dev
         assert len(logs[native]) == len(entries)   # each sample once
     assert logs["1"] == logs["0"] and len(logs["1"]) >= 600
     assert os.environ.get("DISTBERT_LOADGEN_NATIVE") in (None, "", "1")   # the suite runs the native path
+
+
+_SUT_SCRIPT = r"""
+import json, sys, tempfile
+import numpy as np
+import mlperf_loadgen as lg
+from distbert.engine.lgnative import NativeSUT, native_entry
+
+entry, why = native_entry()
+assert entry is not None, why
+seen = []
+
+def good(ids, indices):
+    seen.append((type(ids).__name__, len(ids)))
+    r = np.zeros(len(ids), entry.complete.dtype)
+    r["id"] = ids
+    entry.complete(r)
+
+def bad(ids, indices):
+    raise ValueError("boom")
+
+out = {}
+for name, issue in (("good", good), ("bad", bad)):
+    sut = NativeSUT(entry, "test", issue, lambda: None)
+    qsl = lg.ConstructQSL(500, 500, lambda s: None, lambda s: None)
+    s = lg.TestSettings()
+    s.scenario = lg.TestScenario.Offline
+    s.mode = lg.TestMode.PerformanceOnly
+    s.offline_expected_qps = 1.0
+    s.min_query_count = 2000
+    s.min_duration_ms = 0
+    log = lg.LogSettings()
+    log.log_output.outdir = tempfile.mkdtemp()
+    log.enable_trace = False
+    lg.StartTestWithLogSettings(sut.handle, qsl, s, log)
+    lg.DestroyQSL(qsl)
+    sut.destroy()
+    summary = open(log.log_output.outdir + "/mlperf_log_summary.txt").read()
+    out[name] = {"error": repr(sut.error), "valid": "Result is : VALID" in summary,
+                 "errors": "No errors encountered" in summary}
+out["seen"] = seen
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_native_sut_hands_big_queries_as_arrays_and_a_failing_callback_cannot_hang_loadgen(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _SUT_SCRIPT], capture_output=True, text=True, timeout=100,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Offline: one query of all 2000 samples, as arrays; LoadGen saw every one completed
+    assert len(out["seen"]) == 1 and out["seen"][0][:2] == ["ndarray", 2000]
+    assert out["good"] == {"error": "None", "valid": True, "errors": True}
+    # the callback raised: the query was completed empty (LoadGen returned), the error kept for the caller
+    assert out["bad"]["error"] == "ValueError('boom')" and out["bad"]["errors"]

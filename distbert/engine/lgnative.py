@@ -103,14 +103,26 @@ class NativeSUT:
     ``handle`` is what ``mlperf_loadgen.StartTest*`` takes; ``destroy()`` once the test returned."""
 
     def __init__(self, entry: Entry, name: str, issue: Callable[[Any, Any], None], flush: Callable[[], None]):
+        #: an exception raised by ``issue`` (its query was completed empty); the caller re-raises it
+        self.error: BaseException | None = None
+
         def on_issue(_client: int, address: int, n: int) -> None:
             raw = ctypes.string_at(address, 16 * n)
-            if n <= LIST_MAX:
-                both = struct.unpack(f"<{2 * n}Q", raw)
-                issue(list(both[0::2]), list(both[1::2]))
-            else:
-                samples = np.frombuffer(raw, SAMPLE)
-                issue(samples["id"].copy(), samples["index"].astype(np.int64))
+            try:
+                if n <= LIST_MAX:
+                    both = struct.unpack(f"<{2 * n}Q", raw)
+                    issue(list(both[0::2]), list(both[1::2]))
+                else:
+                    samples = np.frombuffer(raw, SAMPLE)
+                    issue(samples["id"].copy(), samples["index"].astype(np.int64))
+            except BaseException as exc:
+                # ctypes would print it and return, and LoadGen would wait forever for these samples:
+                # complete the query empty so the test ends, and keep the error for the caller.
+                if self.error is None:
+                    self.error = exc
+                empty = np.zeros(n, entry.complete.dtype)
+                empty["id"] = np.frombuffer(raw, SAMPLE)["id"]
+                entry.complete(empty)
 
         # the callbacks must outlive the SUT: LoadGen calls them until StartTest returns
         self._callbacks = (IssueCallback(on_issue), FlushCallback(flush))

@@ -23,7 +23,7 @@ from distbert import envs
 from distbert.config import LoadGenConfig, RunConfig
 from distbert.data.loadgen_logs import headline, read_detail
 from distbert.data.squad import DEV_FEATURES
-from distbert.engine.coordinator import Coordinator
+from distbert.engine.coordinator import Coordinator, RunFailed
 from distbert.engine.lgnative import NativeSUT, native_entry
 from distbert.errors import UserError
 
@@ -186,11 +186,15 @@ def quiet_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _make_sut(scenario: str, coordinator: Coordinator) -> tuple[int, Callable[[], None], str]:
-    """(handle for StartTest, its destroy, "native" | "python"). Offline's one query of every sample
-    comes through LoadGen's C API as arrays (``engine/lgnative.NativeSUT``): the binding would hand
-    Python one int object per id and index (2.2M samples: ~0.3 s of rank 0 before the first batch).
-    Server and SingleStream keep the binding's callback: for one sample it is the cheaper of the two."""
+def _make_sut(scenario: str, coordinator: Coordinator
+              ) -> tuple[int, Callable[[], None], str, Callable[[], BaseException | None]]:
+    """(handle for StartTest, its destroy, "native" | "python", the issue callback's error if it
+    raised: the native SUT completes that query empty, so the test ends, and the caller re-raises).
+
+    Offline's one query of every sample comes through LoadGen's C API as arrays
+    (``engine/lgnative.NativeSUT``): the binding would hand Python one int object per id and index
+    (2.2M samples: ~0.3 s of rank 0 before the first batch). Server and SingleStream keep the
+    binding's callback: for one sample it is the cheaper of the two."""
     import mlperf_loadgen as lg
 
     if scenario == "Offline":
@@ -198,9 +202,9 @@ def _make_sut(scenario: str, coordinator: Coordinator) -> tuple[int, Callable[[]
         if entry is not None:
             native = NativeSUT(entry, "distbert", coordinator.issue, coordinator.flush)
             assert native.handle is not None
-            return native.handle, native.destroy, "native"
+            return native.handle, native.destroy, "native", lambda: native.error
     sut = lg.ConstructFastSUT(coordinator.issue, coordinator.flush)
-    return sut, lambda: lg.DestroyFastSUT(sut), "python"
+    return sut, lambda: lg.DestroyFastSUT(sut), "python", lambda: None
 
 
 def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: Any, logdir: Path, mode: str,
@@ -214,7 +218,7 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     log_settings.enable_trace = False
     coordinator.begin_test(cfg.loadgen.scenario, want_logits)
     # The SUT's callbacks only enqueue (STYLE §5); the QSL needs no loading: workers map the cache.
-    sut, destroy_sut, issue_path = _make_sut(cfg.loadgen.scenario, coordinator)
+    sut, destroy_sut, issue_path, issue_error = _make_sut(cfg.loadgen.scenario, coordinator)
     qsl = lg.ConstructQSL(qsl_size, min(qsl_size, DEV_FEATURES), lambda s: None, lambda s: None)
     log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -224,6 +228,9 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     finally:
         lg.DestroyQSL(qsl)
         destroy_sut()
+    error = issue_error()
+    if error is not None:
+        raise RunFailed(f"rank 0 failed to take LoadGen's query: {type(error).__name__}: {error}") from error
     wall = time.monotonic() - t0
     cpu = time.process_time() - cpu0   # rank 0's own CPU time, all its threads (LoadGen's included)
     detail = read_detail(logdir / "mlperf_log_detail.txt")
