@@ -286,15 +286,20 @@ class Dispatcher:
             if n:
                 self._cut_offline(np.asarray(ids, dtype=np.uint64), np.asarray(indices, dtype=np.int64))
         else:
-            oid, oix, cap = self._open_ids, self._open_idx, self._cap
-            for i, x in zip(ids.tolist(), indices.tolist()):
+            # A pile of samples (Server callbacks that queued up while the driver worked): fill the
+            # open batch a slice at a time, closing it whenever it reaches the cap.
+            id_list, idx_list = ids.tolist(), indices.tolist()
+            k = 0
+            while k < n:
+                oid = self._open_ids
                 if not oid:
                     self._open_deadline = now + self._max_wait
-                oid.append(i)
-                oix.append(x)
-                if len(oid) >= cap:
+                take = min(max(1, self._cap - len(oid)), n - k)   # >= 1 even if the cap shrank below it
+                oid.extend(id_list[k:k + take])
+                self._open_idx.extend(idx_list[k:k + take])
+                k += take
+                if len(oid) >= self._cap:
                     self._close_open()
-                    oid, oix = self._open_ids, self._open_idx
         out: list[Instr] = []
         self._pump(now, out)
         return out
