@@ -343,9 +343,9 @@ def test_in_process_worker_refuses_other_workers(env, tmp_path):
 def test_singlestream_on_one_device_runs_the_worker_in_rank_0_by_default(env, squad_dev, vocab, tmp_path):
     """--in-process-worker unset: SingleStream with nothing asking for worker processes and one local
     device runs the model in rank 0's own process; --no-in-process-worker and Offline keep a process."""
-    from distbert.topology import default_local_workers
+    from distbert.topology import cpu_sockets
 
-    one_device = default_local_workers() == 1
+    one_device = len(cpu_sockets()) == 1   # --device cpu (the default): one socket
     cases = [(["--scenario", "SingleStream"], one_device),
              (["--scenario", "SingleStream", "--no-in-process-worker"], False),
              (["--scenario", "SingleStream", "--workers", "1"], False),
@@ -363,4 +363,28 @@ def test_singlestream_on_one_device_runs_the_worker_in_rank_0_by_default(env, sq
         record = json.loads((out / "run.json").read_text())
         assert record["config"]["in_process_worker"] is in_rank0, extra
         assert (record["workers"][0]["info"]["pid"] == proc.pid) is in_rank0, extra
-        assert ("rank 0 runs the worker itself" in stderr) is in_rank0, extra
+        assert ("SingleStream: rank 0 runs the worker itself, on this CPU" in stderr) is in_rank0, extra
+
+
+def test_in_process_default_follows_the_device_and_the_flags(monkeypatch):
+    from distbert import topology
+    from distbert.backends.base import BackendSpec
+    from distbert.config import BatchConfig, LoadGenConfig, RunConfig
+    from distbert.run.rank0 import with_in_process_default
+
+    def cfg(scenario="SingleStream", device="cpu", **kw):
+        return RunConfig(loadgen=LoadGenConfig(scenario=scenario), backend=BackendSpec(name="null", device=device),
+                         batch=BatchConfig(), **kw)
+
+    monkeypatch.setattr(topology, "cpu_sockets", lambda cores=None: {0: [0, 1]})
+    assert with_in_process_default(cfg(), launched=False).in_process_worker is True
+    assert with_in_process_default(cfg(), launched=True).in_process_worker is False
+    for kw in ({"workers": 1}, {"expect_workers": 1}, {"listen": "tcp://127.0.0.1:0"}, {"transport": "mpi"},
+               {"coordinator_hosts_worker": True}, {"in_process_worker": False}):
+        assert with_in_process_default(cfg(**kw), launched=False).in_process_worker is False, kw
+    for scenario in ("Offline", "Server", "MultiStream"):
+        assert with_in_process_default(cfg(scenario), launched=False).in_process_worker is False
+    monkeypatch.setattr(topology, "cpu_sockets", lambda cores=None: {0: [0], 1: [1]})   # two sockets
+    assert with_in_process_default(cfg(), launched=False).in_process_worker is False
+    assert with_in_process_default(cfg(device="cuda"), launched=False).in_process_worker is True
+    assert with_in_process_default(cfg(device="cuda:3"), launched=False).in_process_worker is True

@@ -90,16 +90,19 @@ def tell_ranks_failed(comm: Any, exc: BaseException) -> None:
 def with_in_process_default(cfg: RunConfig, launched: bool) -> RunConfig:
     """``--in-process-worker`` left unset: on for SingleStream when nothing asks for worker processes
     (no launcher, no --workers/--expect-workers/--listen/--transport/--coordinator-hosts-worker) and
-    this node has one device, the case where a worker process would only add two process crossings
-    to every query (README: 658 -> 41 us p90 on the test VM). Else off."""
+    the run's device is a GPU (SingleStream keeps one query in flight, so one GPU serves it whatever
+    the node has) or a CPU with one socket. A worker process would only add two process crossings to
+    every query (README: 658 -> 41 us p90 on the test VM). On a multi-socket CPU node the default
+    stays one worker process per socket (each query on one socket's cores and memory). Else off."""
     if cfg.in_process_worker is not None:
         return cfg
+    gpu = cfg.backend.device.startswith(("cuda", "rocm"))
     on = (not launched and cfg.loadgen.scenario == "SingleStream" and cfg.workers is None
           and not cfg.expect_workers and not cfg.listen and cfg.transport == "zmq"
-          and not cfg.coordinator_hosts_worker and topo_mod.default_local_workers() == 1)
+          and not cfg.coordinator_hosts_worker and (gpu or len(topo_mod.cpu_sockets()) == 1))
     if on:
-        log.info("SingleStream on one device: rank 0 runs the worker itself (--no-in-process-worker: "
-                 "a worker process instead)")
+        log.info("SingleStream: rank 0 runs the worker itself, on %s (--no-in-process-worker: a worker process "
+                 "instead)", cfg.backend.device if gpu else "this CPU")
     return cfg.replace(in_process_worker=on)
 
 
