@@ -3,7 +3,9 @@
 #   1. the GPU-only tests: CUDA graphs against eager, batches prepared ahead on another thread;
 #   2. bench/gpu_check.sh in fp16 (Offline, Server, SingleStream eager / in-process / graphs=1, the
 #      torch-profiler tables);
-#   3. Offline with the worker's prepare stage off (DISTBERT_WORKER_PIPELINE=0), for the A/B.
+#   3. Offline with the worker's prepare stage off (DISTBERT_WORKER_PIPELINE=0), for the A/B;
+#   4. SingleStream's floor: the same backend in a bare loop (bench/ss_bare.py), for issue 11's
+#      "what distbert adds on real hardware".
 # Results go to $OUT (the device tool's output folder) or ./results/gpu-session-<time>.
 #
 #   bench/gpu_session.sh                                 # on the GPU machine
@@ -53,6 +55,11 @@ for p in $PRECISIONS; do
     DISTBERT_WORKER_PIPELINE=0 timeout 150 "$PYTHON" -m distbert run --scenario Offline --backend torch \
         --model "$MODEL" --device "$DEVICE" --precision "$p" --workers 1 --execution-mode test \
         --heartbeat-timeout 120 --test-query-count "${OFFLINE_SAMPLES:-10833}" --output "$WORK/offline-nopipeline-$p"
+done
+echo "== 4. SingleStream's floor: the same backend in a bare loop (bench/ss_bare.py; gpu_summary sets it beside step 2's SingleStream runs)"
+for p in $PRECISIONS; do
+    timeout 120 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" --precision "$p" \
+        --queries "${SS_QUERIES:-2000}" --json "$WORK/ss-bare-$p.json"
 done
 "$PYTHON" bench/gpu_summary.py "$WORK"
 echo "== done $(date -u +%FT%TZ); results in $RESULTS"

@@ -56,7 +56,25 @@ def main(root: str) -> int:
         busy_s = f"{busy:.2f}" if busy is not None else "-"
         print(f"| {name} | {scenario} | {rate_s} | {_ms(p90)} | {_ms(p99)} | {_ms(mean)} | {validity or '-'} "
               f"| {errors} | {busy_s} |")
+    _bare_vs_distbert(Path(root), {r[0]: r for r in rows})
     return 0
+
+
+def _bare_vs_distbert(root: Path, rows: dict) -> None:
+    """bench/ss_bare.py's floor (ss-bare-<precision>.json) beside the SingleStream runs of the same
+    precision: what distbert adds to a query on this hardware."""
+    for bare_path in sorted(root.glob("ss-bare-*.json")):
+        bare = json.loads(bare_path.read_text())
+        precision = bare_path.stem.removeprefix("ss-bare-")
+        print(f"\nSingleStream, {precision}: bare loop (bench/ss_bare.py) p50 {bare['p50_ms']:.3f} / "
+              f"p90 {bare['p90_ms']:.3f} ms, {bare['queries']} queries")
+        for run in (f"singlestream-inprocess-{precision}", f"singlestream-{precision}"):
+            row = rows.get(run)
+            if row is None or row[3] is None:
+                continue
+            p90 = float(row[3]) / 1e6
+            print(f"  {run}: p90 {p90:.3f} ms, distbert adds {p90 - bare['p90_ms']:+.3f} ms "
+                  f"({(p90 / bare['p90_ms'] - 1) * 100:+.1f} %)")
 
 
 if __name__ == "__main__":

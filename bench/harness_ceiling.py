@@ -13,7 +13,8 @@ LoadGen's verdict incl. the 130 ms p99 bound and early stopping).
 
     .venv/bin/python bench/harness_ceiling.py [--workers 4] [--server-duration-ms 3000] [--only Offline]
 
-Prints a Markdown table and writes bench/results/harness_ceiling.json.
+Prints a Markdown table and writes bench/results/harness_ceiling.json (with --only X:
+harness_ceiling-x.json).
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ def main() -> None:
         print(f"| {name} | {a:,.0f} | {a2:,.0f} | {b:,.0f} | {b / a:.2f} | {b / a2:.2f} |")
     res = REPO / "bench" / "results"
     res.mkdir(exist_ok=True)
-    (res / "harness_ceiling.json").write_text(json.dumps(
+    name = f"harness_ceiling-{args.only.lower()}.json" if args.only else "harness_ceiling.json"
+    (res / name).write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "workers": args.workers,
          "offline_reps": off if args.only != "Server" else None,
          "rows": [{"metric": n, "ceiling": a, "ceiling_native": a2, "distbert": b} for n, a, a2, b in rows]},

@@ -62,7 +62,7 @@ class RunConfig:
     max_examples: int | None = None  # QSL = the first N features only (quick runs)
     transport: str = "zmq"
     coordinator_hosts_worker: bool = False   # under a launcher, rank 0 also runs a worker
-    # no launcher: the one worker runs on rank 0's driver thread; None = auto (run/rank0.in_process_default)
+    # no launcher: the one worker runs on rank 0's driver thread; None = auto (run/rank0.with_in_process_default)
     in_process_worker: bool | None = None
     spin_us: float = 0.0             # ZeroMQ receive spin before sleeping, µs (0: off)
     find_peak: bool = False          # Server: search the highest VALID QPS first, run the tests at it

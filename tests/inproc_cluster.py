@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distbert.config import RunConfig
-from distbert.engine.coordinator import SWITCH, Coordinator
+from distbert.engine.coordinator import SWITCH, Coordinator, switch_interval_users
 from distbert.engine.worker import worker_run
 from distbert.wire.inproc import InprocHub
 
@@ -38,8 +38,9 @@ def start_cluster(cfg: RunConfig, store: Any, n: int, wrap: Callable[[Any], Any]
 
 def stop_cluster(coord: Coordinator, threads: list[threading.Thread], hub: InprocHub) -> None:
     coord.stop()
-    # the coordinator lowers the GIL switch interval while it runs and gives the process its own back
-    assert sys.getswitchinterval() == coord._old_switch != SWITCH
+    # coordinators lower the GIL switch interval while they run; the last one gives the process its own back
+    if switch_interval_users() == 0:
+        assert sys.getswitchinterval() != SWITCH
     for t in threads:
         t.join(timeout=10)
         assert not t.is_alive(), "a worker thread did not stop"

@@ -128,3 +128,19 @@ def test_a_batch_lost_in_transit_is_requeued_after_the_timeout(store, tmp_path):
     log = json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
     assert sorted(e["qsl_idx"] for e in log) == list(range(len(store)))
     assert score_log(tmp_path / "mlperf_log_accuracy.json", store).f1 > 98.0
+
+
+def test_the_last_coordinator_to_stop_restores_the_switch_interval():
+    import sys
+
+    from distbert.engine import coordinator as co
+
+    assert co.switch_interval_users() == 0
+    own = sys.getswitchinterval()
+    co._switch_interval(+1)
+    co._switch_interval(+1)       # two coordinators overlap (tests do)
+    assert sys.getswitchinterval() == co.SWITCH
+    co._switch_interval(-1)
+    assert sys.getswitchinterval() == co.SWITCH   # the other still runs
+    co._switch_interval(-1)
+    assert sys.getswitchinterval() == own != co.SWITCH

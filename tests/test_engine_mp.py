@@ -384,6 +384,9 @@ def test_in_process_default_follows_the_device_and_the_flags(monkeypatch):
         assert with_in_process_default(cfg(**kw), launched=False).in_process_worker is False, kw
     for scenario in ("Offline", "Server", "MultiStream"):
         assert with_in_process_default(cfg(scenario), launched=False).in_process_worker is False
+    monkeypatch.setenv("DISTBERT_LOCAL_SLOT", "1,2,4")   # a slot was chosen: only a worker process takes it
+    assert with_in_process_default(cfg(), launched=False).in_process_worker is False
+    monkeypatch.delenv("DISTBERT_LOCAL_SLOT")
     monkeypatch.setattr(topology, "cpu_sockets", lambda cores=None: {0: [0], 1: [1]})   # two sockets
     assert with_in_process_default(cfg(), launched=False).in_process_worker is False
     assert with_in_process_default(cfg(device="cuda"), launched=False).in_process_worker is True

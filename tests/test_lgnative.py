@@ -33,8 +33,8 @@ def test_the_installed_loadgen_carries_its_c_api():
     assert found.keys() == ALL and all(v > 0 for v in found.values())
     entry, why = lgnative.native_entry()
     assert entry is not None, why
-    assert entry.complete.dtype == lgnative.LAYOUTS[lgnative.response_fields()]
-    assert entry.complete.dtype.itemsize == (32 if "n_tokens" in lgnative.response_fields() else 24)
+    assert entry.complete.dtype == lgnative.VERIFIED[lgnative.loadgen_version()]
+    assert frozenset(entry.complete.dtype.names) == lgnative.response_fields()
 
 
 def _without_symtab(tmp_path: Path) -> Path:
@@ -51,16 +51,54 @@ def _without_symtab(tmp_path: Path) -> Path:
     return out
 
 
-def test_a_build_without_symbols_or_an_unknown_layout_is_refused_with_the_reason(tmp_path):
-    fields = lgnative.response_fields()
-    why = lgnative.resolve(_without_symtab(tmp_path), fields)
+def test_a_build_without_symbols_or_an_unverified_layout_is_refused_with_the_reason(tmp_path):
+    fields, version = lgnative.response_fields(), lgnative.loadgen_version()
+    why = lgnative.resolve(_without_symtab(tmp_path), fields, version)
     assert isinstance(why, str) and "stripped build?" in why
     text = tmp_path / "not-elf.so"
     text.write_text("hello")
-    why = lgnative.resolve(text, fields)
+    why = lgnative.resolve(text, fields, version)
     assert isinstance(why, str) and "not a 64-bit little-endian ELF" in why
-    why = lgnative.resolve(WHEEL, fields | {"first_token_ns"})
-    assert isinstance(why, str) and "unknown QuerySampleResponse fields" in why
+    why = lgnative.resolve(WHEEL, fields | {"first_token_ns"}, version)
+    assert isinstance(why, str) and "differ from the verified layout" in why
+    why = lgnative.resolve(WHEEL, fields, "9.9.9")
+    assert isinstance(why, str) and "LoadGen 9.9.9: its response layout has not been verified" in why
+    why = lgnative.resolve(WHEEL, fields, None)
+    assert isinstance(why, str) and "(version unknown)" in why
+
+
+_REPLACED = r"""
+import ctypes, json, shutil, sys
+from pathlib import Path
+import mlperf_loadgen as lg
+from distbert.engine import lgnative
+
+copy = Path(sys.argv[1]) / Path(lg.__file__).name
+shutil.copy(lg.__file__, copy)
+fields, version = lgnative.response_fields(), lgnative.loadgen_version()
+ok = lgnative.resolve(copy, fields, version)          # the copy is loaded here (a second mapping)
+elf = lgnative.elf_functions(copy, {lgnative.COMPLETE_SYMBOL})
+data = bytearray(copy.read_bytes())
+at = next(off + elf.values[lgnative.COMPLETE_SYMBOL] - vaddr for vaddr, off, size in elf.segments
+          if vaddr <= elf.values[lgnative.COMPLETE_SYMBOL] < vaddr + size)
+data[at] ^= 0xFF                   # a new file takes the path while the old one is loaded (as pip does)
+fresh = copy.with_suffix(".new")
+fresh.write_bytes(bytes(data))
+fresh.replace(copy)
+print(json.dumps({"before": isinstance(ok, lgnative.Entry), "after": lgnative.resolve(copy, fields, version)}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_code_in_memory_must_match_the_file(tmp_path):
+    """A module file replaced on disk after it was loaded (a pip upgrade mid-run): the symbol table
+    no longer describes the code in memory, so the C API is refused."""
+    proc = subprocess.run([sys.executable, "-c", _REPLACED, str(tmp_path)], capture_output=True, text=True,
+                          timeout=50, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] is True
+    assert "differs from" in out["after"] and "file replaced while loaded?" in out["after"]
 
 
 def test_the_switch_turns_the_native_path_off(monkeypatch):
@@ -89,7 +127,7 @@ def test_completer_writes_ids_data_pointers_and_sizes_as_loadgen_reads_them():
     rec = _Recorder(real.dtype)
     c = completion.Completer()
     assert c.path == "native"
-    c._native = lgnative.NativeComplete(call=rec, dtype=real.dtype, address=0)
+    c._native = lgnative.NativeComplete(call=rec, dtype=real.dtype)
     rng = np.random.default_rng(0)
     # with logits: every data pointer reads back its own row, size = one row's bytes
     ids = rng.integers(1, 2**62, 700, dtype=np.uint64)
@@ -110,6 +148,14 @@ def test_completer_writes_ids_data_pointers_and_sizes_as_loadgen_reads_them():
     big = np.arange(1, 5001, dtype=np.uint64)
     c.complete(big, None)
     assert (rec.calls[-1]["id"] == big).all() and len(rec.calls[-1]) == 5000
+    # more than one call carries (an aborted Offline query): slices, the buffer stays bounded
+    huge = np.arange(1, 2 * lgnative.COMPLETE_CHUNK + 11, dtype=np.uint64)
+    before = len(rec.calls)
+    c.complete(huge, None)
+    parts = rec.calls[before:]
+    assert [len(p) for p in parts] == [lgnative.COMPLETE_CHUNK, lgnative.COMPLETE_CHUNK, 10]
+    assert (np.concatenate([p["id"] for p in parts]) == huge).all()
+    assert len(c._buffer) <= lgnative.COMPLETE_CHUNK
 
 
 def test_drained_samples_keep_issue_order_across_lists_and_arrays():
@@ -157,10 +203,11 @@ _SUT_SCRIPT = r"""
 import json, sys, tempfile
 import numpy as np
 import mlperf_loadgen as lg
-from distbert.engine.lgnative import NativeSUT, native_entry
+from distbert.engine import lgnative
 
-entry, why = native_entry()
+entry, why = lgnative.native_entry()
 assert entry is not None, why
+case = sys.argv[1]
 seen = []
 
 def good(ids, indices):
@@ -172,38 +219,52 @@ def good(ids, indices):
 def bad(ids, indices):
     raise ValueError("boom")
 
-out = {}
-for name, issue in (("good", good), ("bad", bad)):
-    sut = NativeSUT(entry, "test", issue, lambda: None)
-    qsl = lg.ConstructQSL(500, 500, lambda s: None, lambda s: None)
-    s = lg.TestSettings()
-    s.scenario = lg.TestScenario.Offline
-    s.mode = lg.TestMode.PerformanceOnly
-    s.offline_expected_qps = 1.0
-    s.min_query_count = 2000
-    s.min_duration_ms = 0
-    log = lg.LogSettings()
-    log.log_output.outdir = tempfile.mkdtemp()
-    log.enable_trace = False
-    lg.StartTestWithLogSettings(sut.handle, qsl, s, log)
-    lg.DestroyQSL(qsl)
-    sut.destroy()
-    summary = open(log.log_output.outdir + "/mlperf_log_summary.txt").read()
-    out[name] = {"error": repr(sut.error), "valid": "Result is : VALID" in summary,
-                 "errors": "No errors encountered" in summary}
-out["seen"] = seen
-print(json.dumps(out))
+if case == "unreadable":   # reading LoadGen's sample array fails before the callback is called
+    lgnative.SAMPLE = "not a dtype"
+sut = lgnative.NativeSUT(entry, "test", bad if case == "raises" else good, lambda: None)
+qsl = lg.ConstructQSL(500, 500, lambda s: None, lambda s: None)
+s = lg.TestSettings()
+s.scenario = lg.TestScenario.Offline
+s.mode = lg.TestMode.PerformanceOnly
+s.offline_expected_qps = 1.0
+s.min_query_count = 2000
+s.min_duration_ms = 0
+log = lg.LogSettings()
+log.log_output.outdir = tempfile.mkdtemp()
+log.enable_trace = False
+lg.StartTestWithLogSettings(sut.handle, qsl, s, log)
+lg.DestroyQSL(qsl)
+sut.destroy()
+summary = open(log.log_output.outdir + "/mlperf_log_summary.txt").read()
+print(json.dumps({"error": repr(sut.error), "valid": "Result is : VALID" in summary,
+                  "no_errors": "No errors encountered" in summary, "seen": seen}))
 """
 
 
-@pytest.mark.timeout(120)
-def test_native_sut_hands_big_queries_as_arrays_and_a_failing_callback_cannot_hang_loadgen(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _SUT_SCRIPT], capture_output=True, text=True, timeout=100,
+def _sut_case(case: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _SUT_SCRIPT, case], capture_output=True, text=True, timeout=100,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+@pytest.mark.timeout(120)
+def test_native_sut_hands_a_big_query_over_as_arrays():
+    proc = _sut_case("good")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # Offline: one query of all 2000 samples, as arrays; LoadGen saw every one completed
-    assert len(out["seen"]) == 1 and out["seen"][0][:2] == ["ndarray", 2000]
-    assert out["good"] == {"error": "None", "valid": True, "errors": True}
-    # the callback raised: the query was completed empty (LoadGen returned), the error kept for the caller
-    assert out["bad"]["error"] == "ValueError('boom')" and out["bad"]["errors"]
+    assert out == {"error": "None", "valid": True, "no_errors": True, "seen": [["ndarray", 2000]]}
+
+
+@pytest.mark.timeout(120)
+def test_native_sut_errors_end_the_test_instead_of_hanging_loadgen():
+    # the samples could not be read: the callback was not called, the query was completed empty
+    # (LoadGen returned without an error of its own) and the cause is kept for the caller
+    proc = _sut_case("unreadable")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["seen"] == [] and out["no_errors"] and out["error"].startswith("AttributeError(")
+    # the callback raised after (maybe) taking them: neither complete twice nor wait: a one-line error, exit 70
+    proc = _sut_case("raises")
+    assert proc.returncode == 70
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "distbert: error: LoadGen's issue callback failed after taking 2000 samples: ValueError: boom")

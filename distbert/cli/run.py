@@ -109,8 +109,9 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g.add_argument("--in-process-worker", action=argparse.BooleanOptionalAction, default=None,
                    help="no launcher: rank 0 runs the one worker itself, on its driver thread (lowest "
                         "SingleStream latency; no overlap of batches, so not for Offline/Server throughput). "
-                        "Default: on for SingleStream when there is no launcher, no --workers, "
-                        "--expect-workers or --transport, and one local device; --no-in-process-worker: off")
+                        "Default: on for SingleStream without a launcher, --workers, --expect-workers, --listen, "
+                        "--transport mpi or --coordinator-hosts-worker, on a GPU or a one-socket CPU; "
+                        "--no-in-process-worker: off")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from distbert.engine.lgnative import native_complete
+from distbert.engine.lgnative import COMPLETE_CHUNK, native_complete
 
 
 def _drain(items: Iterator[Any]) -> None:
@@ -70,8 +70,15 @@ class Completer:
         self._complete(responses)
 
     def _complete_native(self, ids: np.ndarray, logits: np.ndarray | None) -> None:
+        """Not thread-safe (one recycled buffer): the caller holds ``Coordinator._lock`` (the driver
+        thread, or LoadGen's thread on the coordinator's direct path)."""
         assert self._native is not None and self._buffer is not None
         n = len(ids)
+        if n > COMPLETE_CHUNK:   # e.g. an aborted Offline query of millions: slices keep the buffer small
+            for k in range(0, n, COMPLETE_CHUNK):
+                part = None if logits is None or logits.size == 0 else logits[k:k + COMPLETE_CHUNK]
+                self._complete_native(ids[k:k + COMPLETE_CHUNK], part)
+            return
         if len(self._buffer) < n:
             self._grow(n)
         if logits is None or logits.size == 0:
@@ -96,7 +103,7 @@ class Completer:
     def _grow(self, n: int) -> None:
         assert self._native is not None
         have = 0 if self._buffer is None else len(self._buffer)
-        self._buffer = np.zeros(max(n, 2 * have, 1024), self._native.dtype)
+        self._buffer = np.zeros(min(COMPLETE_CHUNK, max(n, 2 * have, 1024)), self._native.dtype)
         self._address = self._buffer.ctypes.data
         self._ids, self._data, self._size = self._buffer["id"], self._buffer["data"], self._buffer["size"]
         self._dirty = False

@@ -103,6 +103,28 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
+
+
+def _switch_interval(delta: int) -> None:
+    """Coordinators running in this process (+1 at start, -1 at stop): the first sets SWITCH, the last
+    puts the process's own interval back (tests run several, and overlap)."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if delta > 0 and _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH)
+        _switch_users += delta
+        if delta < 0 and _switch_users == 0:
+            sys.setswitchinterval(_switch_saved)
+
+
+def switch_interval_users() -> int:
+    return _switch_users
+
+
 def _joined(ids: list[int], indices: list[int],
             pieces: list[tuple[Any, Any]]) -> tuple[list[int] | np.ndarray, list[int] | np.ndarray]:
     """The samples drained in one look, in issue order: the lists when no array came (the binding's
@@ -144,17 +166,17 @@ class Coordinator:
         # awake, so dispatcher and transport still have one user at a time.
         self._direct: Callable[[m.Batch], m.Message] | None = getattr(transport, "compute", None)
         self._lock = threading.Lock()
-        self._old_switch = sys.getswitchinterval()
+        self._switch_held = False
 
     # --- start-up: Hello -> Setup -> Ready ------------------------------------------------------
 
     def start(self) -> None:
         # LoadGen's issue thread must take the GIL to call us; with Python's default 5 ms switch
         # interval it waits behind the driver thread and falls behind its Server schedule.
-        # 0.5 ms: highest VALID Server QPS with the null backend 75k -> 90k+ (measured). stop()
-        # restores the process's own value.
-        self._old_switch = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH)
+        # 0.5 ms: highest VALID Server QPS with the null backend 75k -> 90k+ (measured). The last
+        # coordinator to stop restores the process's own value.
+        _switch_interval(+1)
+        self._switch_held = True
         self._driver = threading.Thread(target=self._drive, name="distbert-driver", daemon=True)
         self._driver.start()
         deadline = self.cfg.ready_timeout_s
@@ -194,13 +216,19 @@ class Coordinator:
             finally:
                 self._lock.release()
         self._inbox.append((ids, indices))
-        if self._dead:
-            self._complete_dead()
-            return
-        # Wake the driver only when it may be blocked: it sets _sleeping *before* its last look at
-        # the inbox, so an append that sees False here is always seen by that look (GIL ordering).
-        if self._sleeping:
-            self.transport.wake()
+        # From here the samples are ours: nothing below may raise into LoadGen (a native SUT could
+        # not tell whether they were taken; see engine/lgnative.NativeSUT).
+        try:
+            if self._dead:
+                self._complete_dead()
+                return
+            # Wake the driver only when it may be blocked: it sets _sleeping *before* its last look
+            # at the inbox, so an append that sees False here is always seen by that look (GIL ordering).
+            if self._sleeping:
+                self.transport.wake()
+        except Exception as exc:   # the driver still drains the inbox at its next heartbeat tick
+            log.exception("issue callback")
+            self._fail(f"rank 0 could not hand LoadGen's samples to its driver: {type(exc).__name__}: {exc}")
 
     def _issue_direct(self, ids: list[int] | np.ndarray, indices: list[int] | np.ndarray) -> None:
         """The driver is idle: dispatch, compute and complete this sample here, on LoadGen's thread
@@ -268,10 +296,14 @@ class Coordinator:
         self._inbox.append(_Shutdown(reason))
         self.transport.wake()
         self._all_bye.wait(timeout=deadline_s)
-        self._stop.set()
-        self.transport.wake()
-        self._driver.join(timeout=deadline_s)
-        sys.setswitchinterval(self._old_switch)
+        try:
+            self._stop.set()
+            self.transport.wake()
+            self._driver.join(timeout=deadline_s)
+        finally:
+            if self._switch_held:
+                self._switch_held = False
+                _switch_interval(-1)
 
     # --- the driver loop ------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class Worker:
         spec = cfg.backend
         if self.pin:
             self.binding = bind_worker(spec.device, self.local_index, self.local_count)
-        else:  # in-process workers (tests) must not pin the whole process
+        else:  # in-process workers (tests; --in-process-worker in rank 0) must not pin the whole process
             self.binding = DeviceBinding(spec.device, tuple(sorted(os.sched_getaffinity(0))))
         threads = spec.threads or len(self.binding.cores)
         spec = dataclasses.replace(spec, device=self.binding.device,

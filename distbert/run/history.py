@@ -60,8 +60,8 @@ def comparable(results: Path, config: dict[str, Any], world_size: int, scenario:
 
 def _no_history(flag: str, results: Path, need: str) -> UserError:
     return UserError(f"{flag} auto: no earlier comparable run under {results}/ (same backend, model, device, "
-                     f"precision, workers) with {need}: run once with a number (e.g. a short test-mode run), "
-                     "then auto takes it from there")
+                     f"precision, workers, in-process worker or not) with {need}: run once with a number (e.g. a "
+                     "short test-mode run), then auto takes it from there")
 
 
 def auto_target_qps(results: Path, config: dict[str, Any], world_size: int) -> tuple[float, str]:

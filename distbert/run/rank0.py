@@ -89,7 +89,8 @@ def tell_ranks_failed(comm: Any, exc: BaseException) -> None:
 
 def with_in_process_default(cfg: RunConfig, launched: bool) -> RunConfig:
     """``--in-process-worker`` left unset: on for SingleStream when nothing asks for worker processes
-    (no launcher, no --workers/--expect-workers/--listen/--transport/--coordinator-hosts-worker) and
+    (no launcher, no --workers/--expect-workers/--listen/--transport mpi/--coordinator-hosts-worker,
+    no DISTBERT_LOCAL_SLOT placing the worker: the in-process worker always takes slot 0) and
     the run's device is a GPU (SingleStream keeps one query in flight, so one GPU serves it whatever
     the node has) or a CPU with one socket. A worker process would only add two process crossings to
     every query (README: 658 -> 41 us p90 on the test VM). On a multi-socket CPU node the default
@@ -99,7 +100,8 @@ def with_in_process_default(cfg: RunConfig, launched: bool) -> RunConfig:
     gpu = cfg.backend.device.startswith(("cuda", "rocm"))
     on = (not launched and cfg.loadgen.scenario == "SingleStream" and cfg.workers is None
           and not cfg.expect_workers and not cfg.listen and cfg.transport == "zmq"
-          and not cfg.coordinator_hosts_worker and (gpu or len(topo_mod.cpu_sockets()) == 1))
+          and not cfg.coordinator_hosts_worker and "DISTBERT_LOCAL_SLOT" not in os.environ
+          and (gpu or len(topo_mod.cpu_sockets()) == 1))
     if on:
         log.info("SingleStream: rank 0 runs the worker itself, on %s (--no-in-process-worker: a worker process "
                  "instead)", cfg.backend.device if gpu else "this CPU")

@@ -1,0 +1,83 @@
+"""SingleStream's floor without distbert: the backend a worker builds, called in a bare loop.
+
+The same backend class, model, device, precision and options as `distbert run`, the same SQuAD
+features (gathered and trimmed to their real length exactly as a worker does), one query at a time:
+no LoadGen, no rank 0, no transport. Its latency percentiles against a SingleStream run's
+(``distbert run --scenario SingleStream ...``, the same backend flags) give what distbert adds on
+this hardware (issue 11, item 5). Query samples are drawn uniformly from the dev set with a fixed
+seed, as LoadGen draws SingleStream samples from its loaded set.
+
+    python3 bench/ss_bare.py --backend torch --model DIR --device cuda --precision fp16 \
+        [--queries 2000] [--option graphs=1] [--json out.json]
+
+Prints one JSON line: p50/p90/p99/mean in ms, queries, the backend's own description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from distbert.backends import create  # noqa: E402 - the repo root is put on sys.path above
+from distbert.backends.base import BackendSpec, ModelInputs  # noqa: E402
+from distbert.data.artifacts import resolve_squad  # noqa: E402
+from distbert.data.squad.features import load_features  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--option", action="append", default=[], help="KEY=VALUE backend option, as `distbert run`")
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=50, help="untimed queries first")
+    ap.add_argument("--dataset")
+    ap.add_argument("--vocab")
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args()
+
+    dataset, vocab = resolve_squad(args.dataset, args.vocab, download_missing=False)
+    store = load_features(dataset, vocab)
+    options = tuple(tuple(o.split("=", 1)) for o in args.option)
+    spec = BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
+                       threads=args.threads, options=options)  # type: ignore[arg-type]  # pairs from split
+    backend = create(spec)
+    backend.load()
+    if backend.needs_features:
+        backend.attach_features(store)
+    backend.warmup()
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(store), args.warmup + args.queries)
+    took = []
+    for k, i in enumerate(picks):
+        t0 = time.perf_counter()
+        idx = np.array([i], np.int64)
+        ids, mask, seg, lengths = store.gather(idx)
+        start, end = backend.run(ModelInputs(idx, ids, mask, seg, lengths))
+        np.asarray(start), np.asarray(end)   # on the host, as a worker's result is
+        if k >= args.warmup:
+            took.append(time.perf_counter() - t0)
+    ms = np.asarray(took) * 1e3
+    out = {"bench": "ss_bare", "date": time.strftime("%Y-%m-%d"), "queries": len(took),
+           "p50_ms": round(float(np.percentile(ms, 50)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
+           "p99_ms": round(float(np.percentile(ms, 99)), 4), "mean_ms": round(float(ms.mean()), 4),
+           "backend": backend.info(),
+           "device": args.device, "precision": args.precision, "options": dict(options)}
+    print(json.dumps(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
