@@ -156,5 +156,5 @@ def test_run_flags_carry_every_kind_of_flag_to_the_runs():
     assert flags[flags.index("--workers") + 1] == "2" and flags.count("--option") == 2
     args = parser.parse_args([*base, "--in-process-worker"])
     assert run_flags(args, args.run_actions) == ["--in-process-worker"]
-    args = parser.parse_args(base)   # left unset: each run decides (SingleStream on a GPU or a one-socket CPU: in rank 0)
+    args = parser.parse_args(base)   # left unset: each run decides (SingleStream on a GPU: in rank 0)
     assert run_flags(args, args.run_actions) == []

@@ -109,8 +109,8 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g.add_argument("--in-process-worker", action=argparse.BooleanOptionalAction, default=None,
                    help="no launcher: rank 0 runs the one worker itself, on its driver thread (lowest "
                         "SingleStream latency; no overlap of batches, so not for Offline/Server throughput). "
-                        "Default: on for SingleStream without a launcher, --workers, --expect-workers, --listen, "
-                        "--transport mpi or --coordinator-hosts-worker, on a GPU or a one-socket CPU; "
+                        "Default: on for SingleStream on a GPU (--device cuda/rocm) without a launcher, --workers, "
+                        "--expect-workers, --listen, --transport mpi or --coordinator-hosts-worker; "
                         "--no-in-process-worker: off")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")

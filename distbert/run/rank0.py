@@ -88,23 +88,24 @@ def tell_ranks_failed(comm: Any, exc: BaseException) -> None:
 
 
 def with_in_process_default(cfg: RunConfig, launched: bool) -> RunConfig:
-    """``--in-process-worker`` left unset: on for SingleStream when nothing asks for worker processes
-    (no launcher, no --workers/--expect-workers/--listen/--transport mpi/--coordinator-hosts-worker,
-    no DISTBERT_LOCAL_SLOT placing the worker: the in-process worker always takes slot 0) and
-    the run's device is a GPU (SingleStream keeps one query in flight, so one GPU serves it whatever
-    the node has) or a CPU with one socket. A worker process would only add two process crossings to
-    every query (README: 658 -> 41 us p90 on the test VM). On a multi-socket CPU node the default
-    stays one worker process per socket (each query on one socket's cores and memory). Else off."""
+    """``--in-process-worker`` left unset: on for SingleStream on a GPU (``--device cuda``/``rocm``)
+    when nothing asks for worker processes (no launcher, no --workers/--expect-workers/--listen/
+    --transport mpi/--coordinator-hosts-worker, no DISTBERT_LOCAL_SLOT placing the worker: the
+    in-process worker always takes slot 0). SingleStream keeps one query in flight, so one GPU serves
+    it whatever the node has, and a worker process would only add two process crossings to every
+    query (README: 658 -> 41 us p90 on the test VM). Off on CPUs: there the worker process computes a
+    one-sample query on its main thread, and PyTorch's OpenMP pool is slower from any other thread
+    (tiny model, batch 1: 2.2 -> 4.4 ms; bench notes in notes/latency.md), which is where rank 0
+    would run it. Else off."""
     if cfg.in_process_worker is not None:
         return cfg
-    gpu = cfg.backend.device.startswith(("cuda", "rocm"))
     on = (not launched and cfg.loadgen.scenario == "SingleStream" and cfg.workers is None
           and not cfg.expect_workers and not cfg.listen and cfg.transport == "zmq"
           and not cfg.coordinator_hosts_worker and "DISTBERT_LOCAL_SLOT" not in os.environ
-          and (gpu or len(topo_mod.cpu_sockets()) == 1))
+          and cfg.backend.device.startswith(("cuda", "rocm")))
     if on:
-        log.info("SingleStream: rank 0 runs the worker itself, on %s (--no-in-process-worker: a worker process "
-                 "instead)", cfg.backend.device if gpu else "this CPU")
+        log.info("SingleStream on a GPU: rank 0 runs the worker itself, on %s (--no-in-process-worker: a worker "
+                 "process instead)", cfg.backend.device)
     return cfg.replace(in_process_worker=on)
 
 
