@@ -160,6 +160,8 @@ class NativeSUT:
     sample array by address; ``issue(ids, indices)`` gets lists for up to LIST_MAX samples, else
     ``uint64``/``int64`` arrays (no per-sample Python object for an Offline query of millions).
     ``handle`` is what ``mlperf_loadgen.StartTest*`` takes; ``destroy()`` once the test returned.
+    (The binding casts that integer to ``SystemUnderTest*``; the C API's trampoline derives from
+    ``SystemUnderTest`` alone, so the pointer is the same on the Itanium C++ ABI.)
 
     ``issue`` must not raise once it has taken the samples (the coordinator's does not). If reading
     LoadGen's array fails, ``issue`` is not called and the query is completed empty (``error`` keeps
