@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--distbert-args", default="", help="extra `distbert run` arguments, e.g. '--max-wait-ms 1'")
     args = ap.parse_args()
     extra = args.distbert_args.split()
-    rows = []
+    rows: list[tuple[str, float, float, float]] = []
     if args.only != "Server":
         # Offline: this shared VM's speed drifts by tens of percent over minutes, so the three run
         # interleaved, --reps times each, and the medians are compared.
@@ -184,7 +184,9 @@ def main() -> None:
                                    ["result_samples_per_second"])
             print(f"    offline rep {rep + 1}: (a) {off['ceiling'][-1]:,.0f}  (a') {off['ceiling_native'][-1]:,.0f}  "
                   f"(b) {off['distbert'][-1]:,.0f} samples/s", flush=True)
-        rows.append((f"Offline samples/s (median of {args.reps})", *(statistics.median(off[k]) for k in off)))
+        med = {k: statistics.median(v) for k, v in off.items()}
+        rows.append((f"Offline samples/s (median of {args.reps})", med["ceiling"], med["ceiling_native"],
+                     med["distbert"]))
     if args.only != "Offline":
         found = []
         ms = args.server_duration_ms
@@ -194,7 +196,7 @@ def main() -> None:
                             lambda q: distbert_run("Server", q, args.server_duration_ms, 0, args.workers, extra))):
             print(f"{label}: Server search", flush=True)
             found.append(search_server(run, args.server_lo, args.server_hi, args.steps)[0])
-        rows.append(("Server highest VALID QPS", *found))
+        rows.append(("Server highest VALID QPS", found[0], found[1], found[2]))
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}\n")
     print("| metric | (a) in-process, LoadGen's Python API | (a') in-process, LoadGen's C entry point | "

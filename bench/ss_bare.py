@@ -49,9 +49,9 @@ def main() -> None:
 
     dataset, vocab = resolve_squad(args.dataset, args.vocab, download_missing=False)
     store = load_features(dataset, vocab)
-    options = tuple(tuple(o.split("=", 1)) for o in args.option)
+    options = tuple((k, v) for k, v in (o.split("=", 1) for o in args.option))
     spec = BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
-                       threads=args.threads, options=options)  # type: ignore[arg-type]  # pairs from split
+                       threads=args.threads, options=options)
     backend = create(spec)
     backend.load()
     if backend.needs_features:
