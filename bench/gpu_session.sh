@@ -57,9 +57,13 @@ for p in $PRECISIONS; do
         --heartbeat-timeout 120 --test-query-count "${OFFLINE_SAMPLES:-10833}" --output "$WORK/offline-nopipeline-$p"
 done
 echo "== 4. SingleStream's floor: the same backend in a bare loop (bench/ss_bare.py; gpu_summary sets it beside step 2's SingleStream runs)"
+BARE_QUERIES=$(( ${SS_QUERIES:-2000} < 500 ? ${SS_QUERIES:-2000} : 500 ))
 for p in $PRECISIONS; do
-    timeout 120 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" --precision "$p" \
-        --queries "${SS_QUERIES:-2000}" --json "$WORK/ss-bare-$p.json"
+    timeout 90 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" --precision "$p" \
+        --queries "$BARE_QUERIES" --json "$WORK/ss-bare-$p.json"
+    # the same on a second thread (a worker process computes Offline/Server batches on one)
+    timeout 90 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" --precision "$p" \
+        --queries "$BARE_QUERIES" --thread --json "$WORK/ss-bare-thread-$p.json"
 done
 "$PYTHON" bench/gpu_summary.py "$WORK"
 echo "== done $(date -u +%FT%TZ); results in $RESULTS"

@@ -66,6 +66,10 @@ def _bare_vs_distbert(root: Path, rows: dict) -> None:
     for bare_path in sorted(root.glob("ss-bare-*.json")):
         bare = json.loads(bare_path.read_text())
         precision = bare_path.stem.removeprefix("ss-bare-")
+        if precision.startswith("thread-"):
+            print(f"\nSingleStream, {precision.removeprefix('thread-')}: bare loop on a second thread p50 "
+                  f"{bare['p50_ms']:.3f} / p90 {bare['p90_ms']:.3f} ms (main thread: above)")
+            continue
         print(f"\nSingleStream, {precision}: bare loop (bench/ss_bare.py) p50 {bare['p50_ms']:.3f} / "
               f"p90 {bare['p90_ms']:.3f} ms, {bare['queries']} queries")
         for run in (f"singlestream-inprocess-{precision}", f"singlestream-{precision}"):
