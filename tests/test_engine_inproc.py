@@ -144,3 +144,37 @@ def test_the_last_coordinator_to_stop_restores_the_switch_interval():
     assert sys.getswitchinterval() == co.SWITCH   # the other still runs
     co._switch_interval(-1)
     assert sys.getswitchinterval() == own != co.SWITCH
+
+
+@pytest.mark.timeout(300)
+def test_a_driver_crash_mid_offline_completes_every_sample_once_and_fails_the_run(store, tmp_path, monkeypatch):
+    """The driver thread raises after a few results (a bug): LoadGen still gets every sample exactly
+    once (those done with their data, the rest empty, through the same native completion path), the
+    test returns instead of hanging, and the coordinator reports the crash."""
+    from distbert.engine.dispatcher import Dispatcher
+
+    real = Dispatcher.on_result
+    calls = {"n": 0}
+
+    def on_result(self, worker, batch_id, now):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("injected driver bug")
+        return real(self, worker, batch_id, now)
+
+    monkeypatch.setattr(Dispatcher, "on_result", on_result)
+    cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode="accuracy"), backend=BackendSpec("oracle"),
+                    batch=BatchConfig(max_batch=32, credits=2))
+    coord, threads, hub = start_cluster(cfg, store, 2)
+    try:
+        result = run_test(cfg, coord, len(store), "accuracy", tmp_path)
+        failure = coord.failure
+    finally:
+        stop_cluster(coord, threads, hub)
+    assert failure is not None and "rank 0 driver crashed: RuntimeError: injected driver bug" in failure
+    assert result["completion"] == "native" and result["issue"] == "native"
+    assert _errors_besides_repeated_from_config(tmp_path) == []   # no sample completed twice or never
+    log = json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
+    assert sorted(e["qsl_idx"] for e in log) == list(range(len(store)))
+    with_data = sum(1 for e in log if e["data"])
+    assert 5 <= with_data < len(store)   # the five batches done before the crash kept their logits
