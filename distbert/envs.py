@@ -90,6 +90,11 @@ def loadgen_native() -> bool:
     return os.environ.get("DISTBERT_LOADGEN_NATIVE", "1") not in ("0", "")
 
 
+def local_slot_given() -> bool:
+    """Whether ``DISTBERT_LOCAL_SLOT`` is set at all (then only worker processes honour the slot)."""
+    return "DISTBERT_LOCAL_SLOT" in os.environ
+
+
 def local_slot() -> tuple[int, int, int | None]:
     """``DISTBERT_LOCAL_SLOT=FIRST_RANK,FIRST_LOCAL_INDEX,LOCAL_COUNT``: where the local workers of a
     run without a launcher sit (default ``1,0,`` = ranks from 1, device slots from 0 of their own

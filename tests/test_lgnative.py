@@ -29,7 +29,7 @@ ALL = {lgnative.COMPLETE_SYMBOL, lgnative.CONSTRUCT_SYMBOL, lgnative.DESTROY_SYM
 
 
 def test_the_installed_loadgen_carries_its_c_api():
-    found = lgnative.elf_function_symbols(WHEEL, ALL)
+    found = lgnative.elf_functions(WHEEL, ALL).values
     assert found.keys() == ALL and all(v > 0 for v in found.values())
     entry, why = lgnative.native_entry()
     assert entry is not None, why

@@ -8,9 +8,9 @@ extension module also carries LoadGen's C API (``mlperf::c::QuerySamplesComplete
 by name in the module file's ELF symbol table, relocates them by the exported
 ``PyInit_mlperf_loadgen`` (same file, same load base), checks that the code at each relocated
 address is the code the file has there, and calls them through ctypes: completions from a NumPy array
-laid out as LoadGen's ``QuerySampleResponse``, and (:class:`NativeSUT`) an issue callback that reads
-LoadGen's sample array by address. The calls release the GIL, as pybind's do. They end in the same
-LoadGen functions the Python binding calls (``mlperf::QuerySamplesComplete`` with no response
+laid out as LoadGen's ``QuerySampleResponse``, and (:class:`NativeSUT`) an issue callback that
+reads LoadGen's sample array by address into NumPy arrays. The calls release the GIL, as pybind's
+do. They end in the same LoadGen functions the Python binding calls (``mlperf::QuerySamplesComplete`` with no response
 callback; a ``SystemUnderTest`` whose IssueQuery calls back).
 
 Used only when every check passes: a 64-bit little-endian x86-64/aarch64 ELF, the four symbols found
@@ -65,9 +65,6 @@ RESPONSE_32 = np.dtype([("id", "<u8"), ("data", "<u8"), ("size", "<u8"), ("n_tok
 VERIFIED = {"6.0.17": RESPONSE_32}
 #: LoadGen's ``QuerySample`` (id, index): unchanged since LoadGen 0.5
 SAMPLE = np.dtype([("id", "<u8"), ("index", "<u8")])
-#: at most this many samples in one issue callback arrive as Python lists (Server, SingleStream:
-#: cheaper than arrays for a few); more arrive as NumPy arrays (Offline: no per-sample objects)
-LIST_MAX = 64
 #: the most samples one native completion call carries (larger batches are completed in slices)
 COMPLETE_CHUNK = 65536
 
@@ -129,11 +126,6 @@ def elf_functions(path: Path, wanted: set[str]) -> ElfFunctions:
     return ElfFunctions(values=found, segments=segments, data=data)
 
 
-def elf_function_symbols(path: Path, wanted: set[str]) -> dict[str, int]:
-    """Values (load-base-relative addresses) of the named function symbols in ``path``'s ``.symtab``."""
-    return elf_functions(path, wanted).values
-
-
 @dataclass(frozen=True)
 class NativeComplete:
     """``call(address, count)``: LoadGen's C QuerySamplesComplete on ``count`` responses laid out as
@@ -157,8 +149,8 @@ class Entry:
 
 class NativeSUT:
     """A LoadGen SUT made through ``mlperf::c::ConstructSUT``: the issue callback receives LoadGen's
-    sample array by address; ``issue(ids, indices)`` gets lists for up to LIST_MAX samples, else
-    ``uint64``/``int64`` arrays (no per-sample Python object for an Offline query of millions).
+    sample array by address; ``issue(ids, indices)`` gets ``uint64``/``int64`` arrays (no per-sample
+    Python object for an Offline query of millions; distbert uses it for Offline only).
     ``handle`` is what ``mlperf_loadgen.StartTest*`` takes; ``destroy()`` once the test returned.
     (The binding casts that integer to ``SystemUnderTest*``; the C API's trampoline derives from
     ``SystemUnderTest`` alone, so the pointer is the same on the Itanium C++ ABI.)
@@ -175,14 +167,9 @@ class NativeSUT:
 
         def on_issue(_client: int, address: int, n: int) -> None:
             try:
-                raw = ctypes.string_at(address, SAMPLE.itemsize * n)
-                if n <= LIST_MAX:
-                    both = struct.unpack(f"<{2 * n}Q", raw)
-                    args: tuple[Any, Any] = (list(both[0::2]), list(both[1::2]))
-                else:
-                    samples = np.frombuffer(raw, SAMPLE)
-                    args = (samples["id"].copy(), samples["index"].astype(np.int64))
-                del raw
+                samples = np.frombuffer(ctypes.string_at(address, SAMPLE.itemsize * n), SAMPLE)
+                ids, indices = samples["id"].copy(), samples["index"].astype(np.int64)
+                del samples
             except BaseException as exc:
                 # ctypes would print it and return, and LoadGen would wait forever for these samples
                 if self.error is None:
@@ -190,7 +177,7 @@ class NativeSUT:
                 _complete_empty(entry.complete, address, n)
                 return
             try:
-                issue(*args)
+                issue(ids, indices)
             except BaseException as exc:
                 _stop_process(f"LoadGen's issue callback failed after taking {n} samples: "
                               f"{type(exc).__name__}: {exc}")

@@ -186,10 +186,8 @@ def quiet_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _make_sut(scenario: str, coordinator: Coordinator
-              ) -> tuple[int, Callable[[], None], str, Callable[[], BaseException | None]]:
-    """(handle for StartTest, its destroy, "native" | "python", the issue callback's error if it
-    raised: the native SUT completes that query empty, so the test ends, and the caller re-raises).
+def _make_sut(scenario: str, coordinator: Coordinator) -> tuple[int, Callable[[], None], NativeSUT | None]:
+    """(handle for StartTest, its destroy, the native SUT or None when the binding's is used).
 
     Offline's one query of every sample comes through LoadGen's C API as arrays
     (``engine/lgnative.NativeSUT``): the binding would hand Python one int object per id and index
@@ -202,9 +200,9 @@ def _make_sut(scenario: str, coordinator: Coordinator
         if entry is not None:
             native = NativeSUT(entry, "distbert", coordinator.issue, coordinator.flush)
             assert native.handle is not None
-            return native.handle, native.destroy, "native", lambda: native.error
+            return native.handle, native.destroy, native
     sut = lg.ConstructFastSUT(coordinator.issue, coordinator.flush)
-    return sut, lambda: lg.DestroyFastSUT(sut), "python", lambda: None
+    return sut, lambda: lg.DestroyFastSUT(sut), None
 
 
 def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: Any, logdir: Path, mode: str,
@@ -218,7 +216,7 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     log_settings.enable_trace = False
     coordinator.begin_test(cfg.loadgen.scenario, want_logits)
     # The SUT's callbacks only enqueue (STYLE §5); the QSL needs no loading: workers map the cache.
-    sut, destroy_sut, issue_path, issue_error = _make_sut(cfg.loadgen.scenario, coordinator)
+    sut, destroy_sut, native = _make_sut(cfg.loadgen.scenario, coordinator)
     qsl = lg.ConstructQSL(qsl_size, min(qsl_size, DEV_FEATURES), lambda s: None, lambda s: None)
     log.info("LoadGen %s %s test starting (logs in %s)", cfg.loadgen.scenario, mode, logdir)
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -228,15 +226,16 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     finally:
         lg.DestroyQSL(qsl)
         destroy_sut()
-    error = issue_error()
-    if error is not None:
+    if native is not None and native.error is not None:   # its query was completed empty so the test could end
+        error = native.error
         raise RunFailed(f"rank 0 failed to take LoadGen's query: {type(error).__name__}: {error}") from error
     wall = time.monotonic() - t0
     cpu = time.process_time() - cpu0   # rank 0's own CPU time, all its threads (LoadGen's included)
     detail = read_detail(logdir / "mlperf_log_detail.txt")
     out = headline(detail, cfg.loadgen.scenario) | {"wall_s": round(wall, 3), "rank0_cpu_s": round(cpu, 3),
                                                     "rank0_cores_busy": round(cpu / wall, 3) if wall > 0 else None,
-                                                    "issue": issue_path, "completion": coordinator.completion_path}
+                                                    "issue": "native" if native is not None else "python",
+                                                    "completion": coordinator.completion_path}
     if coordinator.dispatcher is not None:
         out["dispatcher"] = coordinator.dispatcher.stats
         out["batch_policy"] = dataclasses.asdict(coordinator.dispatcher.policy)

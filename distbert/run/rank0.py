@@ -101,7 +101,7 @@ def with_in_process_default(cfg: RunConfig, launched: bool) -> RunConfig:
         return cfg
     on = (not launched and cfg.loadgen.scenario == "SingleStream" and cfg.workers is None
           and not cfg.expect_workers and not cfg.listen and cfg.transport == "zmq"
-          and not cfg.coordinator_hosts_worker and "DISTBERT_LOCAL_SLOT" not in os.environ
+          and not cfg.coordinator_hosts_worker and not envs.local_slot_given()
           and cfg.backend.device.startswith(("cuda", "rocm")))
     if on:
         log.info("SingleStream on a GPU: rank 0 runs the worker itself, on %s (--no-in-process-worker: a worker "
