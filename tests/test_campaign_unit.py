@@ -130,6 +130,17 @@ def test_a_short_calibration_is_repeated_long_enough(tmp_path):
     assert counts[0] == 64 and counts[1] == int(5000.0 * camp.CALIBRATION_MIN_S)
 
 
+def test_the_repeated_calibration_is_longer_even_when_the_user_gave_a_query_count(tmp_path):
+    """A user's --test-query-count goes to every run, before the calibration's own; the repeat must
+    change the one argparse uses (the last), not the user's."""
+    out = tmp_path / "c"
+    runner = _Recorder({"result_samples_per_second": 5000.0, "result_validity": "VALID", "wall_s": 0.2})
+    _campaign(out, runner, flags=("--backend", "null", "--test-query-count", "2000")).run()
+    calib = [c for c in runner.calls if c[c.index("--output") + 1].endswith("calibration")]
+    last = [int(c[len(c) - 1 - c[::-1].index("--test-query-count") + 1]) for c in calib]
+    assert last == [64, int(5000.0 * camp.CALIBRATION_MIN_S)]
+
+
 def test_printed_summary_counts_the_f1_fallback_as_a_pass(capsys, tmp_path):
     from distbert.submission.flow import print_summary
 

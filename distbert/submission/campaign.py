@@ -185,7 +185,8 @@ def subprocess_runner(run_argv: list[str], log_path: Path) -> int:
     cmd = [sys.executable, "-m", "distbert", "run", *run_argv]
     log.info("$ distbert run %s", " ".join(run_argv))
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                bufsize=1)
         _tee(proc, out)
         return proc.wait()
 
@@ -350,8 +351,11 @@ class Campaign:
                 self._say(f"{scenario}: the calibration took {wall:.1f} s; again with {count} samples "
                           f"(~{CALIBRATION_MIN_S:g} s)")
                 shutil.rmtree(calib)
-                argv = [*argv]
-                argv[argv.index("--test-query-count") + 1] = str(count)
+                argv = [*argv]   # a copy: the runner may keep the first call's list
+                # the last --test-query-count is the calibration's (a user's own comes first; argparse
+                # takes the last)
+                last = len(argv) - 1 - argv[::-1].index("--test-query-count")
+                argv[last + 1] = str(count)
                 record = self._calibrate(scenario, calib, argv)
             known["calibrated"] = True
             self._save_state()
@@ -418,8 +422,10 @@ class LaunchedSteps:
             extra = {"DISTBERT_SESSION_KEY": key, "DISTBERT_ANNOUNCE": str(announce),
                      # rank 0's own worker (if any): the rank after the launched ones, rank 0's device slot
                      "DISTBERT_LOCAL_SLOT": f"{self.comm.Get_size()},{self.local_rank},{self.local_size}"}
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    env=child_env(extra))
+            # errors="replace": one undecodable byte from a native library must not kill the tee (the
+            # child would then block on a full pipe)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                    bufsize=1, env=child_env(extra))
             tee = threading.Thread(target=_tee, args=(proc, out), name="distbert-tee", daemon=True)
             tee.start()
             t0 = time.monotonic()
