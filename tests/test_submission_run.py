@@ -197,6 +197,7 @@ def test_a_short_valid_run_is_invalid_names_the_fix_and_the_rerun_is_valid(env, 
 @pytest.mark.parametrize("args, needle", [
     (["--execution-mode", "test"], "add --allow-invalid"),
     (["--scenarios", "Offline"], "needs exactly Offline,SingleStream"),
+    (["--scenarios", ",", "--division", "open"], "name at least one of"),
     (["--version", "v3.0"], "--version v3.0: distbert knows"),
     (["--version", "v4.1", "--system-type", "edge", "--benchmark", "bert-99.9"], "has no bert-99.9 result"),
     (["--backend", "nope"], "nope"),
@@ -219,6 +220,22 @@ def test_bad_input_is_one_line_and_starts_nothing(env, tmp_path, args, needle):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert time.monotonic() - t0 < 30
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_generated_model_outside_the_cache_is_refused_before_any_run(env, tmp_path):
+    """A `distbert model make` model given with --model (not the cached random one): the pre-flight
+    reads its marker, so the campaign does not find out hours later at the build."""
+    model_dir = tmp_path / "m"
+    made = subprocess.run([PY, "-m", "distbert", "model", "make", "--shape", "tiny", "--format", "onnx",
+                           "--out", str(model_dir)], env=env, capture_output=True, text=True, timeout=100)
+    assert made.returncode == 0, made.stderr[-2000:]
+    out = tmp_path / "campaign"
+    proc = _submission(env, out, "--backend", "onnxruntime", "--model", str(model_dir / "model.onnx"), timeout=60)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(lines) == 1 and "is a random-weight model" in lines[0], proc.stderr[-2000:]
     assert not (out / "runs").exists()
 
 

@@ -17,10 +17,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distbert.errors import UserError
 from distbert.submission.rules import RuleSet, rules
+
+if TYPE_CHECKING:
+    from distbert.backends.base import BackendSpec
+    from distbert.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +52,11 @@ def run_flags(args: argparse.Namespace, actions: list[argparse.Action]) -> list[
     return out
 
 
-def dry_run_reasons(args: argparse.Namespace) -> list[str]:
+def dry_run_reasons(args: argparse.Namespace, backend: BackendSpec) -> list[str]:
     """What would make the campaign's tree a dry run (the build refuses it without --allow-invalid),
-    known before any run starts."""
+    known before any run starts. ``backend``: the spec the runs' flags parse to."""
     from distbert.backends import HARNESS
-    from distbert.backends.base import BackendSpec
-    from distbert.backends.modelmaker import random_model_dir
+    from distbert.backends.modelmaker import is_random_model, random_model_dir
     from distbert.run.rank0 import resolve_model
 
     reasons = []
@@ -63,16 +66,16 @@ def dry_run_reasons(args: argparse.Namespace) -> list[str]:
         reasons.append(f"--max-examples {args.max_examples} is not the whole dev set")
     if args.min_duration_ms is not None and args.min_duration_ms < 600_000:
         reasons.append(f"--min-duration-ms {args.min_duration_ms} is below the rules' 600000")
-    if args.backend in HARNESS:
-        reasons.append(f"--backend {args.backend} runs no model")
+    if backend.name in HARNESS:
+        reasons.append(f"--backend {backend.name} runs no model")
     else:
-        options = tuple((k.strip(), v.strip()) for k, v in (o.split("=", 1) for o in args.option if "=" in o))
-        spec = BackendSpec(name=args.backend, model=args.model, precision=args.precision,
-                           options=(("random_shape", args.random_shape), *options))
-        model = resolve_model(spec, generate=False).model or ""
+        model = resolve_model(backend, generate=False).model or ""
         if Path(model).resolve().is_relative_to(random_model_dir("x", "x").parent.resolve()):
             reasons.append(f"no official model is cached, so the runs would use a random-weight model ({model}); "
                            "fetch it with `distbert download model` or give --model")
+        elif is_random_model(model):
+            reasons.append(f"--model {model} is a random-weight model (`distbert model make`): its accuracy "
+                           "means nothing")
     return reasons
 
 
@@ -89,7 +92,7 @@ def _check_system_fields(args: argparse.Namespace, given: dict[str, Any]) -> Non
                         "can measure them), e.g. {\"cooling\": \"air\", ...}")
 
 
-def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> None:
+def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> RunConfig:
     """Parse the flags as ``distbert run`` would for a submission run (bad flags fail here, before
     any run starts)."""
     from distbert.cli.main import build_parser
@@ -101,7 +104,7 @@ def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> No
                                 "--execution-mode", execution_mode])
     except SystemExit as exc:  # argparse has printed why
         raise UserError(f"a `distbert run` flag above is not valid: {' '.join(flags)}") from exc
-    config_from_args(ns)
+    return config_from_args(ns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +131,8 @@ def preflight(args: argparse.Namespace, distributed: bool) -> Plan:
     for s in scenarios:
         if s not in ("Offline", "SingleStream", "Server"):
             raise UserError(f"--scenarios: unknown scenario {s!r} (Offline, SingleStream, Server)")
+    if not scenarios:
+        raise UserError(f"--scenarios {args.scenarios!r}: name at least one of Offline, SingleStream, Server")
     if args.division == "closed" and sorted(scenarios) != sorted(required):
         raise UserError(f"--scenarios {','.join(scenarios)}: closed {benchmark} under {args.version} ({system_type}) "
                         f"needs exactly {','.join(required)}")
@@ -151,9 +156,8 @@ def preflight(args: argparse.Namespace, distributed: bool) -> Plan:
                             "launched ranks join over ZeroMQ: drop --transport mpi")
         if args.in_process_worker:
             raise UserError("--in-process-worker is for a run without a launcher")
-    for s in dict.fromkeys(scenarios):
-        _check_run_flags(flags, s, args.execution_mode)
-    dry = dry_run_reasons(args)
+    configs = [_check_run_flags(flags, s, args.execution_mode) for s in dict.fromkeys(scenarios)]
+    dry = dry_run_reasons(args, configs[0].backend)
     if dry and not args.allow_invalid:
         raise UserError(f"this campaign cannot make a submission: {'; '.join(dry)}; fix that, or add "
                         "--allow-invalid for a dry-run tree")
