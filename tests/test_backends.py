@@ -13,6 +13,7 @@ import pytest
 from distbert.backends import create, modelmaker
 from distbert.backends.base import BackendSpec, BatchHint, ModelInputs
 from distbert.errors import UserError
+from tests.batches import batch
 
 onnx = pytest.importorskip("onnx")
 HAVE = {name: importlib.util.find_spec(name) is not None
@@ -30,21 +31,6 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     if HAVE["torch"]:
         out["torch"] = modelmaker.make_model("tiny", "torch", 0, root / "torch")
     return out
-
-
-def batch(lengths=(40, 25, 33, 12), seed: int = 7, pad_to: int | None = None) -> ModelInputs:
-    """A worker-style batch: int32, trimmed to the longest real length (or padded to ``pad_to``)."""
-    rng = np.random.default_rng(seed)
-    width = pad_to or max(lengths)
-    ids = np.zeros((len(lengths), width), np.int32)
-    mask = np.zeros_like(ids)
-    seg = np.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = rng.integers(1000, 30000, n)
-        ids[i, 0], ids[i, n - 1] = 101, 102
-        mask[i, :n] = 1
-        seg[i, n // 3:n] = 1
-    return ModelInputs(np.arange(len(lengths), dtype=np.int64), ids, mask, seg, np.asarray(lengths, np.int32))
 
 
 def real(inputs: ModelInputs) -> np.ndarray:

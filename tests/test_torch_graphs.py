@@ -31,7 +31,7 @@ from distbert.backends.graphs import (
     unpad,
 )
 from distbert.errors import UserError
-from tests.test_backends import batch
+from tests.batches import batch
 
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch and transformers are not installed")
