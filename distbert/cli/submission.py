@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="submission runs per scenario in this invocation before it stops on an INVALID one "
                         "(default 2)")
     s.add_argument("--calibration-samples", type=int, default=1024,
-                   help="Offline calibration: samples to time (default 1024, at most the data set)")
+                   help="Offline calibration: samples to time (default 1024; a calibration under 5 s is repeated "
+                        "sized to about 10 s)")
     s.add_argument("--calibration-queries", type=int, default=256,
                    help="SingleStream calibration: queries to time (default 256)")
     from distbert.cli.run import CAMPAIGN_OWNED, add_run_arguments

@@ -399,8 +399,8 @@ class LaunchedSteps:
 
     ANNOUNCE_TIMEOUT_S = 600.0
 
-    def __init__(self, comm: Any, bind_host: str, hosts_worker: bool, local_rank: int = 0,
-                 local_size: int = 1) -> None:
+    def __init__(self, comm: Any, bind_host: str, hosts_worker: bool, local_rank: int,
+                 local_size: int) -> None:
         self.comm = comm
         self.bind_host = bind_host
         self.hosts_worker = hosts_worker
