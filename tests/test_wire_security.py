@@ -489,6 +489,47 @@ def test_session_keys_below_128_bits_are_refused(key, ok):
             check_session_key(key, "X")
 
 
+def test_a_120_bit_key_padded_with_spaces_to_32_characters_is_refused():
+    """30 hex digits and two spaces: 32 characters, which a count of the text took for 128 bits
+    (``bytes.fromhex`` skips the spaces). Whitespace inside a key is refused in one line, and the
+    same 120 bits without the spaces are refused for their count."""
+    from distbert.errors import UserError
+
+    padded = "ab" * 7 + " " + "ab" * 4 + " " + "ab" * 4
+    assert len(padded) == 32 and len(bytes.fromhex(padded)) == 15
+    with pytest.raises(UserError) as caught:
+        check_session_key(padded, "X")
+    assert str(caught.value).count("\n") == 0 and "whitespace inside" in str(caught.value)
+    with pytest.raises(UserError, match="has 120 bits, fewer than the 128"):
+        check_session_key(padded.replace(" ", ""), "X")
+    with pytest.raises(UserError, match="whitespace inside"):
+        curve_keys(padded + "abab")   # the transports refuse it too, whoever calls them
+
+
+def test_upper_and_lower_case_of_one_key_are_one_key_and_interoperate():
+    """The CURVE keys come from the key's bytes: both spellings give the same keys, a worker given
+    the upper-case form completes the handshake with a rank 0 given the lower-case one (real
+    sockets), and check_session_key hands both on in one canonical form."""
+    from distbert.wire import Endpoint
+    from distbert.wire.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
+
+    lower = new_session_key()
+    upper = lower.upper()
+    assert upper != lower and curve_keys(upper) == curve_keys(lower)
+    assert curve_keys(lower) != curve_keys(new_session_key())
+    assert check_session_key(upper + "\n", "X") == check_session_key(lower, "Y") == lower
+    coord = ZmqCoordinatorTransport.bind("tcp://127.0.0.1:0", lower)
+    w = ZmqWorkerTransport.connect(Endpoint(coord.endpoint.address, upper), 3)
+    try:
+        got = coord.recv(10)
+        assert got is not None and got[0] == 3 and isinstance(got[1], Hello), got
+        coord.send(3, Setup("{}"))
+        assert isinstance(w.recv(10), Setup)
+    finally:
+        w.close()
+        coord.close()
+
+
 def test_cli_refuses_a_short_key_before_anything_starts(env, tmp_path):  # noqa: F811
     e = dict(env, DISTBERT_SESSION_KEY="secret")
     proc = subprocess.run([PY, "-m", "distbert", "worker", "--connect", "tcp://127.0.0.1:9", "--rank", "1"],
