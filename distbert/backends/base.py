@@ -13,7 +13,9 @@ defaults (``prepare`` returns the inputs, ``run_prepared`` calls ``run``) keep o
 they are, and ``run()`` stays valid on every backend: ``run_prepared(prepare(x))`` must equal it.
 
 Inputs are int arrays ``[B, L]`` already trimmed by the worker to the longest real length of the
-batch (L <= 384; a backend that needs a fixed length pads internally and slices the outputs back).
+batch (L <= 384; a backend that needs a fixed length pads internally and slices the outputs back),
+then padded up to the run's shape ladder (:meth:`Backend.set_shape_ladder`, ``backends/shapes``):
+with a non-exact ladder ``[B, L]`` is always one of ``shape_ladder.shapes()``.
 The output is ``(start_logits, end_logits)``, each float32 ``[B, L]``.
 """
 
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from distbert.backends.shapes import ShapeLadder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +81,17 @@ class Backend(abc.ABC):
     needs_tokens: bool = True
 
     def __init__(self, spec: BackendSpec) -> None:
+        from distbert.backends.shapes import EXACT  # here: shapes imports this module
+
         self.spec = spec
+        #: the batch shapes this backend will be given (``backends/shapes``); exact until the worker says
+        self.shape_ladder: ShapeLadder = EXACT
+
+    def set_shape_ladder(self, ladder: ShapeLadder) -> None:
+        """The run's shape ladder, set by the worker after ``load()`` and before ``warmup()``: every
+        batch ``run`` gets is then padded to one of ``ladder.shapes()`` (unless the ladder is exact).
+        A GPU backend warms those shapes; the default only keeps the ladder."""
+        self.shape_ladder = ladder
 
     @abc.abstractmethod
     def load(self) -> None:
