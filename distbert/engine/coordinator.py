@@ -453,7 +453,7 @@ class Coordinator:
             self._readmit(handle, now)  # its link came back
         if isinstance(msg, m.Result):
             if trace.ON:
-                trace.mark("recv", msg.batch_id)
+                trace.mark("recv", msg.batch_id, worker)   # aux: who sent it (bench/chaos.py)
             if self.dispatcher is None:
                 return
             self._execute(self.dispatcher.on_result(worker, msg.batch_id, now), result=msg)
@@ -638,7 +638,7 @@ class Coordinator:
                 # a result without logits (performance mode) carries a (B, 0, 2) array
                 self._complete(ins.ids, result.logits if result is not None else None)
                 if trace.ON:
-                    trace.mark("complete", ins.batch_id)
+                    trace.mark("complete", ins.batch_id, len(ins.ids))   # aux: its samples
             elif isinstance(ins, Requeued):
                 log.warning("batch %d on worker %d has had no result for %.1f s: requeued (a message lost "
                             "on a reconnect?); a late result will be dropped", ins.batch_id, ins.worker, ins.waited_s)

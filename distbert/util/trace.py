@@ -17,7 +17,8 @@ from pathlib import Path
 from distbert import envs
 
 #: the stages, in the order a query passes them; ``key`` is the LoadGen response id for the first
-#: two and the batch id for the rest (``send`` carries the batch's first response id in ``aux``)
+#: two and the batch id for the rest (``send`` carries the batch's first response id in ``aux``, rank
+#: 0's ``recv`` the sending worker, ``complete`` the batch's sample count)
 STAGES = ("issue", "drain", "send", "w_recv", "w_start", "w_end", "w_send", "recv", "complete")
 _CODE = {name: i for i, name in enumerate(STAGES)}
 
