@@ -8,6 +8,8 @@
 # addition to its workers. Every argument after the hostfile goes to `distbert run`.
 # Needs: this checkout with its .venv (launch/setup.sh) at the same path on every host, password-less
 # ssh between them, DISTBERT_CACHE on a shared filesystem (the feature cache is built once).
+# DISTBERT_VENV names another venv with distbert installed (default: the checkout's .venv), at the same
+# path on every host too.
 # DISTBERT_MPIEXEC_ARGS adds mpiexec flags (e.g. "-launcher fork" to try it on one machine).
 set -euo pipefail
 if [ "$#" -lt 1 ] || [ ! -f "$1" ]; then
@@ -17,7 +19,11 @@ fi
 hostfile=$1
 shift
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-[ -x "$repo/.venv/bin/distbert" ] || { echo "distbert: error: no $repo/.venv: run launch/setup.sh" >&2; exit 2; }
+venv="${DISTBERT_VENV:-$repo/.venv}"
+[ -x "$venv/bin/distbert" ] && [ -x "$venv/bin/mpiexec" ] || {
+  echo "distbert: error: no $venv/bin/distbert or mpiexec: run launch/setup.sh (or set DISTBERT_VENV to a venv with distbert[mpich])" >&2
+  exit 2
+}
 tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
 workers=0
@@ -35,8 +41,8 @@ while IFS= read -r line || [ -n "$line" ]; do
   workers=$((workers + slots))
 done < "$hostfile"
 [ "$workers" -gt 0 ] || { echo "distbert: error: $hostfile names no host" >&2; exit 2; }
-export PATH="$repo/.venv/bin:$PATH"
+export PATH="$venv/bin:$PATH"
 echo "[distbert] rank 0 on $first, $workers workers from $hostfile"
 # shellcheck disable=SC2086  # DISTBERT_MPIEXEC_ARGS is a list of flags
-exec "$repo/.venv/bin/mpiexec" ${DISTBERT_MPIEXEC_ARGS:-} -f "$tmp" -n "$((workers + 1))" \
-  "$repo/.venv/bin/distbert" run "$@"
+exec "$venv/bin/mpiexec" ${DISTBERT_MPIEXEC_ARGS:-} -f "$tmp" -n "$((workers + 1))" \
+  "$venv/bin/distbert" run "$@"

@@ -26,7 +26,17 @@ from tests.test_engine_mp import _assert_none_outlived, _direct_oracle_f1, _tagg
 
 PY = sys.executable
 PORT = 5555
-N = 800          # samples; --max-batch 4 and 0.2 s per batch: ~20 s with two workers, ~40 s with one
+# A run: the first N samples of the data set in use (all of a smaller set, such as the synthetic one's
+# 665), --max-batch 4, each batch paced so that a run lasts ~20 s with two workers, ~40 s with one,
+# whatever the set's size: the cuts and kills below need that long.
+N = 800
+RUN_S = 20.0
+
+
+def run_size(features: int) -> tuple[int, float]:
+    """(samples, oracle seconds per batch) for a data set of ``features``: ~RUN_S s with two workers."""
+    n = min(N, features)
+    return n, round(RUN_S * 2 * 4 / n, 4)
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,6 +48,7 @@ class NetRun:
     logs: Path
     env: dict[str, str]
     tag: str
+    n: int          # samples in the run
     rank0: subprocess.Popen | None = None
     workers: dict[int, subprocess.Popen] = field(default_factory=dict)
 
@@ -70,15 +81,15 @@ class NetRun:
             p.wait(30)
         _assert_none_outlived(self.tag)
         entries = json.loads((self.out / "accuracy" / "mlperf_log_accuracy.json").read_text())
-        assert sorted(e["qsl_idx"] for e in entries) == list(range(N))   # every sample exactly once
+        assert sorted(e["qsl_idx"] for e in entries) == list(range(self.n))   # every sample exactly once
         record = json.loads((self.out / "run.json").read_text())
         f1 = record["results"]["accuracy"]["f1"]
-        assert abs(f1 - _direct_oracle_f1(squad_dev, vocab, session_cache, N)) < 1e-9
+        assert abs(f1 - _direct_oracle_f1(squad_dev, vocab, session_cache, self.n)) < 1e-9
         return record
 
 
 @pytest.fixture
-def netrun(env, squad_dev, vocab, tmp_path):  # noqa: F811 - env is the shared fixture imported above
+def netrun(env, squad_dev, vocab, n_features, tmp_path):  # noqa: F811 - env, n_features: the shared fixtures
     from distbert.wire.keys import new_session_key
 
     launchers_unavailable(netns.available())
@@ -86,13 +97,14 @@ def netrun(env, squad_dev, vocab, tmp_path):  # noqa: F811 - env is the shared f
     e, tag = _tagged(dict(env, DISTBERT_SESSION_KEY=new_session_key()))
     logs = tmp_path / "logs"
     logs.mkdir()
-    run = NetRun(lan, tmp_path / "run", logs, e, tag)
+    n, batch_s = run_size(n_features)
+    run = NetRun(lan, tmp_path / "run", logs, e, tag, n)
 
     def start(workers: tuple[int, ...] = (1, 2)) -> NetRun:
         run.rank0 = subprocess.Popen(
             lan.cmd(0, [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
-                        "--backend", "oracle", "--option", "oracle_latency=0.2", "--max-batch", "4",
-                        "--mode", "accuracy", "--max-examples", str(N), "--workers", "0",
+                        "--backend", "oracle", "--option", f"oracle_latency={batch_s}", "--max-batch", "4",
+                        "--mode", "accuracy", "--max-examples", str(n), "--workers", "0",
                         "--expect-workers", str(len(workers)), "--listen", f"tcp://{lan.address(0)}:{PORT}",
                         "--output", str(run.out)]),
             env=e, stdout=subprocess.DEVNULL, stderr=open(logs / "rank0.err", "w"))

@@ -303,10 +303,11 @@ def test_coordinator_hosts_worker_under_mpiexec_and_user_conf(env, squad_dev, vo
 @pytest.mark.timeout(240)
 def test_hostfile_helper_runs_rank0_plus_the_listed_workers(env, squad_dev, vocab, n_features, tmp_path):
     """launch/mpirun-hosts.sh: a hostfile line `localhost:2` gives rank 0 plus 2 workers (hydra's fork
-    launcher stands in for ssh, which needs other hosts); a bad line stops with one error."""
+    launcher stands in for ssh, which needs other hosts); a bad line, or a venv without distbert,
+    stops with one error. The venv is the one running the tests (DISTBERT_VENV), wherever it lies."""
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("# the cluster\nlocalhost:2\n\n")
-    e, tag = _tagged(dict(env, DISTBERT_MPIEXEC_ARGS="-launcher fork"))
+    e, tag = _tagged(dict(env, DISTBERT_MPIEXEC_ARGS="-launcher fork", DISTBERT_VENV=sys.prefix))
     n = min(300, n_features)
     proc = subprocess.run(["bash", str(REPO / "launch" / "mpirun-hosts.sh"), str(hosts), "--dataset", str(squad_dev),
                            "--vocab", str(vocab), "--backend", "oracle", "--mode", "accuracy", "--max-examples", str(n),
@@ -320,6 +321,9 @@ def test_hostfile_helper_runs_rank0_plus_the_listed_workers(env, squad_dev, voca
     bad = subprocess.run(["bash", str(REPO / "launch" / "mpirun-hosts.sh"), str(hosts)], env=e, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "bad worker count" in bad.stderr
+    no_venv = subprocess.run(["bash", str(REPO / "launch" / "mpirun-hosts.sh"), str(hosts)],
+                             env=dict(e, DISTBERT_VENV=str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert no_venv.returncode == 2 and no_venv.stderr.startswith(f"distbert: error: no {tmp_path}/bin/distbert")
 
 
 @pytest.mark.timeout(120)

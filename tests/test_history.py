@@ -1,5 +1,8 @@
 """--target-qps auto / --target-latency-ms auto: targets from earlier runs in the results directory,
-with real runs (null backend, test mode)."""
+with real runs (null backend, test mode).
+
+Every run reads the data set in use (``--dataset/--vocab``: official or synthetic, tests/conftest.py),
+never the cache or the network, and takes at most as many features as that set has."""
 
 from __future__ import annotations
 
@@ -9,42 +12,48 @@ import sys
 
 import pytest
 
-from tests.test_engine_mp import env  # noqa: F401 - the shared run environment
+from tests.test_engine_mp import env, n_features  # noqa: F401 - the shared run environment
 
 PY = sys.executable
 pytestmark = [pytest.mark.slow]
 
 
-def _run(e, results, name, *args):
-    proc = subprocess.run([PY, "-m", "distbert", "run", "--backend", "null", "--workers", "1", "--max-examples", "600",
+@pytest.fixture
+def data(squad_dev, vocab, n_features) -> list[str]:  # noqa: F811
+    """The data flags of every run: the set in use, its first 600 features (all of a smaller set)."""
+    return ["--dataset", str(squad_dev), "--vocab", str(vocab), "--max-examples", str(min(600, n_features))]
+
+
+def _run(e, data, results, name, *args):
+    proc = subprocess.run([PY, "-m", "distbert", "run", "--backend", "null", "--workers", "1", *data,
                            "--output", str(results / name), *args], env=e, capture_output=True, text=True, timeout=120)
     return proc, (json.loads((results / name / "run.json").read_text()) if proc.returncode == 0 else None)
 
 
 @pytest.mark.timeout(300)
-def test_auto_targets_come_from_the_newest_comparable_run(env, tmp_path):  # noqa: F811
+def test_auto_targets_come_from_the_newest_comparable_run(env, data, tmp_path):  # noqa: F811
     results = tmp_path / "results"
     results.mkdir()
-    proc, _ = _run(env, results, "ss0", "--scenario", "SingleStream", "--target-latency-ms", "auto")
+    proc, _ = _run(env, data, results, "ss0", "--scenario", "SingleStream", "--target-latency-ms", "auto")
     assert proc.returncode == 2 and "no earlier comparable run" in proc.stderr.strip().splitlines()[-1]
 
-    _, off = _run(env, results, "off1", "--scenario", "Offline")
+    _, off = _run(env, data, results, "off1", "--scenario", "Offline")
     rate = off["results"]["performance"]["result_samples_per_second"]
-    _, other = _run(env, results, "off-sim", "--scenario", "Offline", "--backend", "sim", "--sim-latency", "0.002")
+    _, other = _run(env, data, results, "off-sim", "--scenario", "Offline", "--backend", "sim", "--sim-latency", "0.002")
     # the sim run is newer but not comparable (another backend): auto ignores it
-    _, off2 = _run(env, results, "off2", "--scenario", "Offline", "--target-qps", "auto")
+    _, off2 = _run(env, data, results, "off2", "--scenario", "Offline", "--target-qps", "auto")
     assert off2["config"]["loadgen"]["target_qps"] == pytest.approx(rate, rel=1e-6)
 
-    _, srv = _run(env, results, "srv1", "--scenario", "Server", "--target-qps", "auto", "--test-query-count", "300")
+    _, srv = _run(env, data, results, "srv1", "--scenario", "Server", "--target-qps", "auto", "--test-query-count", "300")
     offline_rates = [off2["results"]["performance"]["result_samples_per_second"]]
     assert srv["config"]["loadgen"]["target_qps"] == pytest.approx(0.8 * offline_rates[0], rel=1e-6)
-    _, srv2 = _run(env, results, "srv2", "--scenario", "Server", "--target-qps", "auto", "--test-query-count", "300")
+    _, srv2 = _run(env, data, results, "srv2", "--scenario", "Server", "--target-qps", "auto", "--test-query-count", "300")
     verdict = srv["results"]["performance"]["result_validity"]
     want = srv["config"]["loadgen"]["target_qps"] * (1.0 if verdict == "VALID" else 0.9)
     assert srv2["config"]["loadgen"]["target_qps"] == pytest.approx(want, rel=1e-3)
 
-    _, ss = _run(env, results, "ss1", "--scenario", "SingleStream", "--test-query-count", "200")
-    _, ss2 = _run(env, results, "ss2", "--scenario", "SingleStream", "--test-query-count", "200",
+    _, ss = _run(env, data, results, "ss1", "--scenario", "SingleStream", "--test-query-count", "200")
+    _, ss2 = _run(env, data, results, "ss2", "--scenario", "SingleStream", "--test-query-count", "200",
                   "--target-latency-ms", "auto")
     p90 = ss["results"]["performance"]["result_90.00_percentile_latency_ns"] / 1e6
     assert ss2["config"]["loadgen"]["target_latency_ms"] == pytest.approx(p90, abs=1e-3)
@@ -52,10 +61,10 @@ def test_auto_targets_come_from_the_newest_comparable_run(env, tmp_path):  # noq
 
 
 @pytest.mark.timeout(300)
-def test_find_peak_brackets_then_bisects_and_runs_at_the_peak(env, tmp_path):  # noqa: F811
+def test_find_peak_brackets_then_bisects_and_runs_at_the_peak(env, data, tmp_path):  # noqa: F811
     results = tmp_path / "results"
     results.mkdir()
-    proc, rec = _run(env, results, "fp", "--scenario", "Server", "--workers", "2", "--find-peak",
+    proc, rec = _run(env, data, results, "fp", "--scenario", "Server", "--workers", "2", "--find-peak",
                      "--find-peak-probe-s", "0.5", "--target-qps", "20000", "--test-query-count", "500")
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp = rec["results"]["find_peak"]
@@ -72,25 +81,25 @@ def test_find_peak_brackets_then_bisects_and_runs_at_the_peak(env, tmp_path):  #
 
 
 @pytest.mark.timeout(120)
-def test_find_peak_that_finds_nothing_fails_with_one_line(env, tmp_path):  # noqa: F811
+def test_find_peak_that_finds_nothing_fails_with_one_line(env, data, tmp_path):  # noqa: F811
     """A 1 µs latency bound: no QPS is VALID; the search halves 8 times and stops with the cause."""
-    proc, _ = _run(env, tmp_path, "fp", "--scenario", "Server", "--find-peak", "--find-peak-probe-s", "0.2",
+    proc, _ = _run(env, data, tmp_path, "fp", "--scenario", "Server", "--find-peak", "--find-peak-probe-s", "0.2",
                    "--target-qps", "50000", "--target-latency-ms", "0.001")
     assert proc.returncode == 2
     assert "--find-peak: no VALID Server run" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.timeout(300)
-def test_auto_compares_with_the_model_the_run_will_use(env, tmp_path):  # noqa: F811
+def test_auto_compares_with_the_model_the_run_will_use(env, data, tmp_path):  # noqa: F811
     """A real backend without --model: earlier runs recorded the generated model's path, and auto
     must compare with that path, not with 'no --model given'."""
     results = tmp_path / "results"
     results.mkdir()
     flags = ["--backend", "onnxruntime", "--random-shape", "tiny", "--scenario", "Offline", "--test-query-count", "64"]
-    proc, first = _run(env, results, "ort1", *flags)
+    proc, first = _run(env, data, results, "ort1", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert first["config"]["backend"]["model"]   # the resolved (generated) model's path
-    proc, second = _run(env, results, "ort2", *flags, "--target-qps", "auto")
+    proc, second = _run(env, data, results, "ort2", *flags, "--target-qps", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rate = first["results"]["performance"]["result_samples_per_second"]
     assert second["config"]["loadgen"]["target_qps"] == pytest.approx(rate, rel=1e-3)
