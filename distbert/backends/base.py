@@ -61,6 +61,22 @@ class ModelInputs:
         return self.input_ids.shape
 
 
+def dummy_batch(rows: int, length: int, padded: bool = True) -> ModelInputs:
+    """A ``[rows, length]`` batch of made-up tokens for warm-ups and timings. ``padded``: the last
+    row is one token short (mask 0 there), so a model takes its masked attention path; unpadded
+    (every mask 1) is the other path, which may pick another attention kernel."""
+    ids = np.full((rows, length), 1000, np.int64) + np.arange(length, dtype=np.int64) % 7
+    ids[:, 0] = 101
+    mask = np.ones_like(ids)
+    seg = np.zeros_like(ids)
+    seg[:, length // 2:] = 1
+    lengths = np.full(rows, length, np.int32)
+    if padded and length > 1:
+        mask[-1, -1] = ids[-1, -1] = seg[-1, -1] = 0
+        lengths[-1] = length - 1
+    return ModelInputs(np.zeros(rows, np.int64), ids, mask, seg, lengths)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchHint:
     """The backend's preferred batching, used by the coordinator unless the user overrides it."""
@@ -106,6 +122,18 @@ class Backend(abc.ABC):
         ids[0, 0] = 101
         self.run(ModelInputs(np.zeros(1, np.int64), ids, np.ones_like(ids), np.zeros_like(ids),
                              np.full(1, 128, np.int32)))
+
+    def warmup_batches(self) -> list[ModelInputs]:
+        """Batches to run once *on every thread that will serve* before the worker says Ready, in
+        place of :meth:`warmup` (a GPU keeps per-thread state: cuBLAS/cuDNN handles, attention
+        plans, the current device). The worker runs them through its own threads, split over
+        ``prepare``/``run_prepared`` as batches are (``engine/worker``). Default: none, and the
+        worker calls :meth:`warmup` once instead."""
+        return []
+
+    def bind_thread(self) -> None:  # noqa: B027 - optional hook: default does nothing
+        """Make the calling thread ready to drive this backend's device (CUDA: its current device,
+        which is per thread). The worker calls it first thing on every thread that runs the backend."""
 
     @abc.abstractmethod
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
