@@ -204,6 +204,33 @@ def test_system_fields_distbert_cannot_measure_must_be_given(runs):
     assert desc["host_processor_core_count"] >= 1 and desc["host_memory_capacity"].endswith(" GB")
 
 
+def test_one_rule_decides_the_fields_a_system_needs():
+    need = build_mod.required_system_fields(["a"], ["cpu", "cpu"])
+    assert list(need) == list(build_mod.USER_FIELDS)
+    need = build_mod.required_system_fields(["a", "a"], ["cpu", "cuda:1"])
+    assert list(need) == [*build_mod.USER_FIELDS, *build_mod.GPU_USER_FIELDS]
+    assert need["accelerator_interconnect"] == "a worker runs on cuda:1"
+    need = build_mod.required_system_fields(["b", "a"], ["rocm"])
+    assert set(build_mod.NETWORK_USER_FIELDS) <= set(need) and need["host_networking"] == "the runs span 2 hosts: a, b"
+    given = dict.fromkeys(build_mod.USER_FIELDS, "x")
+    assert build_mod.missing_system_fields(build_mod.required_system_fields(["a"], ["cpu"]), given) == ""
+
+
+def test_the_build_wants_the_networking_fields_of_runs_that_span_two_hosts(runs):
+    """The same rule from the records: workers on another host than rank 0 (the record says so)."""
+    run = build_mod.load_run(runs["Offline"])
+    record = json.loads(json.dumps(run.record))
+    for w in record["workers"]:
+        w["host"] = "node2"
+    two_hosts = build_mod.Run(run.path, record)
+    given = {"host_memory_configuration": "1x24GB", "host_storage_type": "SSD", "cooling": "air"}
+    with pytest.raises(UserError, match=r"needs host_networking, host_network_card_count, host_networking_topology "
+                                        r"\(the runs span 2 hosts: "):
+        build_mod.system_description([two_hosts], "Org", "box", "closed", given, allow_invalid=False)
+    desc = build_mod.system_description([run], "Org", "box", "closed", given, allow_invalid=False)
+    assert desc["host_networking"] == "N/A"
+
+
 @pytest.mark.timeout(300)
 def test_dry_run_tree_is_complete_truncated_and_checked(runs, env, store, tmp_path):
     out = tmp_path / "sub"

@@ -315,3 +315,44 @@ def test_a_preflight_error_only_rank0_sees_stops_every_rank(env, tmp_path):
     assert proc.stderr.count("rank 0 stopped the submission") == 2, proc.stderr[-3000:]
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "campaign").exists()
+
+
+def _can_fake_a_second_host() -> str | None:
+    if MPIEXEC is None:
+        return "mpiexec not found next to the Python interpreter (the mpich wheel)"
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return "a second host name needs `unshare --uts` as root"
+    return None
+
+
+@pytest.mark.skipif(_can_fake_a_second_host() is not None, reason=str(_can_fake_a_second_host()))
+def test_a_multi_host_campaign_missing_the_networking_fields_stops_before_its_first_run(env, tmp_path):
+    """Two hosts: the launched ranks run in their own UTS namespace (`unshare --uts`) named `node2`, so
+    they report another host name than rank 0 (MPI itself still runs on this machine). The system
+    JSON has every field a one-host system needs: the pre-flight names the three networking fields
+    and the two hosts, every rank stops, no run starts. With the fields given, the pre-flight passes
+    and the first run starts (and fails, its --model being no model)."""
+    fields = {"cooling": "air", "host_memory_configuration": "1x24GB", "host_storage_type": "SSD"}
+    (tmp_path / "sys.json").write_text(json.dumps(fields))
+    out = tmp_path / "campaign"
+    run = [PY, "-m", "distbert", "submission", "run", "--out", str(out), "--submitter", "Acme", "--system", "box1",
+           "--system-json", str(tmp_path / "sys.json"), "--backend", "onnxruntime", "--model",
+           str(REPO / "pyproject.toml"), "--bind-host", "127.0.0.1"]
+    cmd = [MPIEXEC, "-n", "1", *run, ":", "-n", "2", "unshare", "--uts", "sh", "-c", 'hostname node2 && exec "$@"',
+           "sh", *run]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "must give host_networking, host_network_card_count, host_networking_topology" in errors[0], errors
+    assert "the runs span 2 hosts" in errors[0] and "node2" in errors[0], errors
+    assert proc.stderr.count("rank 0 stopped the submission") == 2, proc.stderr[-3000:]
+    assert not (out / "runs").exists()
+
+    fields |= {"host_networking": "100GbE", "host_network_card_count": "1", "host_networking_topology": "switch"}
+    (tmp_path / "sys.json").write_text(json.dumps(fields))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(errors) == 1 and "calibration run failed" in errors[0], proc.stderr[-3000:]
+    assert (out / "runs" / "Offline-calibration.log").is_file()

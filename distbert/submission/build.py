@@ -32,7 +32,7 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,36 @@ STARTING_WEIGHTS = {"model.onnx": "model.onnx (zenodo 3733910)",
 USER_FIELDS = ("host_memory_configuration", "host_storage_type", "cooling")
 GPU_USER_FIELDS = ("accelerator_host_interconnect", "accelerator_memory_configuration", "accelerator_interconnect")
 NETWORK_USER_FIELDS = ("host_networking", "host_network_card_count", "host_networking_topology")
+
+
+def is_gpu_device(device: object) -> bool:
+    return str(device or "").startswith(("cuda", "rocm"))
+
+
+def required_system_fields(hosts: Collection[str], devices: Collection[object]) -> dict[str, str]:
+    """The system-description fields no run can measure that the tree needs, each with why: always
+    USER_FIELDS; the accelerator fields when any worker has a GPU (``devices``: the workers'); the
+    multi-node networking fields when the runs span more than one host (``hosts``: rank 0's and
+    every worker's). The one rule the pre-flight (:mod:`distbert.submission.flow`, before any run)
+    and the build (from the runs' records) both ask, so the first cannot pass what the second refuses."""
+    need = {k: "no run can measure these" for k in USER_FIELDS}
+    gpus = sorted({str(d) for d in devices if is_gpu_device(d)})
+    if gpus:
+        need |= {k: f"a worker runs on {gpus[0]}" for k in GPU_USER_FIELDS}
+    if len(set(hosts)) > 1:
+        named = ", ".join(sorted(set(hosts)))
+        need |= {k: f"the runs span {len(set(hosts))} hosts: {named}" for k in NETWORK_USER_FIELDS}
+    return need
+
+
+def missing_system_fields(need: dict[str, str], given: dict[str, Any]) -> str:
+    """``""`` when ``given`` has every field of ``need``, else the missing ones grouped by why
+    (``"a, b (why); c (why)"``)."""
+    groups: dict[str, list[str]] = {}
+    for k, why in need.items():
+        if given.get(k) in (None, ""):
+            groups.setdefault(why, []).append(k)
+    return "; ".join(f"{', '.join(keys)} ({why})" for why, keys in groups.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +181,10 @@ def system_description(runs: Sequence[Run], submitter: str, system: str, divisio
     facts = runs[0].record.get("system") or {}
     workers = [w for run in runs for w in run.record.get("workers", [])]
     hosts = sorted({w.get("host") for w in workers if w.get("host")}) or [facts.get("hostname")]
-    gpu_devices = {(w.get("host"), w.get("device")) for w in workers
-                   if str(w.get("device", "")).startswith(("cuda", "rocm"))}
+    # rank 0 is part of the system too: a run whose workers all sit on one other host spans two
+    spanned = {str(h) for h in [*hosts, *(run.record.get("system", {}).get("hostname") for run in runs)] if h}
+    need = required_system_fields(spanned, [w.get("device") for w in workers])
+    gpu_devices = {(w.get("host"), w.get("device")) for w in workers if is_gpu_device(w.get("device"))}
     per_node = max(1, round(len(gpu_devices) / max(1, len(hosts)))) if gpu_devices else 0
     gpus = facts.get("gpus") or []
     sockets = facts.get("sockets") or 1
@@ -167,32 +199,29 @@ def system_description(runs: Sequence[Run], submitter: str, system: str, divisio
         "host_memory_configuration": "",
         "host_storage_capacity": f"{facts['disk_gb']} GB" if facts.get("disk_gb") else "",
         "host_storage_type": "",
-        "host_networking": "N/A" if len(hosts) == 1 else "",
-        "host_networking_topology": "N/A" if len(hosts) == 1 else "",
-        "host_network_card_count": "N/A" if len(hosts) == 1 else "",
+        **{k: "" if k in need else "N/A" for k in NETWORK_USER_FIELDS},
         "accelerators_per_node": str(per_node),
         "accelerator_model_name": gpus[0]["name"] if per_node and gpus else ("" if per_node else "N/A"),
         "accelerator_memory_capacity": gpus[0]["memory"] if per_node and gpus else ("" if per_node else "N/A"),
-        "accelerator_frequency": "", "accelerator_host_interconnect": "" if per_node else "N/A",
-        "accelerator_interconnect": "" if per_node else "N/A", "accelerator_interconnect_topology": "",
-        "accelerator_memory_configuration": "" if per_node else "N/A", "accelerator_on-chip_memories": "",
+        "accelerator_frequency": "", **{k: "" if k in need else "N/A" for k in GPU_USER_FIELDS},
+        "accelerator_interconnect_topology": "", "accelerator_on-chip_memories": "",
         "cooling": "", "framework": _framework(runs[0]), "operating_system": facts.get("os") or "",
         "other_software_stack": _software(runs[0]), "hw_notes": "",
         "sw_notes": f"distbert harness: {len(hosts)} node(s), {len(workers) // max(1, len(runs))} worker(s) per run",
     }
     desc.update(overrides)
     desc["division"], desc["submitter"], desc["system_name"] = division, submitter, overrides.get("system_name", system)
-    needed = list(USER_FIELDS) + (list(GPU_USER_FIELDS) if per_node else []) \
-        + (list(NETWORK_USER_FIELDS) if len(hosts) > 1 else []) \
-        + ["host_processor_model_name", "host_memory_capacity", "host_storage_capacity", "operating_system"]
+    measured = ["host_processor_model_name", "host_memory_capacity", "host_storage_capacity", "operating_system"]
     if per_node:
-        needed += ["accelerator_model_name", "accelerator_memory_capacity"]
-    missing = [k for k in needed if desc.get(k) in ("", None)]
+        measured += ["accelerator_model_name", "accelerator_memory_capacity"]
+    need |= {k: "distbert could not measure these on rank 0's host" for k in measured}
+    missing = missing_system_fields(need, desc)
     if missing and not allow_invalid:
-        raise UserError(f"the system description needs {', '.join(missing)}: distbert cannot measure them; "
-                        "give them in a JSON file with --system-json (e.g. {\"cooling\": \"air\", ...})")
-    for k in missing:
-        desc[k] = "N/A (not given)"
+        raise UserError(f"the system description needs {missing}: give them in a JSON file with --system-json "
+                        "(e.g. {\"cooling\": \"air\", ...})")
+    for k in need:
+        if desc.get(k) in ("", None):
+            desc[k] = "N/A (not given)"
     return desc
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,17 +80,28 @@ def dry_run_reasons(args: argparse.Namespace, backend: BackendSpec) -> list[str]
     return reasons
 
 
-def _check_system_fields(args: argparse.Namespace, given: dict[str, Any]) -> None:
-    """The system-description fields no run can measure must be in --system-json before hours of runs
-    (the build would refuse the tree without them)."""
-    from distbert.submission.build import GPU_USER_FIELDS, USER_FIELDS
+def run_hosts(args: argparse.Namespace, hosts: Sequence[str]) -> list[str]:
+    """The hosts the runs will span, known before any: ``hosts`` (rank 0's and the launched ranks');
+    external workers (``--expect-workers``) on a non-loopback ``--listen`` address may join from
+    anywhere, so they count as another host."""
+    spanned = list(dict.fromkeys(hosts))
+    listen = str(args.listen or "")
+    if args.expect_workers and not listen.startswith(("ipc://", "tcp://127.", "tcp://localhost", "tcp://[::1]")):
+        spanned.append(f"external workers at --listen {listen or '(any)'}")
+    return spanned
 
-    needed = list(USER_FIELDS) + (list(GPU_USER_FIELDS) if str(args.device).startswith(("cuda", "rocm")) else [])
-    missing = [k for k in needed if given.get(k) in (None, "")]
+
+def _check_system_fields(args: argparse.Namespace, given: dict[str, Any], hosts: Sequence[str]) -> None:
+    """The system-description fields no run can measure must be in --system-json before hours of runs:
+    the build asks the same function (``required_system_fields``) of the runs' records. Every worker
+    runs on ``--device``."""
+    from distbert.submission.build import missing_system_fields, required_system_fields
+
+    missing = missing_system_fields(required_system_fields(run_hosts(args, hosts), [args.device]), given)
     if missing:
         where = f"--system-json {args.system_json}" if args.system_json else "a --system-json file"
-        raise UserError(f"{where} must give {', '.join(missing)} (the system description needs them and no run "
-                        "can measure them), e.g. {\"cooling\": \"air\", ...}")
+        raise UserError(f"{where} must give {missing}: the system description needs them, e.g. "
+                        "{\"cooling\": \"air\", ...}")
 
 
 def _check_run_flags(flags: list[str], scenario: str, execution_mode: str) -> RunConfig:
@@ -117,9 +129,10 @@ class Plan:
     system_type: str
 
 
-def preflight(args: argparse.Namespace, distributed: bool) -> Plan:
+def preflight(args: argparse.Namespace, distributed: bool, hosts: Sequence[str]) -> Plan:
     """Every check that needs no run, before the first one (rank 0 only under a launcher: the files
-    it reads, like --system-json or the model cache, may exist on rank 0's node alone)."""
+    it reads, like --system-json or the model cache, may exist on rank 0's node alone). ``hosts``:
+    every launched rank's host (rank 0's alone without a launcher)."""
     from distbert.submission.build import check_tree_args, read_system_json
 
     rule_set = rules(args.version)
@@ -162,7 +175,7 @@ def preflight(args: argparse.Namespace, distributed: bool) -> Plan:
         raise UserError(f"this campaign cannot make a submission: {'; '.join(dry)}; fix that, or add "
                         "--allow-invalid for a dry-run tree")
     if not args.allow_invalid:
-        _check_system_fields(args, system_fields)
+        _check_system_fields(args, system_fields, hosts)
     return Plan(scenarios, flags, rule_set, system_type)
 
 
@@ -181,7 +194,7 @@ def submission_run(args: argparse.Namespace) -> int:
                         probe_s=args.find_peak_probe_s, runner=runner).run()
 
     if not topology.distributed:
-        plan = preflight(args, distributed=False)
+        plan = preflight(args, distributed=False, hosts=[topology.host])
         return finish(args, args.out, campaign(plan, subprocess_runner), plan.system_type)
 
     import mpi4py
@@ -194,6 +207,7 @@ def submission_run(args: argparse.Namespace) -> int:
     code = 1
     try:
         comm = MPI.COMM_WORLD
+        hosts = comm.allgather(topology.host)   # for the pre-flight: does the campaign span hosts?
         if topology.rank != 0:   # the launched ranks only serve: rank 0 checks, decides and says when to stop
             code = launched_worker_loop(topology, comm)
             return code
@@ -202,7 +216,7 @@ def submission_run(args: argparse.Namespace) -> int:
         steps = LaunchedSteps(comm, args.bind_host or host_address(), args.coordinator_hosts_worker,
                               topology.local_rank, topology.local_size)
         try:
-            plan = preflight(args, distributed=True)
+            plan = preflight(args, distributed=True, hosts=hosts)
             accepted = campaign(plan, steps)
         except BaseException as exc:
             steps.done(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
