@@ -478,6 +478,9 @@ def plot(path: Path, tests: list[dict[str, Any]], faults: list[Fault], t0: float
             a.axvspan(f.start - t0, max(f.end, f.start + 0.3) - t0, color=colors[f.kind], alpha=0.25,
                       label=f.kind if a is ax and f.kind not in seen else None)
         seen.add(f.kind)
+        ax.text(f.start - t0, 1.0, f" {f.kind} {','.join(map(str, f.targets))}", transform=ax.get_xaxis_transform(),
+                rotation=90, va="top", ha="right", fontsize=6)
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("samples/s")
     ax.legend(fontsize=7, ncol=4, loc="lower left")
     ax.set_title(title, fontsize=9)
