@@ -46,6 +46,7 @@ class BatchConfig:
     credits: int = 2
     calibrate: bool = False          # each worker measures its backend at start-up (batching.calibrate)
     batch_timeout_s: float = 60.0    # a batch without a result after max(this, 10 x slowest batch) is requeued; 0 = off
+    shape_ladder: int | None = None  # batch shapes: length step (backends/shapes); 0 = exact; None = the backend's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--credits must be at least 1")
     if b.batch_timeout_s < 0:
         raise UserError("--batch-timeout must be 0 (off) or a number of seconds")
+    if b.shape_ladder is not None and not 0 <= b.shape_ladder <= 384:
+        raise UserError("--shape-ladder must be 0 (exact trimming) or a length step between 1 and 384")
     if b.token_budget is not None and b.token_budget < 384:
         raise UserError("--token-budget must be at least 384 (one full-length sample)")
     if b.max_batch is not None and b.max_batch > MAX_BATCH:

@@ -17,24 +17,33 @@ GPU backend warms before it says Ready.
 Policy (:func:`resolve_ladder`): GPU backends (torch and onnxruntime on ``cuda``/``rocm``) use
 a ladder by default, CPU backends keep exact trimming (``step`` 0, ``rows`` ()), and
 ``--shape-ladder N`` forces a step of N (0 = exact) on any backend. Rank 0 and every worker call
-:func:`resolve_ladder` with the same run config and batching, so they agree on the ladder; nothing
-here imports torch.
+:func:`run_ladder` with the same run config and batching (a worker its own hint, rank 0 the ready
+workers'; the same when the workers run one backend spec, as every run does), so they agree on the
+ladder; nothing here imports torch.
+
+Defaults, measured on the dev set (``bench/shape_ladder.py``, notes/gpu.md): length step 16 and
+power-of-two rows plan the Offline dev set into 20 shapes with 5.5 % padding (step 32: 11 shapes,
+9.4 %; exact: 43 shapes, 1.9 %), at 208 shapes to warm (step 32: 104).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distbert.backends.base import BackendSpec, ModelInputs
+
+if TYPE_CHECKING:
+    from distbert.config import RunConfig
 
 #: the longest MLPerf BERT feature
 MAX_LENGTH = 384
 #: [CLS]: the one token of a dummy (padding) row
 CLS_ID = 101
 #: default length step of the GPU policy (measured: notes/gpu.md "Shape ladder (session 11)")
-DEFAULT_STEP = 32
+DEFAULT_STEP = 16
 #: backends whose policy on a GPU is a ladder (the others keep exact trimming unless forced)
 GPU_LADDER_BACKENDS = frozenset({"torch", "onnxruntime"})
 
@@ -113,6 +122,26 @@ class ShapeLadder:
         fit = [r for r in self.rows if r * length <= self.token_budget]
         return fit[-1] if fit else self.rows[0]
 
+    def fit_rows(self, limit: int) -> int:
+        """The largest rung <= ``limit`` (the smallest rung if none is; ``limit`` when rows are exact)."""
+        if not self.rows:
+            return int(limit)
+        k = int(np.searchsorted(self.rows, limit, side="right"))
+        return self.rows[max(0, k - 1)]
+
+    def shapes_of(self, rows: np.ndarray, longest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorized ``(rows_for, length_for)`` of batches with ``rows`` rows whose longest real row
+        is ``longest`` (int64 arrays). A batch above the largest rung counts at its own row count."""
+        rows = np.asarray(rows, np.int64)
+        width = np.asarray(longest, np.int64)
+        if self.step:
+            width = np.minimum(self.max_length, -(-np.maximum(width, 1) // self.step) * self.step)
+        if self.rows:
+            rungs = np.asarray(self.rows, np.int64)
+            at = np.minimum(np.searchsorted(rungs, rows), len(rungs) - 1)
+            rows = np.maximum(rungs[at], rows)
+        return rows, width
+
     def shapes(self) -> list[tuple[int, int]]:
         """Every ``(rows, length)`` a batch can take under this ladder and its token budget, sorted:
         what a GPU backend must warm. Empty when either side is exact (nothing fixed to warm)."""
@@ -152,6 +181,29 @@ class ShapeLadder:
 EXACT = ShapeLadder(0, ())
 
 
+#: a shape summary lists the count per shape when at most this many distinct shapes ran
+SHAPES_LISTED = 64
+
+
+def shape_summary(counts: dict[tuple[int, int], int], tokens_run: int, tokens_real: int) -> dict[str, object]:
+    """What run.json says of the shapes run: ``batch_shapes`` (distinct (rows, length) pairs),
+    ``padding_fraction`` (padded tokens / tokens run), ``tokens_run``, ``tokens_padded``, and
+    ``shapes`` ("RxL": batches) when at most :data:`SHAPES_LISTED` shapes ran."""
+    padded = tokens_run - tokens_real
+    out: dict[str, object] = {"batch_shapes": len(counts),
+                              "padding_fraction": round(padded / tokens_run, 6) if tokens_run else 0.0,
+                              "tokens_run": tokens_run, "tokens_padded": padded}
+    if len(counts) <= SHAPES_LISTED:
+        out["shapes"] = {f"{r}x{n}": c for (r, n), c in sorted(counts.items())}
+    return out
+
+
+def ladder_json(ladder: ShapeLadder) -> dict[str, object]:
+    """``ladder`` as plain JSON values (what a worker's Ready and run.json carry)."""
+    return {"step": ladder.step, "rows": list(ladder.rows), "max_length": ladder.max_length,
+            "token_budget": ladder.token_budget}
+
+
 def default_step(spec: BackendSpec) -> int:
     """The backend's policy without a ``--shape-ladder``: a ladder on a GPU, exact trimming elsewhere."""
     on_gpu = spec.device.lower().startswith(("cuda", "rocm"))
@@ -166,3 +218,13 @@ def resolve_ladder(spec: BackendSpec, forced_step: int | None, max_rows: int,
     if step == 0:
         return EXACT
     return ShapeLadder(step=step, rows=row_rungs(max_rows), max_length=MAX_LENGTH, token_budget=token_budget)
+
+
+def run_ladder(cfg: RunConfig, max_batch: int, token_budget: int | None) -> ShapeLadder:
+    """The ladder of run ``cfg`` for workers announcing ``max_batch`` rows and ``token_budget``
+    (their batch hint; rank 0: the largest max batch and smallest budget of the ready workers):
+    ``--max-batch`` and ``--token-budget`` bound them as they bound the batching."""
+    b = cfg.batch
+    rows = min(max_batch, b.max_batch) if b.max_batch else max_batch
+    budget = b.token_budget if b.token_budget is not None else token_budget
+    return resolve_ladder(cfg.backend, b.shape_ladder, rows, budget)

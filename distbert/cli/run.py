@@ -89,6 +89,10 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g.add_argument("--batch-timeout", type=float, default=60.0,
                    help="requeue a batch with no result after max(this, 10 x the slowest batch) seconds "
                         "(a message lost on a reconnect); 0 = off (default 60)")
+    g.add_argument("--shape-ladder", type=int, metavar="N",
+                   help="round every batch up to a bounded set of shapes: lengths to multiples of N (to 384), rows "
+                        "to powers of two; 0 = exact trimming (default: a ladder of 16 on a GPU with torch or "
+                        "onnxruntime, exact elsewhere; docs/gpu.md)")
     g.add_argument("--calibrate", action="store_true",
                    help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
                         "max batch / token budget (instead of the backend's static hint)")
@@ -183,7 +187,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         backend=BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
                             threads=args.threads, options=tuple(options)),
         batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,
-                          credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout),
+                          credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout,
+                          shape_ladder=args.shape_ladder),
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker,

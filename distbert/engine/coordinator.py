@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from distbert.backends.shapes import ladder_json, run_ladder
 from distbert.config import MAX_BATCH, RunConfig  # MAX_BATCH: the largest max_batch a worker may announce
 from distbert.engine.completion import Completer
 from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
@@ -190,15 +191,22 @@ class Coordinator:
             raise RunFailed(self.failure)
 
     def _policy(self) -> BatchPolicy:
-        hints = [h.info.get("token_budget") for h in self.workers.values() if h.ready]
-        budget = self.cfg.batch.token_budget
-        if budget is None:
-            known = [h for h in hints if h]
-            budget = min(known) if known else None
-        max_batch = self.cfg.batch.max_batch or max(h.max_batch for h in self.workers.values() if h.ready)
+        ready = [h for h in self.workers.values() if h.ready]
+        known = [h.info["token_budget"] for h in ready if h.info.get("token_budget")]
+        hinted_budget = min(known) if known else None
+        budget = self.cfg.batch.token_budget if self.cfg.batch.token_budget is not None else hinted_budget
+        largest = max(h.max_batch for h in ready)
+        max_batch = self.cfg.batch.max_batch or largest
+        ladder = run_ladder(self.cfg, largest, hinted_budget)
+        for h in ready:   # the same spec on every worker gives the same ladder; a calibrated one may differ
+            theirs = h.info.get("shape_ladder")
+            if theirs is not None and theirs != ladder_json(ladder):
+                log.warning("worker %d pads to the shape ladder %s, rank 0 plans with %s (--calibrate gave "
+                            "it another batching?): its batches run at its own shapes", h.worker, theirs,
+                            ladder_json(ladder))
         return BatchPolicy(max_batch=max_batch, token_budget=budget,
                            max_wait_s=self.cfg.batch.max_wait_ms / 1000.0, credits=self.cfg.batch.credits,
-                           batch_timeout_s=self.cfg.batch.batch_timeout_s)
+                           batch_timeout_s=self.cfg.batch.batch_timeout_s, ladder=ladder)
 
     # --- LoadGen callbacks: enqueue only --------------------------------------------------------
 

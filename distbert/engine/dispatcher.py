@@ -13,7 +13,10 @@ Scheduling (DESIGN.md "Scheduling"):
   lengths keep issue order), and cut into batches of at most ``cap`` rows and, with a token budget,
   at most ``token_budget`` padded tokens (rows x longest row; the longest row of a batch is its
   first). A single sample longer than the budget goes out alone. ``cap`` is
-  ``min(policy.max_batch, largest max_batch among live workers)``.
+  ``min(policy.max_batch, largest max_batch among live workers)``. With a shape ladder
+  (``policy.ladder``, ``backends/shapes``) a batch takes the largest ladder row count whose rows x
+  *ladder* length (of its longest row) fit the budget and the cap, so full batches need no row
+  padding and the whole set runs in about one shape per ladder length.
 * **Server** -- samples accumulate in one *open* batch. It leaves (a) at once when it is full
   (``cap`` rows); (b) at once when some worker has **nothing in flight** (work-conserving: an idle
   worker is never kept waiting for a batch to fill, which is what keeps latency low at low load);
@@ -22,6 +25,9 @@ Scheduling (DESIGN.md "Scheduling"):
   free credit to be *used*, not a fixed delay. When the wait has passed but no worker has a free
   credit, the open batch is not cut: it keeps growing (up to ``cap``) and leaves the moment a
   credit frees, as one larger batch. Full batches that find no free credit wait in a FIFO queue.
+  With a shape ladder, a closed batch with more rows than the ladder allows at its ladder length
+  (the budget, the largest rung) is cut, in arrival order, into pieces that fit, so every batch is a
+  shape the worker warmed.
 * **SingleStream** -- every sample is its own batch, sent at once to the least-loaded worker.
 
 Choosing a worker (all scenarios): pull-based credits. A worker holds at most ``policy.credits``
@@ -38,6 +44,11 @@ worker, or a second reply) is therefore a duplicate and is dropped, as are resul
 sent and results from a worker other than the one the batch was sent to. Response ids are opaque:
 the dispatcher never keys on them (LoadGen does not promise they are unique across a whole run).
 
+Shapes (``stats()["batch_shapes"]``, ``["padding_fraction"]``): every completed batch counts as the
+shape the worker runs it at, ``(ladder.rows_for(rows), ladder.length_for(longest row))`` (exact
+trimming: its rows x longest row); padded tokens are that shape's tokens less the rows' real lengths.
+The counting is folded in bulk (numpy), off the per-result path.
+
 Lost batches (a message ZeroMQ dropped while a worker reconnected: the worker stays alive, so no
 loss event comes): a batch in flight longer than ``max(policy.batch_timeout_s, 10 x the slowest
 batch completed so far)`` is retired and requeued like a lost worker's, and its worker's credit is
@@ -52,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from distbert.backends.shapes import EXACT, ShapeLadder, shape_summary
 from distbert.config import SCENARIOS
 
 
@@ -62,6 +74,7 @@ class BatchPolicy:
     max_wait_s: float = 0.002        # Server: upper bound on how long the oldest open sample waits for a free credit
     credits: int = 2                 # max batches in flight per worker
     batch_timeout_s: float = 0.0     # floor of the lost-batch timeout (10 x slowest batch seen); 0 = off
+    ladder: ShapeLadder = EXACT      # the batch shapes workers pad to (backends/shapes); EXACT = trimming only
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -165,6 +178,8 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 #: merges bins so that at most TIMELINE_MAX_BINS remain)
 TIMELINE_BIN_S = 0.25
 TIMELINE_MAX_BINS = 600
+#: completed batches whose shapes are counted together (one numpy pass instead of one per result)
+FOLD_BATCHES = 4096
 
 
 class Dispatcher:
@@ -213,6 +228,16 @@ class Dispatcher:
         self._unknown_dropped = 0
         self._wrong_worker_dropped = 0
         self._aborted = 0
+        # Shapes run: completed batches' QSL indices wait in _unfolded and are folded in bulk.
+        self._ladder = policy.ladder
+        self._unfolded: list[np.ndarray] = []
+        self._shape_counts: dict[tuple[int, int], int] = {}
+        self._tokens_run = 0
+        self._tokens_real = 0
+        # ladder with row rungs: the most rows a batch may have, by the real length of its longest row
+        self._rows_limit = (np.array([self._ladder.max_rows(self._ladder.length_for(max(1, n)))
+                                      for n in range(self._ladder.max_length + 1)], np.int64)
+                            if self._ladder.rows else None)
 
     # -----------------------------------------------------------------------------------------
     # Events
@@ -339,6 +364,10 @@ class Dispatcher:
         if not w.inflight:
             self._idle_count += 1
         k = len(f.ids)
+        unfolded = self._unfolded
+        unfolded.append(f.indices)
+        if len(unfolded) >= FOLD_BATCHES:
+            self._fold_shapes()
         w.batches_completed += 1
         w.samples_completed += k
         if self._t0 is None:
@@ -473,7 +502,15 @@ class Dispatcher:
             "samples_aborted": self._aborted,
             "workers": dict(sorted(per.items())),
             "timeline": self._timeline(),
-        }
+        } | self.shape_stats()
+
+    def shape_stats(self) -> dict[str, Any]:
+        """The shapes the completed batches ran at (module docstring, "Shapes"): ``batch_shapes`` (the
+        number of distinct (rows, length) pairs), ``padding_fraction`` (padded tokens / tokens run),
+        ``tokens_run``, ``tokens_padded``, and ``shapes`` ("RxL": batches) when few shapes ran
+        (``backends/shapes.shape_summary``)."""
+        self._fold_shapes()
+        return shape_summary(self._shape_counts, self._tokens_run, self._tokens_real)
 
     def _timeline(self) -> dict[str, Any]:
         """Samples completed per worker per time bin (bins merged to at most TIMELINE_MAX_BINS)."""
@@ -496,16 +533,63 @@ class Dispatcher:
             return
         self._cap = max((w.cap for w in self._workers.values()), default=self.policy.max_batch)
 
+    def _fold_shapes(self) -> None:
+        """Count the shapes of the completed batches not counted yet (see ``shape_stats``)."""
+        batches = self._unfolded
+        if not batches:
+            return
+        self._unfolded = []
+        sizes = np.fromiter((len(b) for b in batches), np.int64, len(batches))
+        lens = self._lengths[np.concatenate(batches)].astype(np.int64)
+        starts = np.zeros(len(batches), np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        rows, width = self._ladder.shapes_of(sizes, np.maximum.reduceat(lens, starts))
+        self._tokens_run += int((rows * width).sum())
+        self._tokens_real += int(lens.sum())
+        pairs, counts = np.unique(np.stack([rows, width], axis=1), axis=0, return_counts=True)
+        sc = self._shape_counts
+        for (r, n), c in zip(pairs.tolist(), counts.tolist()):
+            sc[(r, n)] = sc.get((r, n), 0) + c
+
     def _close_open(self) -> None:
         ids = np.array(self._open_ids, dtype=np.uint64)
         idx = np.array(self._open_idx, dtype=np.int64)
         ids.flags.writeable = False
         idx.flags.writeable = False
-        self._queue.append((ids, idx))
+        if self._rows_limit is not None and len(ids) > 1:
+            for a, b in self._ladder_pieces(idx):
+                self._queue.append((ids[a:b], idx[a:b]))
+        else:
+            self._queue.append((ids, idx))
         self._queued_samples += len(ids)
         self._open_ids = []
         self._open_idx = []
         self._open_due = False
+
+    def _ladder_pieces(self, idx: np.ndarray) -> list[tuple[int, int]]:
+        """A Server batch (arrival order) as consecutive pieces, each within the ladder's row limit
+        for the ladder length of its own longest row."""
+        assert self._rows_limit is not None
+        limit = self._rows_limit
+        lens = np.minimum(self._lengths[idx].astype(np.int64), len(limit) - 1)
+        n, start, out = len(idx), 0, []
+        while start < n:
+            allowed = limit[np.maximum.accumulate(lens[start:])]
+            over = np.flatnonzero(np.arange(1, n - start + 1) > allowed)
+            stop = start + int(over[0]) if over.size else n      # over[0] >= 1: one row always fits
+            out.append((start, stop))
+            start = stop
+        return out
+
+    def _offline_rows(self, longest: int, left: int) -> int:
+        """Rows of the next Offline batch under a shape ladder: the largest rung whose rows x ladder
+        length of ``longest`` fit the cap and the token budget, at most ``left``."""
+        ladder, budget = self._ladder, self.policy.token_budget
+        length = ladder.length_for(longest)
+        limit = self._cap if budget is None else min(self._cap, max(1, budget // length))
+        if ladder.rows:
+            limit = ladder.fit_rows(min(limit, ladder.max_rows(length)))
+        return min(limit, left)
 
     def _cut_offline(self, ids: np.ndarray, indices: np.ndarray) -> None:
         lens = self._lengths[indices]
@@ -518,7 +602,14 @@ class Dispatcher:
         ids = _frozen(ids[order])
         indices = _frozen(indices[order])
         n, cap, budget = len(ids), self._cap, self.policy.token_budget
-        if budget is None:
+        if not self._ladder.exact:
+            slens = lens[order]
+            k = 0
+            while k < n:
+                rows = self._offline_rows(int(slens[k]), n - k)       # row k is the batch's longest
+                self._queue.append((ids[k:k + rows], indices[k:k + rows]))
+                k += rows
+        elif budget is None:
             for k in range(0, n, cap):
                 self._queue.append((ids[k:k + cap], indices[k:k + cap]))
         else:

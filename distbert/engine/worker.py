@@ -5,7 +5,9 @@ Two threads, so the transport is only ever touched by one of them (STYLE §5):
 * the **I/O thread** (the caller of :func:`worker_run`) owns the transport: it receives batches and
   control messages, sends results, heartbeats and failures;
 * the **compute thread** gathers each batch's rows from the memory-mapped feature cache, trims them
-  to the longest real length, runs the backend and hands the result back through a deque, waking
+  to the longest real length, pads them up to the run's shape ladder (``backends/shapes``; exact
+  trimming unless the backend's policy or ``--shape-ladder`` says otherwise), runs the backend, slices
+  the outputs back to the real rows and length, and hands the result back through a deque, waking
   the I/O thread.
 
 With a backend that gains from overlapping host work and device compute
@@ -41,6 +43,7 @@ import numpy as np
 from distbert import envs
 from distbert.backends import create
 from distbert.backends.base import Backend, ModelInputs
+from distbert.backends.shapes import EXACT, ShapeLadder, ladder_json, run_ladder, shape_summary
 from distbert.config import RunConfig
 from distbert.errors import UserError
 from distbert.topology import DeviceBinding, bind_worker
@@ -71,6 +74,7 @@ class _Prepared:
     batch: m.Batch
     prepared: object       # what backend.prepare returned
     prepare_s: float       # gather + prepare time
+    width: int             # the batch's longest real row: outputs are sliced back to it
 
 
 def _failure(rank: int, batch_id: int, exc: BaseException) -> m.Failure:
@@ -110,6 +114,11 @@ class Worker:
         self.inline_batches = 0  # of those, run on the I/O thread
         self.samples = 0
         self.compute_s = 0.0
+        self.ladder: ShapeLadder = EXACT        # set in configure, before the backend warms up
+        self._shape_lock = threading.Lock()     # _inputs runs on the compute, prepare or I/O thread
+        self._shapes: dict[tuple[int, int], int] = {}   # (rows, length) run -> batches
+        self._tokens_run = 0
+        self._tokens_real = 0
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -154,6 +163,12 @@ class Worker:
         backend.load()
         if backend.needs_features:
             backend.attach_features(self.store)
+        own = backend.batch_hint()
+        self.ladder = run_ladder(cfg, own.max_batch, own.token_budget)
+        backend.set_shape_ladder(self.ladder)
+        if not self.ladder.exact:
+            log.info("shape ladder: lengths to multiples of %d, rows %s (%d shapes)", self.ladder.step,
+                     list(self.ladder.rows), len(self.ladder.shapes()))
         backend.warmup()
         hint = backend.batch_hint()
         if cfg.batch.calibrate and backend.needs_tokens:
@@ -162,14 +177,17 @@ class Worker:
             # a seeded sample of the whole set: the dev set is in article order, so a prefix is not typical
             pick = np.random.default_rng(0).choice(len(self.store), size=min(2048, len(self.store)), replace=False)
             hint = calibrate(backend, np.asarray(self.store.lengths)[pick])
-        info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid()}
+        info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid(),
+                                 "shape_ladder": ladder_json(self.ladder)}
         # Ready only now: rank 0 must not start LoadGen's clock before every model is warm.
         return m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device, backend=spec.name,
                        max_batch=hint.max_batch, info_json=json.dumps(info | {"token_budget": hint.token_budget}))
 
     # --- compute thread ------------------------------------------------------------------------
 
-    def _inputs(self, batch: m.Batch) -> ModelInputs:
+    def _inputs(self, batch: m.Batch) -> tuple[ModelInputs, int]:
+        """The batch as the backend runs it (trimmed, then padded to the shape ladder), and its
+        longest real row (the width its outputs are sliced back to)."""
         indices = np.asarray(batch.indices, dtype=np.int64)
         assert self.backend is not None
         if self.backend.needs_tokens:
@@ -179,11 +197,27 @@ class Worker:
                 self._lengths = np.asarray(self.store.lengths)  # a plain view: memmap indexing is slower
             lengths = self._lengths[indices]
             ids = mask = seg = np.zeros((len(indices), int(lengths.max()) if len(indices) else 0), np.int32)
-        return ModelInputs(indices, ids, mask, seg, lengths)
+        inputs = ModelInputs(indices, ids, mask, seg, lengths)
+        width = inputs.shape[1]
+        if not self.ladder.exact:
+            inputs = self.ladder.pad(inputs)
+        self._count_shape(inputs.shape, int(lengths.sum()))
+        return inputs, width
+
+    def _count_shape(self, shape: tuple[int, int], real_tokens: int) -> None:
+        with self._shape_lock:
+            self._shapes[shape] = self._shapes.get(shape, 0) + 1
+            self._tokens_run += shape[0] * shape[1]
+            self._tokens_real += real_tokens
 
     def _result(self, batch: m.Batch, start: np.ndarray, end: np.ndarray, t0: float,
-                earlier_s: float = 0.0) -> m.Result:
+                earlier_s: float = 0.0, width: int | None = None) -> m.Result:
+        """The Result of ``batch``; outputs of a padded batch are cut back to its real rows and
+        ``width`` (its longest real row)."""
         if batch.want_logits:
+            rows = len(batch.ids)
+            if len(start) != rows or (width is not None and start.shape[1] != width):
+                start, end = start[:rows, :width], end[:rows, :width]
             logits = np.stack([np.asarray(start, np.float32), np.asarray(end, np.float32)], axis=-1)
         else:
             logits = np.zeros((len(batch.ids), 0, 2), np.float32)
@@ -204,9 +238,9 @@ class Worker:
             trace.mark("w_start", batch.batch_id)
         t0 = time.perf_counter()
         try:
-            inputs = self._inputs(batch)
+            inputs, width = self._inputs(batch)
             start, end = self.backend.run(inputs)  # type: ignore[union-attr]  # set before serve()
-            out: m.Result | m.Failure = self._result(batch, start, end, t0)
+            out: m.Result | m.Failure = self._result(batch, start, end, t0, width=width)
         except Exception as exc:
             out = self._failed(batch, exc, "run")
         if trace.ON:
@@ -219,17 +253,18 @@ class Worker:
             trace.mark("w_start", batch.batch_id)
         t0 = time.perf_counter()
         try:
-            prepared = self.backend.prepare(self._inputs(batch))  # type: ignore[union-attr]  # set before serve()
+            inputs, width = self._inputs(batch)
+            prepared = self.backend.prepare(inputs)  # type: ignore[union-attr]  # set before serve()
         except Exception as exc:
             return self._failed(batch, exc, "prepare")
-        return _Prepared(batch, prepared, time.perf_counter() - t0)
+        return _Prepared(batch, prepared, time.perf_counter() - t0, width)
 
     def _run_prepared(self, item: _Prepared) -> m.Result | m.Failure:
         """Stage two of a pipelined batch (the compute thread): ``backend.run_prepared``."""
         t0 = time.perf_counter()
         try:
             start, end = self.backend.run_prepared(item.prepared)  # type: ignore[union-attr]  # set before serve()
-            return self._result(item.batch, start, end, t0, item.prepare_s)
+            return self._result(item.batch, start, end, t0, item.prepare_s, item.width)
         except Exception as exc:
             return self._failed(item.batch, exc, "run")
 
@@ -357,7 +392,14 @@ class Worker:
         return {"rank": self.rank, "host": socket.gethostname(), "batches": self.batches,
                 "inline_batches": self.inline_batches, "samples": self.samples, "pipelined": self.pipelined,
                 "compute_s": round(self.compute_s, 6),
-                "backend": self.backend.info() if self.backend else None}
+                "backend": self.backend.info() if self.backend else None} | self.shape_stats()
+
+    def shape_stats(self) -> dict[str, Any]:
+        """The shapes this worker ran (as padded) and its padding: the figures rank 0's dispatcher
+        reports per test (``Dispatcher.shape_stats``), observed here for the whole run."""
+        with self._shape_lock:
+            summary = shape_summary(dict(self._shapes), self._tokens_run, self._tokens_real)
+        return {"shape_ladder": ladder_json(self.ladder)} | summary
 
 
 def worker_run(transport: WorkerTransport, rank: int, local_index: int = 0, local_count: int = 1,

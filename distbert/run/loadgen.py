@@ -239,6 +239,9 @@ def _start(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, settings: An
     if coordinator.dispatcher is not None:
         out["dispatcher"] = coordinator.dispatcher.stats
         out["batch_policy"] = dataclasses.asdict(coordinator.dispatcher.policy)
+        # the shapes this test's batches ran at (as the workers pad them: backends/shapes)
+        out["batch_shapes"] = out["dispatcher"]["batch_shapes"]
+        out["padding_fraction"] = out["dispatcher"]["padding_fraction"]
     log.info("LoadGen %s %s test done in %.1f s: %s", cfg.loadgen.scenario, mode, wall,
              {k: v for k, v in out.items() if k not in ("dispatcher", "batch_policy")})
     return out
