@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{f'{qps:g} QPS' if qps else 'Offline'}, a fault every {a.every:g} s ({', '.join(kinds)}); "
                  f"{date}")
         plot(a.out / f"{stem}.png", tests, faults, t0, title)
+        (a.out / f"{stem}.md").write_text(markdown(report, f"../bench/results/{stem}.png"))
         print_report(report, json_path)
         return 0 if checks["passed"] else 1
     except KeyboardInterrupt:
@@ -704,6 +705,42 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(r: dict[str, Any], png: str) -> str:
+    """The report as docs/faults.md shows it: one row per fault kind, then the checks."""
+    ch = r["checks"]
+    acc, perf = ch.get("accuracy"), ch.get("performance")
+    lost = (acc["missing"] if acc else 0) + (
+        (perf["samples_issued"] or 0) - (perf["samples_completed"] or 0) if perf else 0)
+    lines = [f"`{r['command']}`  ", f"{r['date']}, {r['machine']}; {r['scenario']} {r['mode']}, {r['workers']} worker "
+             f"hosts" + (f", {r['qps']:g} QPS (no-fault peak {r['peak_qps']:g})" if r.get("peak_qps") else
+                         f", {r['qps']:g} QPS" if r.get("qps") else "")
+             + f", oracle latency `{r['oracle_latency']}` per batch of <= {r['max_batch']}, a fault every "
+             f"{r['every_s']:g} s, seed {r['seed']}", "",
+             "| fault | count | recovery median / max (s) | loss declared median / max (s) | first re-send median / "
+             "max (s) | samples lost / re-sent | slowest query (s) |", "|---|---:|---|---|---|---|---:|"]
+
+    def mm(x: dict[str, Any]) -> str:
+        return "-" if x["median"] is None else f"{x['median']:.3f} / {x['max']:.3f}"
+
+    for kind, x in r["summary"].items():
+        slowest = "-" if x["slowest_query_s"] is None else f"{x['slowest_query_s']:.3f}"
+        lines.append(f"| {kind} | {x['count']} | {mm(x['recovery_s'])} | {mm(x['loss_declared_s'])} | "
+                     f"{mm(x['first_resend_s'])} | {0 if lost == 0 else '?'} / {x['samples_resent']} | {slowest} |")
+    lines.append("")
+    if acc:
+        lines.append(f"- accuracy: {acc['entries']} log entries for {acc['samples']} samples, exactly once: "
+                     f"**{acc['exactly_once']}**; F1 {acc['f1']:.6f} vs the oracle's scored directly "
+                     f"{acc['f1_direct']:.6f}: exact **{acc['f1_exact']}**")
+    if perf:
+        lines.append(f"- performance: LoadGen **{perf['verdict']}**, {perf['samples_completed']} of "
+                     f"{perf['samples_issued']} samples completed, slowest query **{perf['slowest_query_s']} s**, "
+                     f"p99 {perf['p99_s']} s, {perf['samples_per_s']} samples/s")
+    lines.append(f"- rank 0 exit {ch['rank0_exit']}; samples lost: {lost}; checks "
+                 f"{'passed' if ch['passed'] else 'FAILED'}")
+    lines += ["", f"![{r['scenario']} chaos run]({png})", ""]
+    return "\n".join(lines)
 
 
 def _bins(b: dict[str, np.ndarray], t_from: float) -> np.ndarray:
