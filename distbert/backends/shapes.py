@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distbert.backends.base import BackendSpec, ModelInputs
+from distbert.backends.graphs import batch_ladder
 
 if TYPE_CHECKING:
     from distbert.config import RunConfig
@@ -49,16 +50,9 @@ GPU_LADDER_BACKENDS = frozenset({"torch", "onnxruntime"})
 
 
 def row_rungs(max_rows: int) -> tuple[int, ...]:
-    """The default row ladder up to ``max_rows``: powers of two, with ``max_rows`` as the top rung."""
-    if max_rows < 1:
-        raise ValueError(f"max rows {max_rows}: must be at least 1")
-    rungs = []
-    r = 1
-    while r < max_rows:
-        rungs.append(r)
-        r *= 2
-    rungs.append(max_rows)
-    return tuple(rungs)
+    """The default row ladder up to ``max_rows``: powers of two, with ``max_rows`` as the top rung
+    (the CUDA-graph batch ladder's rungs, so a graph bucket is a ladder shape)."""
+    return batch_ladder(max_rows)
 
 
 @dataclasses.dataclass(frozen=True)
