@@ -546,10 +546,11 @@ class Dispatcher:
         rows, width = self._ladder.shapes_of(sizes, np.maximum.reduceat(lens, starts))
         self._tokens_run += int((rows * width).sum())
         self._tokens_real += int(lens.sum())
-        pairs, counts = np.unique(np.stack([rows, width], axis=1), axis=0, return_counts=True)
+        keys, counts = np.unique(rows << 32 | width, return_counts=True)   # 1-D: far faster than axis=0
         sc = self._shape_counts
-        for (r, n), c in zip(pairs.tolist(), counts.tolist()):
-            sc[(r, n)] = sc.get((r, n), 0) + c
+        for key, c in zip(keys.tolist(), counts.tolist()):
+            shape = (key >> 32, key & 0xFFFFFFFF)
+            sc[shape] = sc.get(shape, 0) + c
 
     def _close_open(self) -> None:
         ids = np.array(self._open_ids, dtype=np.uint64)
