@@ -122,6 +122,7 @@ class Cluster:
         self.lines: list[tuple[float, str]] = []         # rank 0's stderr, stamped on arrival
         self._reader: threading.Thread | None = None
         self._generation: dict[int, int] = {}
+        self.rss: list[tuple[float, float]] = []         # (s since the first test, rank 0's RSS in MB)
 
     # --- processes
 
@@ -185,6 +186,16 @@ class Cluster:
             subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", NFT_TABLE], check=True,
                            capture_output=True, timeout=30)
             self.lossy.discard(rank)
+
+    def sample_rss(self, at: float) -> None:
+        """Rank 0's resident memory now (MB), for the report: it must stay flat through the faults."""
+        import psutil
+
+        try:
+            if self.rank0 is not None:
+                self.rss.append((round(at, 1), round(psutil.Process(self.rank0.pid).memory_info().rss / 2**20, 1)))
+        except psutil.NoSuchProcess:
+            pass
 
     def rank0_alive(self) -> bool:
         return self.rank0 is not None and self.rank0.poll() is None
@@ -541,6 +552,7 @@ def drive(c: Cluster, a: argparse.Namespace, plan: list[tuple[str, list[int]]], 
         while time.monotonic() < end:
             if time.monotonic() - last_progress[0] > 10:
                 last_progress[0] = time.monotonic()
+                c.sample_rss(last_progress[0] - t0)
                 prog = [line for _, line in c.lines if "progress:" in line or "test done" in line]
                 say(f"t={time.monotonic() - t0:5.0f} s  {prog[-1].split(': ', 1)[-1][:150] if prog else ''}")
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
@@ -683,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             "scenario": a.scenario, "mode": a.mode, "workers": a.workers, "qps": qps, "peak_qps": peak,
             "oracle_latency": a.latency, "max_batch": a.max_batch, "samples": n, "seed": a.seed,
             "every_s": a.every, "duration_s": a.duration, "kinds": kinds,
+            "rank0_rss_mb": {"first": c.rss[0][1] if c.rss else None, "max": max((m for _, m in c.rss), default=None),
+                             "last": c.rss[-1][1] if c.rss else None, "samples": c.rss},
             "checks": checks, "summary": summarize([f.timeline for f in faults if f.timeline]),
             "faults": [{k: v for k, v in asdict(f).items() if k not in ("start", "end")} for f in faults],
             "throughput": [{"test": t["name"], "bin_s": BIN_S, "t0_s": round(t["t_from"] - t0, 3),
@@ -737,8 +751,9 @@ def markdown(r: dict[str, Any], png: str) -> str:
         lines.append(f"- performance: LoadGen **{perf['verdict']}**, {perf['samples_completed']} of "
                      f"{perf['samples_issued']} samples completed, slowest query **{perf['slowest_query_s']} s**, "
                      f"p99 {perf['p99_s']} s, {perf['samples_per_s']} samples/s")
-    lines.append(f"- rank 0 exit {ch['rank0_exit']}; samples lost: {lost}; checks "
-                 f"{'passed' if ch['passed'] else 'FAILED'}")
+    rss = r.get("rank0_rss_mb", {})
+    lines.append(f"- rank 0 exit {ch['rank0_exit']}; samples lost: {lost}; rank 0 memory {rss.get('first')} -> "
+                 f"{rss.get('max')} MB (first -> max RSS); checks {'passed' if ch['passed'] else 'FAILED'}")
     lines += ["", f"![{r['scenario']} chaos run]({png})", ""]
     return "\n".join(lines)
 
