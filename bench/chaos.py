@@ -114,6 +114,7 @@ class Cluster:
         self.env.pop("DISTBERT_TRACE", None)
         self.rank0_env = dict(self.env, DISTBERT_SESSION_KEY=key, DISTBERT_TRACE=str(self.trace_dir))
         self.lan = netns.Lan(args.workers + 1)
+        say(f"hosts: namespaces {', '.join(self.lan.names)} on switch {self.lan.switch}")
         self.rank0: subprocess.Popen | None = None
         self.workers: dict[int, subprocess.Popen] = {}
         self.others: list[subprocess.Popen] = []         # hogs, exited workers' replacements' parents
@@ -620,8 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", default="Server", choices=["Server", "Offline"])
     p.add_argument("--mode", default="both", choices=["performance", "accuracy", "both"],
                    help="LoadGen tests (both: performance, then accuracy; default both)")
-    p.add_argument("--qps", type=float, help="Server target QPS (default: half the --find-peak peak)")
-    p.add_argument("--find-peak", action="store_true", help="measure the no-fault Server peak first (no faults)")
+    p.add_argument("--qps", type=float, help="Server target QPS (default: --qps-fraction x the no-fault peak)")
+    p.add_argument("--peak", type=float, help="the no-fault Server peak QPS, if known (default: measured first, "
+                   "without faults, by `distbert run --find-peak` on the same hosts)")
+    p.add_argument("--find-peak", action="store_true", help="measure the peak even with --qps (for the report)")
     p.add_argument("--peak-probe-s", type=float, default=10.0, help="seconds per --find-peak probe")
     p.add_argument("--qps-fraction", type=float, default=0.5, help="Server QPS = this x the peak (default 0.5)")
     p.add_argument("--perf-seconds", type=float, default=60.0, help="Server performance test length (queries = "
@@ -652,8 +655,6 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"chaos: {why}", file=sys.stderr)
         return 2
-    if a.scenario == "Server" and a.qps is None and not a.find_peak:
-        p.error("Server needs --qps or --find-peak")
 
     # the feature cache is built here, before any clock starts (every process maps it)
     f1, n = direct_oracle_f1(a.dataset, a.vocab, a.max_examples)
@@ -666,16 +667,18 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)   # also when started in the background (SIGINT ignored there)
     try:
-        peak = None
+        peak = a.peak
         qps = a.qps
-        if a.scenario == "Server" and a.find_peak:
+        if a.scenario == "Server" and (a.find_peak or (qps is None and peak is None)):
             c = Cluster(a, work / "peak-cluster")
             peak = find_peak(c, work)
             c.close()
             c = None
-            if qps is None:
-                qps = round(peak * a.qps_fraction, 1)
+        if a.scenario == "Server" and qps is None:
+            assert peak is not None
+            qps = round(peak * a.qps_fraction, 1)
         c = Cluster(a, work / "cluster")
         count = int(a.duration // a.every)
         plan = schedule(kinds, count, a.workers, a.seed)
