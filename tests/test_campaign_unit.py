@@ -21,9 +21,9 @@ def _detail(run_dir: Path, **values) -> None:
     (perf / "mlperf_log_detail.txt").write_text("\n".join(lines) + "\n")
 
 
-def _record(run_dir: Path, scenario: str, perf: dict, **extra) -> dict:
-    record = {"distbert_run": 1, "config": {"loadgen": {"scenario": scenario}}, "results": {"performance": perf},
-              **extra}
+def _record(run_dir: Path, scenario: str, perf: dict, tests: dict | None = None, **extra) -> dict:
+    record = {"distbert_run": 1, "config": {"loadgen": {"scenario": scenario}},
+              "results": {"performance": perf, **(tests or {})}, **extra}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(record))
     return record
@@ -88,7 +88,9 @@ class _Recorder:
         out = Path(argv[argv.index("--output") + 1])
         scenario = argv[argv.index("--scenario") + 1]
         _detail(out)
-        _record(out, scenario, dict(self.perf), find_peak={"best_valid_qps": 100.0})
+        passed = {"TEST01": {"accuracy_pass": True, "performance_pass": True}}
+        _record(out, scenario, dict(self.perf), passed if "submission" in argv else None,
+                find_peak={"best_valid_qps": 100.0})
         log_path.write_text("ok\n")
         return 0
 
@@ -96,7 +98,7 @@ class _Recorder:
 def _campaign(out: Path, runner, flags=("--backend", "null"), mode="test") -> camp.Campaign:
     return camp.Campaign(out, ["Offline"], list(flags), rules("v6.1"), execution_mode=mode, max_attempts=2,
                          first_target_qps=None, calibration_samples=64, calibration_queries=64, probe_s=1.0,
-                         runner=runner)
+                         runner=runner, allow_invalid=mode == "test")
 
 
 def test_attempt_numbers_come_from_the_disk_and_calibration_follows_the_flags(tmp_path):
@@ -117,6 +119,42 @@ def test_attempt_numbers_come_from_the_disk_and_calibration_follows_the_flags(tm
     runner.calls.clear()
     _campaign(out, runner, flags=("--backend", "null", "--workers", "2")).run()
     assert runner.calls == []
+
+
+def _verdicts(mode: str = "valid", f1: float | None = 91.0, benchmark: str = "bert-99", **tests) -> dict:
+    results = {"performance": {"result_validity": "VALID"}, "accuracy": {"f1": f1},
+               "TEST01": {"accuracy_pass": True, "first_element_pass": True, "performance_pass": True},
+               "TEST05": {"performance_pass": True}}
+    for name, verdict in tests.items():
+        results[name] = None if verdict is None else {**results[name], **verdict}
+    return {"config": {"loadgen": {"execution_mode": mode, "benchmark": benchmark}},
+            "results": {k: v for k, v in results.items() if v is not None}}
+
+
+def _gaps(record: dict, version: str = "v6.1", allow_invalid: bool = False) -> list[tuple[str, str]]:
+    return [(m.part, m.redo) for m in camp.missing_parts(record, rules(version), allow_invalid)]
+
+
+def test_a_scenario_is_complete_only_when_every_part_it_needs_passed():
+    assert _gaps(_verdicts()) == []
+    # accuracy at the benchmark's target, unless --allow-invalid
+    assert _gaps(_verdicts(f1=89.9)) == [("accuracy", "accuracy")]
+    assert _gaps(_verdicts(f1=90.0, benchmark="bert-99.9")) == [("accuracy", "accuracy")]
+    assert _gaps(_verdicts(f1=None), allow_invalid=True) == []
+    # TEST01: its accuracy check always; its performance comparison except in a dry run (test mode)
+    failed_acc = {"accuracy_pass": False, "first_element_pass": False}
+    assert _gaps(_verdicts(TEST01=failed_acc)) == [("TEST01", "TEST01")]
+    assert _gaps(_verdicts("test", TEST01=failed_acc), allow_invalid=True) == [("TEST01", "TEST01")]
+    assert _gaps(_verdicts(TEST01={"performance_pass": False})) == [("TEST01", "TEST01")]
+    assert _gaps(_verdicts("test", TEST01={"performance_pass": False}), allow_invalid=True) == []
+    assert _gaps(_verdicts(TEST01=None)) == [("TEST01", "TEST01")]
+    # the accuracy run is redone before TEST01 (verified against its log)
+    assert _gaps(_verdicts(f1=1.0, TEST01=failed_acc)) == [("accuracy", "accuracy"), ("TEST01", "TEST01")]
+    # v4.1's TEST05 needs a whole new attempt, which comes first; waived in a dry run
+    assert _gaps(_verdicts(TEST05={"performance_pass": False}), "v4.1") == [("TEST05", "run")]
+    assert _gaps(_verdicts(TEST05={"performance_pass": False})) == []
+    assert _gaps(_verdicts("test", TEST05=None), "v4.1", allow_invalid=True) == []
+    assert _gaps(_verdicts(TEST01=failed_acc, TEST05=None), "v4.1") == [("TEST05", "run"), ("TEST01", "TEST01")]
 
 
 def test_a_short_calibration_is_repeated_long_enough(tmp_path):

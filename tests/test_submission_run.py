@@ -159,6 +159,61 @@ def test_changed_flags_redo_the_scenario_and_keep_the_old_run(env, data_flags, t
     assert record["config"]["workers"] == 2
 
 
+# --- a failed TEST01 is redone alone by the same command ---------------------------------------------
+
+def test_a_failed_test01_is_redone_alone_by_the_same_command(env, data_flags, tmp_path):
+    """TEST01 fails for real: `--option oracle_wrong_after=364` makes the oracle worker answer wrongly
+    (no answer, another first byte) from its 365th sample in the process on. With one worker,
+    SingleStream and --test-query-count 64, the attempt's performance run (64 queries) and accuracy
+    run (each of the 300 features once) are its first 364 samples, so exactly its TEST01 run goes
+    wrong: the first-byte check and the F1 fallback both fail. --max-attempts 1 stops the command
+    there. The same command again redoes TEST01 alone, a new process whose worker counts from 0 (its
+    64 samples are right), keeps the failed TEST01 beside the new one and builds the tree."""
+    out = tmp_path / "campaign"
+    args = ["--execution-mode", "test", "--allow-invalid", "--backend", "oracle", *data_flags, "--division", "open",
+            "--scenarios", "SingleStream", "--workers", "1", "--test-query-count", "64", "--option",
+            "oracle_wrong_after=364", "--max-attempts", "1"]
+    proc = _submission(env, out, *args)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("distbert: error:")]
+    assert len(err) == 1 and "SingleStream: TEST01's accuracy check failed" in err[0], proc.stderr[-3000:]
+    assert "rerun the same command to redo TEST01 alone" in err[0]
+    assert not (out / "submission").exists()
+    final = out / "runs" / "SingleStream"
+    record = json.loads((final / "run.json").read_text())
+    assert record["results"]["TEST01"]["accuracy_pass"] is False
+    assert record["results"]["TEST01"]["first_element_pass"] is False
+    kept = {p: (final / p).read_bytes() for p in ("performance/mlperf_log_detail.txt", "accuracy/mlperf_log_accuracy.json")}
+
+    proc = _submission(env, out, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SingleStream: TEST01's accuracy check failed" in proc.stdout
+    assert "redoing TEST01 alone, with the run's flags and target" in proc.stdout
+    assert "the failed one is kept as SingleStream/TEST01.failed-1" in proc.stdout
+    runs = {p.name for p in (out / "runs").iterdir() if p.is_dir()}
+    assert runs == {"SingleStream", "SingleStream-calibration", "SingleStream-TEST01-redo-1"}, runs  # no new attempt
+    assert {p: (final / p).read_bytes() for p in kept} == kept          # performance and accuracy untouched
+    assert "TEST FAIL" in (final / "TEST01.failed-1" / "verify_accuracy.txt").read_text()
+    assert "TEST PASS" in (final / "TEST01" / "verify_accuracy.txt").read_text().splitlines()
+    record = json.loads((final / "run.json").read_text())
+    assert record["results"]["TEST01"]["accuracy_pass"] is True
+    assert record["results"]["TEST01"]["redo"] == "SingleStream-TEST01-redo-1"
+    redo = json.loads((out / "runs" / "SingleStream-TEST01-redo-1" / "run.json").read_text())["config"]["loadgen"]
+    assert redo["mode"] == "performance" and redo["audit_conf"] and redo["test_query_count"] == 64
+    assert redo["target_latency_ms"] == pytest.approx(record["config"]["loadgen"]["target_latency_ms"])
+    tree = out / "submission"
+    test01 = tree / "open" / "Acme" / "results" / "box1" / "bert-99" / "SingleStream" / "TEST01"
+    assert "TEST PASS" in (test01 / "verify_accuracy.txt").read_text().splitlines()
+    summary = json.loads((tree / "summary.json").read_text())
+    assert summary["scenarios"]["SingleStream"]["compliance"]["TEST01"]["accuracy_pass"] is True
+    report = check_tree(tree, "v6.1")
+    assert {p.rule for p in report.problems} <= DRY_RUN_RULES, [str(p) for p in report.problems]
+
+    proc = _submission(env, out, *args)   # complete now: nothing runs again
+    assert proc.returncode == 0 and "SingleStream: already complete" in proc.stdout, proc.stdout[-3000:]
+    assert {p.name for p in (out / "runs").iterdir() if p.is_dir()} == runs
+
+
 # --- INVALID, the fix named, then VALID -------------------------------------------------------------
 
 def test_a_short_valid_run_is_invalid_names_the_fix_and_the_rerun_is_valid(env, data_flags, tmp_path):

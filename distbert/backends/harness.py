@@ -4,7 +4,10 @@
 * ``oracle`` - logits that point at each feature's gold answer span (from the feature cache), so an
   accuracy run proves every response reached the right sample: its F1 must equal the F1 of the same
   logits scored directly. Option ``oracle_latency`` (the ``sim`` latency model) makes it sleep per
-  batch too: long rule-abiding runs (600 s, TEST01) of the whole pipeline without a model.
+  batch too: long rule-abiding runs (600 s, TEST01) of the whole pipeline without a model. Option
+  ``oracle_wrong_after=N`` makes it a worker that goes bad: from its (N+1)-th sample in the process
+  on, answers point at [CLS] (no answer) and the first logit's first byte changes, as a flaky device
+  would; the tests use it to fail one TEST01 run for real (N = the samples of the runs before it).
 * ``sim``    - sleeps per batch by a latency model ``a + b*tokens + c*rows`` (seconds), to study
   scaling without hardware. ``tokens`` = rows x trimmed length of the batch.
 """
@@ -55,6 +58,12 @@ class OracleBackend(Backend):
         self._end: np.ndarray | None = None
         text = spec.option("oracle_latency")
         self._latency = parse_latency_model(text) if text else (0.0, 0.0, 0.0)
+        wrong = spec.option("oracle_wrong_after")
+        try:
+            self._wrong_after = int(wrong) if wrong else None
+        except ValueError:
+            raise UserError(f"--option oracle_wrong_after={wrong}: give a number of samples") from None
+        self._seen = 0
 
     def load(self) -> None:
         pass
@@ -73,7 +82,13 @@ class OracleBackend(Backend):
             rows, length = inputs.input_ids.shape
             a, b, c = self._latency
             time.sleep(a + b * rows * length + c * rows)
-        return oracle_logits(inputs.indices, inputs.input_ids.shape[1], self._start, self._end)
+        start, end = oracle_logits(inputs.indices, inputs.input_ids.shape[1], self._start, self._end)
+        first, self._seen = self._seen, self._seen + len(inputs.indices)
+        if self._wrong_after is not None and self._seen > self._wrong_after:
+            bad = slice(max(0, self._wrong_after - first), None)
+            start[bad] = self.LOW
+            start[bad, 0] = np.nextafter(np.float32(self.HIGH), np.float32(np.inf))  # another first byte
+        return start, end
 
     def batch_hint(self) -> BatchHint:
         return BatchHint(max_batch=1024, token_budget=None)

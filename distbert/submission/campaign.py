@@ -13,11 +13,22 @@ The output directory is the only state::
     OUT/campaign.json                      the flags each scenario's accepted run was made with
     OUT/runs/<Scenario>-calibration/       calibration run (test mode, performance only)
     OUT/runs/<Scenario>-attempt-<k>/       each submission attempt, kept (INVALID ones too)
-    OUT/runs/<Scenario>/                   the accepted run (renamed from its attempt)
+    OUT/runs/<Scenario>/                   the accepted run (renamed from its attempt); a redone part's
+                                           failed predecessor beside it (TEST01.failed-1, accuracy.failed-1)
+    OUT/runs/<Scenario>-<part>-redo-<k>/   each redo of one part (TEST01, accuracy), kept
     OUT/submission/                        tree, mlperf_submission.tar.gz, summary.{csv,txt,json}, *.png
 
-A rerun with the same flags skips every scenario whose accepted run exists, redoes the others, and
-rebuilds the tree. Each run is a separate ``distbert run`` process: LoadGen reads its configuration
+A scenario is complete only when everything it needs passed (:func:`missing_parts`): the performance
+run VALID, the accuracy run at the benchmark's target (unless ``--allow-invalid``), TEST01 (and
+v4.1's TEST05). What failed is redone alone where ``distbert run`` can run it alone, with the run's
+own flags and target: the accuracy run (``--mode accuracy``) or TEST01 (a performance run under the
+official ``audit.config``); the failed one is kept beside the new one (``TEST01.failed-1``). A dry
+run (test mode) waives only the performance comparisons of TEST01/TEST05, which seconds-long runs
+cannot meet. Redos count against ``--max-attempts`` like attempts; out of them, the command stops
+and the same command again goes on with the redo.
+
+A rerun with the same flags skips every scenario whose accepted run is complete, redoes what the
+others lack, and rebuilds the tree. Each run is a separate ``distbert run`` process: LoadGen reads its configuration
 once per process (a second ``FromConfig`` puts an ERROR into every later log). Under a launcher,
 rank 0 starts each run as a child coordinator and the launched ranks join it as workers, run after
 run (:class:`LaunchedSteps`).
@@ -160,6 +171,80 @@ def diagnose(scenario: str, record: dict[str, Any], run_dir: Path, used: Target 
     return Diagnosis(reasons, fix)
 
 
+@dataclasses.dataclass(frozen=True)
+class Missing:
+    """A part of a scenario's accepted run that did not pass, and how it is redone: ``redo`` is the
+    part run again alone (``accuracy``, ``TEST01``) or ``run``, a whole new attempt (TEST05: ``distbert
+    run`` cannot run it alone)."""
+
+    part: str
+    why: str
+    redo: str
+
+
+def missing_parts(record: dict[str, Any], rule_set: RuleSet, allow_invalid: bool) -> list[Missing]:
+    """What a scenario's accepted run still lacks (empty: complete), in the order it is redone: the
+    accuracy run first (TEST01 is verified against its log). Test mode (a dry run) waives only the
+    TEST01/TEST05 performance comparisons, which seconds-long runs cannot meet."""
+    from distbert.data.squad.accuracy import TARGETS
+    from distbert.submission.compliance import ACCURACY_DELTA
+
+    results = record.get("results") or {}
+    loadgen = (record.get("config") or {}).get("loadgen") or {}
+    dry = loadgen.get("execution_mode") == "test"
+    benchmark = loadgen.get("benchmark", "bert-99")
+    out: list[Missing] = []
+    f1 = (results.get("accuracy") or {}).get("f1")
+    if not allow_invalid and (f1 is None or f1 < TARGETS[benchmark]):
+        have = "no F1" if f1 is None else f"F1 {f1:.5f}"
+        out.append(Missing("accuracy", f"its accuracy run has {have}, below the {benchmark} target "
+                                       f"{TARGETS[benchmark]}", "accuracy"))
+    test01 = results.get("TEST01")
+    if test01 is None:
+        out.append(Missing("TEST01", "it has no TEST01 result", "TEST01"))
+    elif not verdict_passed(test01.get("accuracy_pass")):
+        out.append(Missing("TEST01", "TEST01's accuracy check failed (its responses' first bytes differ from the "
+                                     "accuracy run's and their F1 is not within "
+                                     f"{ACCURACY_DELTA[benchmark] * 100:g} % of it: see TEST01/verify_accuracy.txt)",
+                           "TEST01"))
+    elif not verdict_passed(test01.get("performance_pass")) and not dry:
+        out.append(Missing("TEST01", "TEST01's score is not within 10 % of the performance run's (see "
+                                     "TEST01/verify_performance.txt)", "TEST01"))
+    if "TEST05" in rule_set.compliance_tests and not dry and not verdict_passed((results.get("TEST05") or {}).get(
+            "performance_pass")):
+        out.append(Missing("TEST05", "TEST05's score is more than 5 % worse than the performance run's (see "
+                                     "TEST05/verify_performance.txt)", "run"))
+    out.sort(key=lambda m: m.redo != "run")   # a new attempt first: it redoes every part anyway
+    return out
+
+
+def verdict_passed(verdict: Any) -> bool:
+    """A verdict of run.json: true, or "True" (runs made before the verdicts were plain bools wrote
+    numpy's through ``str``, and ``"False"`` is a true string)."""
+    return verdict is True or verdict == "True"
+
+
+def _next_number(folder: Path, prefix: str) -> int:
+    """One more than any ``<prefix><n>`` in ``folder`` (``<prefix><n>.anything`` too): a number is never
+    reused, whatever campaign.json says."""
+    seen = [0]
+    for path in folder.glob(prefix + "*"):
+        digits = path.name[len(prefix):].split(".", 1)[0]
+        if digits.isdigit():
+            seen.append(int(digits))
+    return max(seen) + 1
+
+
+def run_target(scenario: str, record: dict[str, Any]) -> Target | None:
+    """The LoadGen target a run was made with (its record's config), for a redo with its settings."""
+    loadgen = (record.get("config") or {}).get("loadgen") or {}
+    if scenario == "SingleStream" and loadgen.get("target_latency_ms"):
+        return Target("--target-latency-ms", float(loadgen["target_latency_ms"]), "the run's own")
+    if scenario != "SingleStream" and loadgen.get("target_qps"):
+        return Target("--target-qps", float(loadgen["target_qps"]), "the run's own")
+    return None
+
+
 def child_error(log_path: Path) -> str:
     """``", said: <its one-line error>"`` from a failed run's output, or ""."""
     try:
@@ -197,7 +282,7 @@ class Campaign:
     def __init__(self, out: Path, scenarios: Sequence[str], run_flags: list[str], rules: RuleSet, *,
                  execution_mode: str, max_attempts: int, first_target_qps: float | None,
                  calibration_samples: int, calibration_queries: int, probe_s: float,
-                 runner: Runner = subprocess_runner) -> None:
+                 runner: Runner = subprocess_runner, allow_invalid: bool = False) -> None:
         self.out = out
         self.runs = out / "runs"
         self.scenarios = list(scenarios)
@@ -210,6 +295,7 @@ class Campaign:
         self.calibration_queries = calibration_queries
         self.probe_s = probe_s
         self.runner = runner
+        self.allow_invalid = allow_invalid
         self.state_path = out / "campaign.json"
         self.state: dict[str, Any] = {}
 
@@ -249,13 +335,11 @@ class Campaign:
         return [*self.run_flags, "--scenario", scenario, "--execution-mode", self.execution_mode]
 
     def _scenario(self, scenario: str) -> Path:
+        """The scenario's complete run: accepted (performance VALID) and every part it needs passed."""
         final = self.runs / scenario
         flags = self._flags_of(scenario)
         known = self.state["scenarios"].get(scenario, {})
-        if final.is_dir():
-            if known.get("flags") == flags and _load(final) is not None:
-                self._say(f"{scenario}: already complete in {final} (skipped)")
-                return final
+        if final.is_dir() and (known.get("flags") != flags or _load(final) is None):
             stale = final.with_name(f"{scenario}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
             os.replace(final, stale)
             self._say(f"{scenario}: the run in {final} was made with other flags; kept as {stale.name}, redoing it")
@@ -263,10 +347,44 @@ class Campaign:
         if known.get("flags") != flags:
             known = {"flags": flags}  # attempts and calibrations made with other flags do not count
         self.state["scenarios"][scenario] = known
+        budget = self.max_attempts     # runs this invocation may still make for the scenario
+        worked = False
+        while True:
+            if not final.is_dir():
+                budget -= self._accept(scenario, known, flags, budget)
+                worked = True
+            record = _load(final)
+            if record is None:
+                raise UserError(f"{final}/run.json is unreadable: remove {final} and rerun the same command")
+            todo = missing_parts(record, self.rules, self.allow_invalid)
+            if not todo:
+                self._say(f"{scenario}: complete in {final}" if worked
+                          else f"{scenario}: already complete in {final} (skipped)")
+                return final
+            gap = todo[0]
+            how = "a new attempt" if gap.redo == "run" else f"{gap.redo} alone, with the run's flags and target"
+            if budget < 1:
+                raise UserError(f"{scenario}: {gap.why}; the run is kept in {final}: rerun the same command to redo "
+                                f"{how} (or raise --max-attempts)")
+            self._say(f"{scenario}: {gap.why}: redoing {how}")
+            worked = True
+            if gap.redo == "run":
+                kept = final.with_name(f"{scenario}.incomplete-{_next_number(self.runs, f'{scenario}.incomplete-')}")
+                os.replace(final, kept)
+                self._say(f"{scenario}: the incomplete run is kept as {kept.name}")
+                known.pop("next_target", None)
+            else:
+                self._redo(scenario, final, known, gap.redo, record)
+                budget -= 1
+
+    def _accept(self, scenario: str, known: dict[str, Any], flags: list[str], budget: int) -> int:
+        """Submission attempts until one is accepted (VALID; any in test mode) and renamed to
+        ``runs/<Scenario>``; returns how many ran. Out of ``budget``: a UserError naming the fix."""
+        final = self.runs / scenario
         attempts = [a for a in known.get("attempts", []) if (self.runs / a).is_dir()]
         target = self._first_target(scenario, known, attempts)
-        for _ in range(self.max_attempts):
-            k = self._next_attempt(scenario)
+        for used in range(1, budget + 1):
+            k = _next_number(self.runs, f"{scenario}-attempt-")
             attempt = self.runs / f"{scenario}-attempt-{k}"
             argv = [*flags, "--mode", "submission", "--output", str(attempt), *(target.argv() if target else [])]
             if target is not None:
@@ -291,7 +409,7 @@ class Campaign:
                 known["attempts"] = [a for a in attempts if a != attempt.name]
                 self._save_state()
                 self._say(f"{scenario}: {validity} -> {final}")
-                return final
+                return used
             diagnosis = diagnose(scenario, record, attempt, target)
             self._say(diagnosis.message(scenario, attempt, target))
             known["next_target"] = dataclasses.asdict(diagnosis.fix) if diagnosis.fix else None
@@ -306,16 +424,59 @@ class Campaign:
         raise UserError(f"{scenario} is still INVALID after {len(attempts)} attempt(s) ({last.name}): {how} "
                         "(or raise --max-attempts)")
 
-    def _next_attempt(self, scenario: str) -> int:
-        """One more than any attempt number on disk (folders, .failed folders, logs): a number is never
-        reused, whatever campaign.json says."""
-        prefix = f"{scenario}-attempt-"
-        seen = [0]
-        for path in self.runs.glob(prefix + "*"):
-            digits = path.name[len(prefix):].split(".", 1)[0]
-            if digits.isdigit():
-                seen.append(int(digits))
-        return max(seen) + 1
+    def _redo(self, scenario: str, final: Path, known: dict[str, Any], part: str, record: dict[str, Any]) -> None:
+        """Run ``part`` (``accuracy`` or ``TEST01``) again alone with the accepted run's flags and
+        target, put it in place of the failed one (kept as ``<part>.failed-<n>``), verify TEST01
+        again (its verdict depends on the accuracy log too) and update run.json."""
+        from distbert.submission.compliance import AUDIT_CONFIG
+
+        redo = self.runs / f"{scenario}-{part}-redo-{_next_number(self.runs, f'{scenario}-{part}-redo-')}"
+        target = run_target(scenario, record)
+        argv = [*known["flags"], "--output", str(redo), *(target.argv() if target else [])]
+        audit = self.runs / f"{redo.name}.audit.config"
+        if part == "TEST01":  # TEST01 is a performance run under the official audit.config
+            audit.write_text(AUDIT_CONFIG)
+            argv += ["--mode", "performance", "--audit-conf", str(audit)]
+        else:
+            argv += ["--mode", "accuracy"]
+        log_path = self.runs / f"{redo.name}.log"
+        code = self.runner(argv, log_path)
+        known.setdefault("redos", []).append(redo.name)
+        self._save_state()
+        redone = _load(redo)
+        if code != 0 or redone is None:
+            raise UserError(f"{scenario}: the {part} redo failed (exit {code}{child_error(log_path)}): see {log_path}; "
+                            "fix the cause and rerun the same command")
+        source = redo / ("performance" if part == "TEST01" else "accuracy")
+        staged = final / f".{part}.new"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(source, staged)
+        if part == "TEST01":
+            shutil.copy2(audit, staged / "audit.config")
+        kept = final / f"{part}.failed-{_next_number(final, f'{part}.failed-')}"
+        if (final / part).exists():
+            os.replace(final / part, kept)
+        os.replace(staged, final / part)
+        results = record.setdefault("results", {})
+        results[part] = {**((redone.get("results") or {}).get("performance" if part == "TEST01" else part) or {}),
+                         "redo": redo.name, "source_digest": (redone.get("source") or {}).get("digest")}
+        if (final / "TEST01").is_dir():
+            results["TEST01"].update(self._verify_test01(final, record))
+        atomic_write_text(final / "run.json", json.dumps(record, indent=2, default=str) + "\n")
+        self._say(f"{scenario}: {part} redone in {redo.name}; the failed one is kept as {final.name}/{kept.name}")
+
+    def _verify_test01(self, final: Path, record: dict[str, Any]) -> dict[str, Any]:
+        """TEST01's verdict for ``final`` as its run wrote it (:func:`compliance.verify_test01`)."""
+        from distbert.data.squad.features import load_features
+        from distbert.submission.compliance import verify_test01
+
+        for stale in ("baseline_accuracy.txt", "compliance_accuracy.txt"):   # written only when needed
+            (final / "TEST01" / stale).unlink(missing_ok=True)
+        config = record["config"]
+        store = load_features(Path(config["dataset"]), Path(config["vocab"]))
+        verdict = verify_test01(final, store, config["loadgen"].get("benchmark", "bert-99"))
+        return {"accuracy_pass": verdict.accuracy_pass, "first_element_pass": verdict.first_element_pass,
+                "performance_pass": verdict.performance_pass}
 
     def _first_target(self, scenario: str, known: dict[str, Any], attempts: list[str]) -> Target | None:
         """The fix of the last INVALID attempt, else --target-qps, else a calibration run's figure."""

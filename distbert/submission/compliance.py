@@ -98,8 +98,8 @@ def verify_accuracy(accuracy_log: Path, test_log: Path, dtype: str = "byte") -> 
             missing += 1
             continue
         matched += 1
-        mismatched += _first(ref, dtype) != _first(entry["data"], dtype)
-    passed = mismatched == 0 and matched > 0
+        mismatched += int(_first(ref, dtype) != _first(entry["data"], dtype))
+    passed = mismatched == 0 and matched > 0   # a Python bool: run.json must say false, not "False"
     lines = [f"Reading accuracy mode results from {accuracy_log.name}",
              f"Reading performance mode results from {test_log.name}",
              f"num_acc_log_entries = {len(acc_entries)}",

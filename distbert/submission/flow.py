@@ -191,7 +191,7 @@ def submission_run(args: argparse.Namespace) -> int:
                         max_attempts=args.max_attempts,
                         first_target_qps=args.target_qps if isinstance(args.target_qps, float) else None,
                         calibration_samples=args.calibration_samples, calibration_queries=args.calibration_queries,
-                        probe_s=args.find_peak_probe_s, runner=runner).run()
+                        probe_s=args.find_peak_probe_s, runner=runner, allow_invalid=args.allow_invalid).run()
 
     if not topology.distributed:
         plan = preflight(args, distributed=False, hosts=[topology.host])
@@ -302,6 +302,19 @@ def summarize(args: argparse.Namespace, accepted: dict[str, Path], result: Any, 
     }
 
 
+def _compliance_text(test: str, verdicts: dict[str, Any], execution_mode: str | None) -> str:
+    """``TEST01 PASS``; a dry run's failed performance comparison is waived (seconds-long runs)."""
+    from distbert.submission.campaign import verdict_passed
+
+    accuracy = verdict_passed(verdicts.get("accuracy_pass", True))
+    perf = verdict_passed(verdicts.get("performance_pass"))
+    if accuracy and perf:
+        return f"{test} PASS"
+    if accuracy and execution_mode == "test":
+        return f"{test} PASS (its performance comparison is waived in a test-mode dry run)"
+    return f"{test} FAIL ({'accuracy' if not accuracy else 'performance'})"
+
+
 def print_summary(summary: dict[str, Any], final: Path) -> None:
     print(f"distbert submission {summary['version']} {summary['division']} {summary['benchmark']} "
           f"({summary['system_type']}) -> {final}")
@@ -311,8 +324,7 @@ def print_summary(summary: dict[str, Any], final: Path) -> None:
         acc = "n/a" if s["f1"] is None else f"F1 {s['f1']:.3f} {s['accuracy']}"
         if s["f1"] is not None and not s["accuracy_meaningful"]:
             acc += " (meaningless: harness backend or random weights)"
-        comp = ", ".join(f"{t} {'PASS' if v.get('accuracy_pass', True) and v.get('performance_pass') else 'FAIL'}"
-                         for t, v in s["compliance"].items())
+        comp = ", ".join(_compliance_text(t, v, summary.get("execution_mode")) for t, v in s["compliance"].items())
         print(f"  {scenario}: {figure}; LoadGen {s['validity']}{why}; accuracy {acc}; {comp}")
     for run, reasons in summary["dry_run"].items():
         print(f"  dry run: {Path(run).name}: {'; '.join(reasons)}")
