@@ -185,10 +185,13 @@ class Coordinator:
             if self.failure:
                 raise RunFailed(self.failure)
             missing = sorted(w for w in self.expected if not self.workers.get(w, WorkerHandle(w)).ready)
-            raise RunFailed(f"workers {missing} not ready within {deadline:.0f} s "
-                            "(model load too slow? raise --ready-timeout; unreachable? check --bind-host)")
+            raise RunFailed(f"workers {missing} not ready within {deadline:.0f} s (model load and warm-up "
+                            "too slow? raise --ready-timeout; unreachable? check --bind-host)")
         if self.failure:
             raise RunFailed(self.failure)
+        warm = getattr(self.transport, "warm_caller", None)
+        if warm is not None:   # an in-process worker: LoadGen issues on this thread, the direct path runs here
+            warm()
 
     def _policy(self) -> BatchPolicy:
         ready = [h for h in self.workers.values() if h.ready]

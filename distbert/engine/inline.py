@@ -12,6 +12,13 @@ with any other worker: ``send(Setup)`` loads the model and queues the Ready, ``s
 batch and queues its Result (or Failure), ``send(Heartbeat)`` queues one back, ``send(Shutdown)``
 queues the Bye; ``recv`` hands them over in order. The price: while a batch computes, the driver
 does nothing else, so there is no overlap of batches (Offline and Server want worker processes).
+
+Warm where it serves (issue 19): batches run on two threads here, the driver (``send(Batch)``) and
+LoadGen's issue thread (the direct path), and a GPU keeps per-thread state. The driver warms every
+warm-up batch while it handles the Setup, before the Ready; LoadGen issues on the thread that calls
+``StartTest`` (checked with mlcommons-loadgen 6.0.17: SingleStream, Server and Offline), which is the
+thread that started the coordinator, so :meth:`InlineWorker.warm_caller`, which the coordinator
+calls on that thread once everyone is Ready, warms the one-sample shapes the direct path runs there.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 
@@ -41,7 +49,8 @@ class InlineWorker(CoordinatorTransport):
         self._peers.worker_of[rank] = rank  # the one peer: forget() may drop it
         self._peers.peer_of[rank] = rank
         self._out = Inbox()
-        self._worker = Worker(transport=None, rank=rank, local_index=0, local_count=1, pin=False)  # type: ignore[arg-type]
+        self._worker = Worker(transport=None, rank=rank, local_index=0, local_count=1,  # type: ignore[arg-type]
+                              pin=False, serving_threads=False)
         self._closed = False
         self._out.put(m.Hello(rank, socket.gethostname(), os.getpid(), ""))
 
@@ -73,6 +82,17 @@ class InlineWorker(CoordinatorTransport):
         if trace.ON:
             trace.mark("w_send", batch.batch_id)
         return result
+
+    def warm_caller(self) -> None:
+        """Bind and warm the calling thread for the direct path (one-sample batches): the coordinator
+        calls it from the thread that will call StartTest, after the Ready and before any test."""
+        if self._worker.backend is None:
+            return
+        t0 = time.perf_counter()
+        self._worker.warm_here(one_sample=True)
+        self._worker.warmup["caller_s"] = round(time.perf_counter() - t0, 3)
+        log.info("in-process worker: %s warmed for the direct path in %.1f s", threading.current_thread().name,
+                 time.perf_counter() - t0)
 
     def recv(self, timeout: float | None) -> tuple[int, m.Message] | None:
         item = self._out.get(deadline_after(timeout))

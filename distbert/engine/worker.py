@@ -17,6 +17,17 @@ and hands each batch to the compute thread through a one-slot queue; the compute
 ``backend.run_prepared``. So batch k+1's gather and copy overlap batch k's compute. Other backends
 (CPU) keep the two threads: no extra hand-off. ``DISTBERT_WORKER_PIPELINE=0`` turns it off.
 
+Warm-up where it runs (issue 19): a GPU keeps per-thread state (the current device, cuBLAS/cuDNN
+handles, attention plans), so a shape warmed on one thread is cold on another. The serving threads
+start in :meth:`Worker.configure`, before the Ready; each first binds the backend's device
+(``backend.bind_thread``), then the backend's :meth:`~distbert.backends.base.Backend.warmup_batches`
+(a GPU backend: every shape of the run's ladder) go through them as batches do (prepare thread:
+``prepare``, compute thread: ``run_prepared``; unpipelined: ``run`` on the compute thread), and the
+one-row ones also run on the I/O thread, which serves one-sample batches itself. Only then the Ready.
+A backend with no warm-up batches (CPU) gets one ``backend.warmup()`` on the I/O thread, as before.
+The time goes into the log and into the Ready's info (``run.json``: ``workers[].info.warmup``), and a
+batch later run on a thread where its shape was not warmed is counted (``cold_batches`` in the stats).
+
 A worker exits 0 when rank 0 says ``Shutdown``. It exits 3 when rank 0 is gone: its transport saw
 rank 0's process end (:class:`~distbert.wire.RankZeroGone`, within about a second), rank 0 stayed
 unreachable for ``--rejoin-timeout`` (a cut link: until then it keeps trying, and rank 0 takes it
@@ -75,6 +86,24 @@ class _Prepared:
     prepared: object       # what backend.prepare returned
     prepare_s: float       # gather + prepare time
     width: int             # the batch's longest real row: outputs are sliced back to it
+    shape: tuple[int, int] = (0, 0)   # as the backend runs it (padded to the ladder)
+
+
+@dataclasses.dataclass
+class _Warm:
+    """A warm-up batch on its way through the serving threads (``prepared`` once staged)."""
+
+    inputs: ModelInputs
+    prepared: object = None
+
+
+class _WarmEnd:
+    """Behind the last warm-up batch: the thread that meets it last says the warm-up is over."""
+
+
+_WARM_END = _WarmEnd()
+#: how often a long warm-up says how far it is
+WARM_PROGRESS_S = 30.0
 
 
 def _failure(rank: int, batch_id: int, exc: BaseException) -> m.Failure:
@@ -86,9 +115,12 @@ class Worker:
     """The worker's state; :func:`worker_run` drives it."""
 
     def __init__(self, transport: WorkerTransport, rank: int, local_index: int, local_count: int,
-                 parent_pid: int | None = None, pin: bool = True) -> None:
+                 parent_pid: int | None = None, pin: bool = True, serving_threads: bool = True) -> None:
         self.transport = transport
         self.pin = pin
+        # False: batches run on the caller's threads (the in-process worker, engine/inline), which
+        # configure() warms instead of starting a compute thread
+        self.serving_threads = serving_threads
         self.rank = rank
         self.local_index = local_index
         self.local_count = local_count
@@ -98,7 +130,7 @@ class Worker:
         self.store: Any = None
         self._lengths: np.ndarray | None = None
         self.binding: DeviceBinding | None = None
-        self._todo: queue.SimpleQueue[m.Batch | None] = queue.SimpleQueue()
+        self._todo: queue.SimpleQueue[m.Batch | _Warm | _WarmEnd | None] = queue.SimpleQueue()
         self._done: collections.deque[m.Result | m.Failure] = collections.deque()
         self._last_heard = time.monotonic()
         self._warned_silence = False
@@ -107,7 +139,15 @@ class Worker:
         self.pipelined = False                  # whether serve() runs one
         # prepare thread -> compute thread; bounded, so the prepare thread stays at most two batches
         # ahead (one queued, one in hand): enough to hide a copy, without holding every batch staged
-        self._staged: queue.Queue[_Prepared | m.Failure | None] = queue.Queue(maxsize=1)
+        self._staged: queue.Queue[_Prepared | m.Failure | _Warm | _WarmEnd | None] = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
+        # warm-up: (thread id, rows, length) warmed; seconds per thread name; the first error
+        self._warmed: set[tuple[int, int, int]] = set()
+        self._warm_s: dict[str, float] = {}
+        self._warm_done = threading.Event()
+        self._warm_error: BaseException | None = None
+        self.warmup: dict[str, Any] = {}
+        self.cold_batches = 0   # batches run on a thread where their shape was not warmed
         self._queued = 0       # batches handed to the compute thread (I/O thread writes)
         self._finished = 0     # batches it finished (compute thread writes)
         self.batches = 0
@@ -169,7 +209,11 @@ class Worker:
         if not self.ladder.exact:
             log.info("shape ladder: lengths to multiples of %d, rows %s (%d shapes)", self.ladder.step,
                      list(self.ladder.rows), len(self.ladder.shapes()))
-        backend.warmup()
+        try:
+            self._warm(backend)
+        except BaseException:
+            self._stop_threads()
+            raise
         hint = backend.batch_hint()
         if cfg.batch.calibrate and backend.needs_tokens:
             from distbert.backends.batching import calibrate
@@ -178,10 +222,131 @@ class Worker:
             pick = np.random.default_rng(0).choice(len(self.store), size=min(2048, len(self.store)), replace=False)
             hint = calibrate(backend, np.asarray(self.store.lengths)[pick])
         info = backend.info() | {"cores": list(self.binding.cores), "pid": os.getpid(),
-                                 "shape_ladder": ladder_json(self.ladder)}
+                                 "shape_ladder": ladder_json(self.ladder), "warmup": self.warmup}
         # Ready only now: rank 0 must not start LoadGen's clock before every model is warm.
         return m.Ready(rank=self.rank, host=socket.gethostname(), device=self.binding.device, backend=spec.name,
                        max_batch=hint.max_batch, info_json=json.dumps(info | {"token_budget": hint.token_budget}))
+
+    # --- warm-up: every shape on every thread that will run it ----------------------------------
+
+    def _warm(self, backend: Backend) -> None:
+        """Start the serving threads and warm each (module docstring); the I/O thread (or, in
+        process, this caller's thread) too. Raises the first warm-up error."""
+        t0 = time.perf_counter()
+        backend.bind_thread()
+        batches = backend.warmup_batches()
+        if not batches:
+            backend.warmup()   # a CPU backend: once, here, as before
+            self._warm_s[threading.current_thread().name] = time.perf_counter() - t0
+        if self.serving_threads:
+            self._start_threads()
+            for inputs in batches:
+                self._todo.put(_Warm(inputs))
+            self._todo.put(_WARM_END)   # also when there is nothing to warm: every thread has started
+            self._await_warm(len(batches))
+            if self.inline and batches:   # one-sample batches run on this (the I/O) thread
+                self.warm_here(one_sample=True)
+        elif batches:
+            self.warm_here()
+        self.warmup = {"s": round(time.perf_counter() - t0, 3), "batches": len(batches),
+                       "shapes": len({b.shape for b in batches}),
+                       "threads": {name: round(s, 3) for name, s in self._warm_s.items()}}
+        log.info("warm-up: %d batches (%d shapes) in %.1f s, threads %s", len(batches), self.warmup["shapes"],
+                 self.warmup["s"], ", ".join(f"{n} {s:.1f} s" for n, s in self.warmup["threads"].items()) or "-")
+
+    def warm_here(self, one_sample: bool = False) -> None:
+        """Run the backend's warm-up batches on the calling thread (``one_sample``: only those with
+        the rows of a one-sample batch, the only ones a thread serving one-sample batches meets)."""
+        assert self.backend is not None
+        self.backend.bind_thread()
+        rows = self.ladder.rows_for(1)
+        for inputs in self.backend.warmup_batches():
+            if not one_sample or inputs.shape[0] == rows:
+                self._warm_one(inputs, "run")
+        if self.warmup:   # after the Ready (the in-process caller's thread): the stats say it
+            self.warmup["threads"] = {name: round(s, 3) for name, s in self._warm_s.items()}
+
+    def _warm_one(self, item: ModelInputs | _Warm, stage: str) -> _Warm | None:
+        """One warm-up batch's ``stage`` (run, prepare or run_prepared) on this thread; the first
+        error is kept for :meth:`_await_warm` (or raised when warming the caller's own thread)."""
+        assert self.backend is not None
+        inputs = item.inputs if isinstance(item, _Warm) else item
+        t0 = time.perf_counter()
+        if stage == "prepare":
+            out = _Warm(inputs, self.backend.prepare(inputs))
+        elif stage == "run_prepared":
+            self.backend.run_prepared(item.prepared if isinstance(item, _Warm) else item)
+            out = None
+        else:
+            self.backend.run(inputs)
+            out = None
+        thread = threading.current_thread()
+        self._warmed.add((thread.ident or 0, *inputs.shape))
+        self._warm_s[thread.name] = self._warm_s.get(thread.name, 0.0) + time.perf_counter() - t0
+        return out
+
+    def _warm_step(self, item: _Warm, stage: str) -> _Warm | None:
+        """:meth:`_warm_one` on a serving thread: an error stops the warm-up, not the thread."""
+        if self._warm_error is not None:
+            return None
+        try:
+            return self._warm_one(item, stage)
+        except BaseException as exc:
+            log.exception("warm-up of a %s batch failed in %s on %s", item.inputs.shape, stage,
+                          threading.current_thread().name)
+            self._warm_error = exc
+            return None
+
+    def _await_warm(self, n: int) -> None:
+        """Wait for the serving threads' warm-up, saying how long it takes (rank 0 waits for the Ready
+        up to --ready-timeout); a vanished parent still ends the wait."""
+        t0 = time.monotonic()
+        note = t0 + WARM_PROGRESS_S
+        while not self._warm_done.wait(timeout=1.0):
+            self._check_parent()
+            if time.monotonic() >= note:
+                note += WARM_PROGRESS_S
+                log.info("warm-up still running after %.0f s (%d batches per thread)", time.monotonic() - t0, n)
+        if self._warm_error is not None:
+            raise self._warm_error
+
+    def _bind_serving_thread(self) -> bool:
+        """First thing on a serving thread: the backend's device. False (and the warm-up fails) if not."""
+        try:
+            self.backend.bind_thread()  # type: ignore[union-attr]  # set before the threads start
+            return True
+        except BaseException as exc:
+            log.exception("binding %s to the device failed", threading.current_thread().name)
+            self._warm_error = exc
+            self._warm_done.set()
+            return False
+
+    def _note_shape(self, shape: tuple[int, int]) -> None:
+        """Count a batch whose shape was not warmed on this thread (only when there was a warm-up)."""
+        if self._warmed and (threading.get_ident(), *shape) not in self._warmed:
+            with self._shape_lock:
+                self.cold_batches += 1
+
+    def _start_threads(self) -> None:
+        assert self.backend is not None
+        self.pipelined = self.pipeline and self.backend.overlap_prepare
+        if self.pipelined:
+            log.info("pipelined: a prepare thread gathers and copies the next batch during compute")
+            self._threads = [threading.Thread(target=self._prepare_loop, name="distbert-prepare", daemon=True),
+                             threading.Thread(target=self._run_loop, name="distbert-compute", daemon=True)]
+        else:
+            self._threads = [threading.Thread(target=self._compute_loop, name="distbert-compute", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _stop_threads(self, timeout_s: float = 5.0) -> None:
+        """Stop the serving threads after the work queued before (bounded)."""
+        if not self._threads:
+            return
+        self._todo.put(None)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:   # the prepare thread first: it passes the stop on to the compute thread
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # --- compute thread ------------------------------------------------------------------------
 
@@ -239,6 +404,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             inputs, width = self._inputs(batch)
+            self._note_shape(inputs.shape)
             start, end = self.backend.run(inputs)  # type: ignore[union-attr]  # set before serve()
             out: m.Result | m.Failure = self._result(batch, start, end, t0, width=width)
         except Exception as exc:
@@ -254,15 +420,17 @@ class Worker:
         t0 = time.perf_counter()
         try:
             inputs, width = self._inputs(batch)
+            self._note_shape(inputs.shape)
             prepared = self.backend.prepare(inputs)  # type: ignore[union-attr]  # set before serve()
         except Exception as exc:
             return self._failed(batch, exc, "prepare")
-        return _Prepared(batch, prepared, time.perf_counter() - t0, width)
+        return _Prepared(batch, prepared, time.perf_counter() - t0, width, inputs.shape)
 
     def _run_prepared(self, item: _Prepared) -> m.Result | m.Failure:
         """Stage two of a pipelined batch (the compute thread): ``backend.run_prepared``."""
         t0 = time.perf_counter()
         try:
+            self._note_shape(item.shape)
             start, end = self.backend.run_prepared(item.prepared)  # type: ignore[union-attr]  # set before serve()
             return self._result(item.batch, start, end, t0, item.prepare_s, item.width)
         except Exception as exc:
@@ -274,28 +442,53 @@ class Worker:
         self.transport.wake()
 
     def _compute_loop(self) -> None:
+        if not self._bind_serving_thread():
+            return
         while True:
             batch = self._todo.get()
             if batch is None:
                 return
-            self._deliver(self._compute(batch))
+            if isinstance(batch, _Warm):
+                self._warm_step(batch, "run")
+            elif isinstance(batch, _WarmEnd):
+                self._warm_done.set()
+            else:
+                self._deliver(self._compute(batch))
 
     def _prepare_loop(self) -> None:
         """The prepare thread: stage one of each batch, in arrival order."""
+        if not self._bind_serving_thread():
+            self._staged.put(None)
+            return
         while True:
             batch = self._todo.get()
             if batch is None:
                 self._staged.put(None)   # behind every staged batch: the compute thread runs them first
                 return
-            self._staged.put(self._prepare(batch))   # waits while the compute thread is behind
+            if isinstance(batch, _Warm):
+                staged = self._warm_step(batch, "prepare")
+                if staged is not None:
+                    self._staged.put(staged)
+            elif isinstance(batch, _WarmEnd):
+                self._staged.put(batch)
+            else:
+                self._staged.put(self._prepare(batch))   # waits while the compute thread is behind
 
     def _run_loop(self) -> None:
         """The compute thread when pipelined. A batch that failed in stage one arrives as its Failure
         and is delivered from here too, so that this thread alone counts finished batches."""
+        if not self._bind_serving_thread():
+            return
         while True:
             item = self._staged.get()
             if item is None:
                 return
+            if isinstance(item, _Warm):
+                self._warm_step(item, "run_prepared")
+                continue
+            if isinstance(item, _WarmEnd):
+                self._warm_done.set()
+                continue
             out = item if isinstance(item, m.Failure) else self._run_prepared(item)
             if trace.ON:
                 trace.mark("w_end", out.batch_id)
@@ -344,16 +537,8 @@ class Worker:
     def serve(self) -> str:
         """Run until Shutdown or rank 0 is gone; returns the reason."""
         assert self.cfg is not None and self.backend is not None
+        assert self._threads, "serve() after configure(): the serving threads start (and warm up) there"
         cfg = self.cfg
-        self.pipelined = self.pipeline and self.backend.overlap_prepare
-        if self.pipelined:
-            log.info("pipelined: a prepare thread gathers and copies the next batch during compute")
-            threads = [threading.Thread(target=self._prepare_loop, name="distbert-prepare", daemon=True),
-                       threading.Thread(target=self._run_loop, name="distbert-compute", daemon=True)]
-        else:
-            threads = [threading.Thread(target=self._compute_loop, name="distbert-compute", daemon=True)]
-        for thread in threads:
-            thread.start()
         next_beat = time.monotonic() + cfg.heartbeat_s
         self._last_heard = time.monotonic()  # model loading was not silence
         reason = "?"
@@ -379,11 +564,8 @@ class Worker:
         except _Stop as stop:
             reason = str(stop)
         finally:
-            self._todo.put(None)
-        # Let the batches in progress finish (bounded) so their results are not lost on a clean stop.
-        deadline = time.monotonic() + 5.0
-        for thread in threads:   # the prepare thread first: it passes the stop on to the compute thread
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            # let the batches in progress finish (bounded) so their results are not lost on a clean stop
+            self._stop_threads()
         while self._done:
             self.transport.send(self._done.popleft())
         return reason
@@ -391,7 +573,7 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "host": socket.gethostname(), "batches": self.batches,
                 "inline_batches": self.inline_batches, "samples": self.samples, "pipelined": self.pipelined,
-                "compute_s": round(self.compute_s, 6),
+                "compute_s": round(self.compute_s, 6), "warmup": self.warmup, "cold_batches": self.cold_batches,
                 "backend": self.backend.info() if self.backend else None} | self.shape_stats()
 
     def shape_stats(self) -> dict[str, Any]:
