@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages for the launcher tests (root): a one-node Slurm cluster (slurmctld, slurmd, the
-# clients, munge), iproute2 for network namespaces and nftables for the chaos test's loss bursts. Idempotent; the tests start and stop their own
-# daemons with private configs, nothing here is started or configured.
+# clients, munge), iproute2 for network namespaces and nftables for the chaos test's loss bursts.
+# Idempotent; the tests start and stop their own daemons with private configs, nothing here is
+# started or configured.
 set -euo pipefail
 need=()
 for cmd in slurmctld slurmd sbatch srun sinfo scontrol scancel munged ip nft; do
