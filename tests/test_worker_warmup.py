@@ -34,6 +34,7 @@ from distbert.config import BatchConfig, LoadGenConfig, RunConfig
 from distbert.engine.worker import worker_run
 from distbert.wire import messages as m
 from distbert.wire.inproc import InprocHub
+from tests.test_worker_pipeline import _expect
 
 IO_THREAD = "test-worker-io"
 MAX_BATCH = 8
@@ -105,18 +106,6 @@ class RecordingBackend(Backend):
     def run(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
         self.calls.add("run", inputs.shape)
         return _logits(inputs)
-
-
-def _expect(coord: Any, kind: type, deadline: float) -> Any:
-    while time.monotonic() < deadline:
-        got = coord.recv(timeout=0.5)
-        if got is None:
-            continue
-        if isinstance(got[1], kind):
-            return got[1]
-        if isinstance(got[1], m.Failure):
-            pytest.fail(f"worker failed while the test waited for {kind.__name__}: {got[1].exc_type}: {got[1].text}")
-    pytest.fail(f"no {kind.__name__} from the worker in time")
 
 
 def _batch(k: int, indices: np.ndarray) -> m.Batch:
