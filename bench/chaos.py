@@ -124,6 +124,7 @@ class Cluster:
         self._reader: threading.Thread | None = None
         self._generation: dict[int, int] = {}
         self.rss: list[tuple[float, float]] = []         # (s since the first test, rank 0's RSS in MB)
+        self.load: list[tuple[float, float]] = []        # (s since the first test, the machine's 1-min load)
 
     # --- processes
 
@@ -192,6 +193,7 @@ class Cluster:
         """Rank 0's resident memory now (MB), for the report: it must stay flat through the faults."""
         import psutil
 
+        self.load.append((round(at, 1), round(os.getloadavg()[0], 2)))
         try:
             if self.rank0 is not None:
                 self.rss.append((round(at, 1), round(psutil.Process(self.rank0.pid).memory_info().rss / 2**20, 1)))
@@ -700,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             "every_s": a.every, "duration_s": a.duration, "kinds": kinds,
             "rank0_rss_mb": {"first": c.rss[0][1] if c.rss else None, "max": max((m for _, m in c.rss), default=None),
                              "last": c.rss[-1][1] if c.rss else None, "samples": c.rss},
+            "machine_load_1min": {"median": statistics.median([x for _, x in c.load]) if c.load else None,
+                                  "max": max((x for _, x in c.load), default=None), "samples": c.load},
             "checks": checks, "summary": summarize([f.timeline for f in faults if f.timeline]),
             "faults": [{k: v for k, v in asdict(f).items() if k not in ("start", "end")} for f in faults],
             "throughput": [{"test": t["name"], "bin_s": BIN_S, "t0_s": round(t["t_from"] - t0, 3),
@@ -756,7 +760,9 @@ def markdown(r: dict[str, Any], png: str) -> str:
                      f"p99 {perf['p99_s']} s, {perf['samples_per_s']} samples/s")
     rss = r.get("rank0_rss_mb", {})
     lines.append(f"- rank 0 exit {ch['rank0_exit']}; samples lost: {lost}; rank 0 memory {rss.get('first')} -> "
-                 f"{rss.get('max')} MB (first -> max RSS); checks {'passed' if ch['passed'] else 'FAILED'}")
+                 f"{rss.get('max')} MB (first -> max RSS); the machine's 1-min load median "
+                 f"{r.get('machine_load_1min', {}).get('median')} (max {r.get('machine_load_1min', {}).get('max')}, "
+                 f"2 cores, others' work included); checks {'passed' if ch['passed'] else 'FAILED'}")
     lines += ["", f"![{r['scenario']} chaos run]({png})", ""]
     return "\n".join(lines)
 
