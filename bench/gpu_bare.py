@@ -5,9 +5,11 @@ batch-1 latency eager and as a captured CUDA graph (one launch for the whole for
 throughput at larger batches. The gap between eager and graph at batch 1 is the kernel-launch cost
 that dominates distbert's GPU SingleStream figures (README, GPU section).
 
-    python3 bench/gpu_bare.py [--device cuda] [--dtype fp16] [--seq 192] [--shape large|tiny]
+    python3 bench/gpu_bare.py [--device cuda] [--dtype fp16] [--seq 192] [--shape large|tiny] \
+        [--batch 16 --batch 64 --batch 256] [--json out.json]
 
-Prints one JSON line per measurement.
+Prints one JSON line per measurement; ``--json`` also writes them all with the best batch
+throughput (``best_samples_per_s``: issue 19 compares distbert's Offline against it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,7 +54,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=192)
     ap.add_argument("--shape", default="large")
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--batch", type=int, action="append", help="throughput batch sizes (default 16, 64, 256)")
+    ap.add_argument("--json", type=Path, help="also write every measurement and the best throughput here")
     args = ap.parse_args()
+    lines: list[dict] = []
+
+    def emit(line: dict) -> None:
+        lines.append(line)
+        print(json.dumps(line), flush=True)
+
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     m = model(args.shape, args.device, dtype)
 
@@ -65,9 +76,8 @@ def main() -> None:
             m(**x1)
         sync(args.device)
         eager = timed(lambda: m(**x1), args.device, args.iters)
-        print(json.dumps({"what": "batch 1, eager", "seq": args.seq, "dtype": args.dtype,
-                          "p50_ms": round(eager[len(eager) // 2], 3),
-                          "p90_ms": round(eager[int(len(eager) * 0.9)], 3)}), flush=True)
+        emit({"what": "batch 1, eager", "seq": args.seq, "dtype": args.dtype,
+              "p50_ms": round(eager[len(eager) // 2], 3), "p90_ms": round(eager[int(len(eager) * 0.9)], 3)})
         if args.device.startswith("cuda"):
             static = inputs(1)
             stream = torch.cuda.Stream()
@@ -80,17 +90,24 @@ def main() -> None:
             with torch.cuda.graph(graph):
                 m(**static)
             graphed = timed(graph.replay, args.device, args.iters)
-            print(json.dumps({"what": "batch 1, CUDA graph", "seq": args.seq, "dtype": args.dtype,
-                              "p50_ms": round(graphed[len(graphed) // 2], 3),
-                              "p90_ms": round(graphed[int(len(graphed) * 0.9)], 3)}), flush=True)
-        for b in (16, 64, 256):
+            emit({"what": "batch 1, CUDA graph", "seq": args.seq, "dtype": args.dtype,
+                  "p50_ms": round(graphed[len(graphed) // 2], 3),
+                  "p90_ms": round(graphed[int(len(graphed) * 0.9)], 3)})
+        for b in args.batch or (16, 64, 256):
             xb = inputs(b)
             m(**xb)
             sync(args.device)
             t = timed(lambda: m(**xb), args.device, max(5, args.iters // 20))  # noqa: B023 - timed right here
             med = t[len(t) // 2]
-            print(json.dumps({"what": f"batch {b}, eager", "seq": args.seq, "dtype": args.dtype, "ms": round(med, 2),
-                              "samples_per_s": round(b / med * 1e3, 1)}), flush=True)
+            emit({"what": f"batch {b}, eager", "batch": b, "seq": args.seq, "dtype": args.dtype, "ms": round(med, 2),
+                  "samples_per_s": round(b / med * 1e3, 1)})
+    if args.json:
+        best = max((x for x in lines if "samples_per_s" in x), key=lambda x: x["samples_per_s"], default=None)
+        args.json.write_text(json.dumps({
+            "bench": "gpu_bare", "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
+            "shape": args.shape, "seq": args.seq, "measurements": lines,
+            "best_samples_per_s": best["samples_per_s"] if best else None,
+            "best_batch": best["batch"] if best else None}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

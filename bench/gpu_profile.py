@@ -8,7 +8,12 @@ time per ``run()`` (``profile-<tag>.jsonl``). No LoadGen, no coordinator: what i
 and ``bench/gpu_bare.py`` is the backend's own per-batch work.
 
     python3 bench/gpu_profile.py --model DIR --out DIR [--device cuda] [--precision fp16] \\
-        [--batch 1 --batch 64] [--seq 192] [--iters 5] [--option graphs=1] [--tag graphs]
+        [--batch 1 --batch 64] [--seq 192] [--iters 5] [--option graphs=1] [--tag graphs] \\
+        [--prewarm 0] [--mask padded]
+
+``--prewarm 0`` profiles each shape's first use too (cuDNN/cuBLAS plans, a graph capture: issue 19);
+``--mask padded`` gives rows real lengths between half and all of ``--seq`` (mask zeros at the end, as
+real batches have), where the default all-ones mask lets a library skip the mask altogether.
 
 ``--model``: a torch-format model (``distbert model make --shape large --format torch``).
 """
@@ -30,15 +35,20 @@ from distbert.backends.base import BackendSpec, ModelInputs
 from distbert.backends.torch import TorchBackend
 
 
-def batch(rows: int, seq: int, seed: int) -> ModelInputs:
-    """A worker-style batch: int32, ``[CLS] ... [SEP]`` rows of ``seq`` real tokens, two segments."""
+def batch(rows: int, seq: int, seed: int, padded: bool = False) -> ModelInputs:
+    """A worker-style batch: int32, ``[CLS] ... [SEP]`` rows of ``seq`` real tokens, two segments;
+    ``padded``: row lengths drawn from ``seq // 2 .. seq`` (the first row ``seq``), zeros after them."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1000, 30000, (rows, seq)).astype(np.int32)
     ids[:, 0], ids[:, -1] = 101, 102
     segments = np.zeros_like(ids)
     segments[:, seq // 3:] = 1
-    return ModelInputs(np.arange(rows, dtype=np.int64), ids, np.ones_like(ids), segments,
-                       np.full(rows, seq, np.int32))
+    lengths = np.full(rows, seq, np.int32)
+    if padded:
+        lengths = rng.integers(seq // 2, seq + 1, rows).astype(np.int32)
+        lengths[0] = seq
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    return ModelInputs(np.arange(rows, dtype=np.int64), ids * mask, mask, segments * mask, lengths)
 
 
 def main() -> int:
@@ -52,6 +62,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5, help="profiled batches per batch size")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option")
     ap.add_argument("--tag", default="eager", help="names the output files")
+    ap.add_argument("--prewarm", type=int, default=3,
+                    help="unprofiled runs of each shape first (default 3; 0: its first use is in the profile)")
+    ap.add_argument("--mask", choices=("ones", "padded"), default="ones", help="see above (default ones)")
     args = ap.parse_args()
     if any("=" not in o for o in args.option):
         ap.error("--option takes KEY=VALUE")
@@ -66,8 +79,8 @@ def main() -> int:
     summary = args.out / f"profile-{args.tag}.jsonl"
     with summary.open("w") as fh:
         for rows in args.batch or [1, 64]:
-            inputs = batch(rows, args.seq, seed=rows)
-            for _ in range(3):                      # first use of this shape (a graph capture, cuBLAS plans)
+            inputs = batch(rows, args.seq, seed=rows, padded=args.mask == "padded")
+            for _ in range(args.prewarm):           # first use of this shape (a graph capture, cuBLAS plans)
                 backend.run(inputs)
             walls = []
             with profile(activities=activities) as prof:
@@ -80,15 +93,17 @@ def main() -> int:
             sorts = ["self_device_time_total", "self_cpu_time_total"] if gpu else ["self_cpu_time_total"]
             with table.open("w") as tf:
                 for key in sorts:
-                    tf.write(f"# {args.tag}, batch {rows}, seq {args.seq}, {args.precision} on {args.device}, "
-                             f"{args.iters} batches, sorted by {key}\n")
+                    tf.write(f"# {args.tag}, batch {rows}, seq {args.seq}, mask {args.mask}, {args.precision} on "
+                             f"{args.device}, {args.iters} batches after {args.prewarm} unprofiled, sorted by {key}\n")
                     tf.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n\n")
-            line = {"tag": args.tag, "batch": rows, "seq": args.seq, "precision": args.precision,
+            line = {"tag": args.tag, "batch": rows, "seq": args.seq, "mask": args.mask, "prewarm": args.prewarm,
+                    "run_ms_first": round(walls[0], 3), "precision": args.precision,
                     "device": args.device, "iters": args.iters,
                     "run_ms_median": round(statistics.median(walls), 3), "run_ms_max": round(max(walls), 3),
                     "table": table.name, "backend": backend.info()}
             fh.write(json.dumps(line) + "\n")
-            print(json.dumps({k: line[k] for k in ("tag", "batch", "seq", "run_ms_median", "run_ms_max", "table")}),
+            print(json.dumps({k: line[k] for k in ("tag", "batch", "seq", "run_ms_first", "run_ms_median", "run_ms_max",
+                                                   "table")}),
                   flush=True)
     backend.close()
     return 0

@@ -10,7 +10,13 @@ seed, as LoadGen draws SingleStream samples from its loaded set.
     python3 bench/ss_bare.py --backend torch --model DIR --device cuda --precision fp16 \
         [--queries 2000] [--option graphs=1] [--json out.json]
 
-Prints one JSON line: p50/p90/p99/mean in ms, queries, the backend's own description.
+Each query is padded to the run's shape ladder as a worker pads it (``--shape-ladder N``, else the
+backend's policy: a ladder on a GPU, exact lengths on CPU). A query whose shape this script has not
+run before is *cold*, the others *warm*: their latencies are also reported apart (``cold``, ``warm``),
+so a first-use cost per shape that ``backend.warmup()`` missed shows as cold far above warm
+(issue 19; ``--warmup 0`` keeps the first queries in the count).
+
+Prints one JSON line: p50/p90/p99/mean in ms, queries, cold and warm apart, the backend's own description.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from distbert.backends import create  # noqa: E402 - the repo root is put on sys.path above
 from distbert.backends.base import BackendSpec, ModelInputs  # noqa: E402
+from distbert.backends.shapes import resolve_ladder  # noqa: E402
 from distbert.data.artifacts import resolve_squad  # noqa: E402
 from distbert.data.squad.features import load_features  # noqa: E402
 
@@ -48,6 +55,8 @@ def main() -> None:
     ap.add_argument("--thread", action="store_true",
                     help="time the queries on a second thread (load and warm-up stay on the main thread, as in "
                          "a worker process's compute thread): PyTorch's OpenMP pool is slower there on CPU")
+    ap.add_argument("--shape-ladder", type=int, help="ladder length step, as `distbert run --shape-ladder` "
+                                                     "(default: the backend's policy)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
 
@@ -58,22 +67,30 @@ def main() -> None:
                        threads=args.threads, options=options)
     backend = create(spec)
     backend.load()
+    hint = backend.batch_hint()
+    ladder = resolve_ladder(spec, args.shape_ladder, hint.max_batch, hint.token_budget)
+    backend.set_shape_ladder(ladder)
     if backend.needs_features:
         backend.attach_features(store)
     backend.warmup()
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(store), args.warmup + args.queries)
     took: list[float] = []
+    cold: list[bool] = []
+    seen: set[tuple[int, int]] = set()
 
     def loop() -> None:
         for k, i in enumerate(picks):
             t0 = time.perf_counter()
             idx = np.array([i], np.int64)
             ids, mask, seg, lengths = store.gather(idx)
-            start, end = backend.run(ModelInputs(idx, ids, mask, seg, lengths))
+            inputs = ladder.pad(ModelInputs(idx, ids, mask, seg, lengths))
+            start, end = backend.run(inputs)
             np.asarray(start), np.asarray(end)   # on the host, as a worker's result is
             if k >= args.warmup:
                 took.append(time.perf_counter() - t0)
+                cold.append(inputs.shape not in seen)
+            seen.add(inputs.shape)
 
     if args.thread:
         worker = threading.Thread(target=loop, name="ss-bare")
@@ -82,15 +99,26 @@ def main() -> None:
     else:
         loop()
     ms = np.asarray(took) * 1e3
+    is_cold = np.asarray(cold, bool)
     out = {"bench": "ss_bare", "date": time.strftime("%Y-%m-%d"), "queries": len(took),
            "p50_ms": round(float(np.percentile(ms, 50)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
            "p99_ms": round(float(np.percentile(ms, 99)), 4), "mean_ms": round(float(ms.mean()), 4),
+           "cold": _stats(ms[is_cold]), "warm": _stats(ms[~is_cold]), "distinct_shapes": len(seen),
+           "shape_ladder": "exact" if ladder.exact else ladder.step,
            "backend": backend.info(),
            "device": args.device, "precision": args.precision, "options": dict(options),
            "thread": "second" if args.thread else "main"}
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def _stats(ms: np.ndarray) -> dict[str, float | int | None]:
+    """Count, p50, p90 and mean of one group of latencies (None when the group is empty)."""
+    if not len(ms):
+        return {"queries": 0, "p50_ms": None, "p90_ms": None, "mean_ms": None}
+    return {"queries": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 4),
+            "p90_ms": round(float(np.percentile(ms, 90)), 4), "mean_ms": round(float(ms.mean()), 4)}
 
 
 if __name__ == "__main__":

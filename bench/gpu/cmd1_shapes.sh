@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Device command 1 of 3 (issue 19), the decisive one: does a first use per batch shape eat the GPU's
+# time, and does the shape ladder with its warmup remove it? At most 5 minutes (LIMIT_S=290).
+#
+#   1. the torch backend alone over the real Offline batches of the dev set (bench/gpu_shapes.py):
+#      exact trimming (the old planner, ~43 distinct shapes): pass 1 = first use of every shape,
+#      pass 2 = warm, pass 3 = on a new thread (cuBLAS/cuDNN caches are per thread);
+#   2. the same over the ladder plan after backend.warmup(): its warmup time, then two passes;
+#   3. one eager `distbert run` Offline over the dev set with the ladder (the backend's GPU policy);
+#   4. SingleStream's floor in a bare loop (bench/ss_bare.py), cold and warm shapes apart;
+#   5. the SDPA backend A/B on the ladder plan (cudnn, efficient, flash, math, auto), as time allows.
+#
+#   bash bench/gpu/cmd1_shapes.sh                 # on the GPU machine: results in $OUT
+#   bash bench/gpu/cmd1_shapes.sh --dry-run       # on a CPU: tiny model, few samples, same JSON
+# Files: $OUT/cmd1_shapes.json (everything), cmd1_shapes.log, cmd1_shapes_runs.tgz, gpu_check.json.
+CMD=cmd1_shapes
+LIMIT_S="${LIMIT_S:-290}"
+# shellcheck source=bench/gpu/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+budget() { local left=$((DEADLINE - SECONDS)); echo $(($1 < left ? $1 : left)); }
+
+setup
+SHAPES=(bench/gpu_shapes.py --model "$MODEL" --device "$DEVICE" --precision "$PRECISION" "${DATA_ARGS[@]}")
+if [[ -n "$SHAPES_SAMPLES" ]]; then SHAPES+=(--samples "$SHAPES_SAMPLES"); fi
+
+c=$(budget 75)
+step shapes-exact "$c" "$PYTHON" "${SHAPES[@]}" --plan exact --deadline-s $((c - 8)) \
+    --json "$WORK/shapes-exact-$PRECISION.bench.json"
+c=$(budget 60)
+step shapes-ladder "$c" "$PYTHON" "${SHAPES[@]}" --plan ladder "${LADDER[@]}" --warmup --deadline-s $((c - 8)) \
+    --json "$WORK/shapes-ladder-$PRECISION.bench.json"
+distbert_run "offline-ladder-$PRECISION" 75 --scenario Offline --workers 1 "${LADDER[@]}" \
+    --test-query-count "$OFFLINE_SAMPLES"
+step ss-bare 45 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" \
+    --precision "$PRECISION" "${LADDER[@]}" "${DATA_ARGS[@]}" --queries "$((SS_QUERIES / 2))" --warmup 0 \
+    --json "$WORK/ss-bare-$PRECISION.bench.json"
+c=$(budget 120)
+step shapes-sdpa "$c" "$PYTHON" "${SHAPES[@]}" --plan ladder "${LADDER[@]}" --warmup --deadline-s $((c - 8)) \
+    --sdpa cudnn --sdpa efficient --sdpa flash --sdpa math --sdpa auto \
+    --json "$WORK/shapes-sdpa-$PRECISION.bench.json"
+finish

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Device command 2 of 3 (issue 19): the GPU check, fp16, the real distbert path (rank 0 + a worker
+# process), with the bare PyTorch loop's best batch throughput measured in the same command. At most
+# 8 minutes (LIMIT_S=450; the session's lease decides: see notes/gpu.md "Device plan").
+#
+#   1. bench/gpu_bare.py: BERT-Large in a bare loop, batches 64/128/256 at length 192 (the issue's
+#      "bare best"), batch 1 eager and as a CUDA graph;
+#   2. eager: Offline over the dev set, SingleStream, Server --find-peak (3 s probes);
+#   3. the same three with --option graphs=1 (CUDA graphs per ladder shape).
+# The ladder is the backend's GPU policy (LADDER_STEP=N forces --shape-ladder N).
+#
+#   bash bench/gpu/cmd2_check.sh                  # on the GPU machine: results in $OUT
+#   bash bench/gpu/cmd2_check.sh --dry-run        # on a CPU: tiny model, graphs=1 dropped, same JSON
+# Files: $OUT/cmd2_check.json, cmd2_check.log, cmd2_check_runs.tgz, gpu_check.json (the headline).
+CMD=cmd2_check
+LIMIT_S="${LIMIT_S:-450}"
+# shellcheck source=bench/gpu/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+setup
+if [[ "$DRYRUN" == 1 ]]; then
+    BARE=(--device cpu --dtype fp32 --shape tiny --iters 10 --batch 8 --batch 16)
+    SERVER_GRAPHS_QPS="$SERVER_QPS"
+else
+    BARE=(--device cuda --dtype "$PRECISION" --shape large --iters 100 --batch 64 --batch 128 --batch 256)
+    SERVER_GRAPHS_QPS="${SERVER_GRAPHS_QPS:-3600}"
+fi
+step bare 60 "$PYTHON" bench/gpu_bare.py "${BARE[@]}" --seq 192 --json "$WORK/bare-$PRECISION.bench.json"
+
+for mode in eager graphs; do
+    opts=("${LADDER[@]}")
+    qps="$SERVER_QPS" queries=$((SS_QUERIES / 2))   # eager: ~15 ms a query on the last GPU check
+    if [[ "$mode" == graphs ]]; then opts+=("${GRAPHS[@]}"); qps="$SERVER_GRAPHS_QPS" queries="$SS_QUERIES"; fi
+    distbert_run "offline-$mode-$PRECISION" 70 --scenario Offline --workers 1 "${opts[@]}" \
+        --test-query-count "$OFFLINE_SAMPLES"
+    # --workers 1: a worker process (the issue's path), not the in-process default of SingleStream on a GPU
+    distbert_run "singlestream-$mode-$PRECISION" 70 --scenario SingleStream --workers 1 "${opts[@]}" \
+        --test-query-count "$queries"
+    distbert_run "server-$mode-$PRECISION" 100 --scenario Server --workers 1 "${opts[@]}" \
+        "${FIND_PEAK[@]}" --target-qps "$qps" --test-query-count "$SERVER_QUERIES"
+done
+finish

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""The JSON side of the device commands (``bench/gpu/cmd*.sh``, issue 19): prepare, collect, summarize.
+
+    gpu_report.py prep --shape large --json WORK/dataset.json
+        builds (or opens) the feature cache every later step reads, and writes the dev set's length
+        statistics and the model's FLOPs per sample (the MFU basis below);
+    gpu_report.py collect --cmd NAME --work WORK --out OUT/NAME.json [--limit-s S]
+        one command's JSON: its steps (status, seconds), every bench JSON (``*.bench.json``) and a
+        summary of every ``distbert run`` directory under WORK; run after every step, so a command
+        cut short still leaves what it measured;
+    gpu_report.py summary A.json [B.json ...] --out bench/results/gpu_check.json
+        the issue's headline record from one or more commands' JSON (the device returns each
+        command's files separately; run it here over the fetched files).
+
+MFU. A padding-free forward pass over a sample of ``L`` real tokens costs
+
+    F(L) = 2 * N * L + 4 * layers * hidden * L**2
+
+floating-point operations: ``2 N`` per token (one multiply-add per parameter; ``N`` counts every
+parameter of ``BertForQuestionAnswering``, embeddings included, 334.1 M for BERT-Large) plus the two
+attention products (``Q K^T`` and ``softmax * V``, each ``2 * L**2 * hidden`` per layer). The mean of
+F over the dev set's real lengths is 122.9 GFLOP for BERT-Large (mean length 178.5). Then
+
+    mfu = samples_per_s * mean F / PEAK_FLOPS,   PEAK_FLOPS = 989e12
+
+(H100 SXM and H200 dense fp16/bf16 tensor-core peak, datasheet; about 790e12 was measured on
+random data on the lent machines, so ``mfu`` 0.8 is about the practical ceiling). Padding is
+not counted as work: a run that pads pays for it in a lower MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+#: H100 SXM / H200 dense fp16 and bf16 tensor-core peak (datasheet), FLOP/s
+PEAK_FLOPS = 989e12
+#: the last MFU basis of notes/gpu.md, measured bf16 matrix products on the lent machines
+MEASURED_FLOPS = 790e12
+
+#: the keys issue 19 names for bench/results/gpu_check.json (tests check them)
+HEADLINE_KEYS = ("gpu", "precision", "date", "command", "offline_samples_per_s", "server_valid_qps",
+                 "singlestream_p90_ms", "mfu", "bare_best_samples_per_s", "batch_shapes", "padding_fraction",
+                 "sdpa", "rank0_cpu_share")
+
+
+# ------------------------------------------------------------------------------------------ prep
+
+def flops_per_sample(shape: Any, lengths: np.ndarray) -> float:
+    """Mean F(L) over ``lengths`` (module docstring), ``shape`` a ``modelmaker.BertShape``."""
+    from distbert.backends.modelmaker import weight_specs
+
+    n_params = sum(int(np.prod(dims)) for _, dims, _ in weight_specs(shape))
+    length = lengths.astype(np.float64)
+    f = 2.0 * n_params * length + 4.0 * shape.num_hidden_layers * shape.hidden_size * length ** 2
+    return float(f.mean())
+
+
+def prep(args: argparse.Namespace) -> int:
+    from distbert.backends.modelmaker import get_shape
+    from distbert.data.artifacts import resolve_squad
+    from distbert.data.squad.features import load_features
+
+    dataset, vocab = resolve_squad(args.dataset, args.vocab, download_missing=False)
+    store = load_features(dataset, vocab)
+    lengths = np.asarray(store.lengths)
+    shape = get_shape(args.shape)
+    out = {"dataset": str(dataset), "features": len(store), "mean_length": round(float(lengths.mean()), 3),
+           "model_shape": args.shape, "flops_per_sample": flops_per_sample(shape, lengths),
+           "flops_formula": "mean over the dev set of 2*N*L + 4*layers*hidden*L^2 (N: all parameters)"}
+    _write(args.json, out)
+    print(json.dumps(out))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- collect
+
+def _find(doc: Any, key: str) -> Any:
+    """The first value under ``key`` anywhere in ``doc`` (depth first), None if absent."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        items: Any = doc.values()
+    elif isinstance(doc, list):
+        items = doc
+    else:
+        return None
+    for v in items:
+        found = _find(v, key)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "?"
+    return lines[0][:300] if lines else "?"
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """The figures of one ``distbert run`` directory (or its ``.failed`` twin)."""
+    from distbert.data.loadgen_logs import read_detail
+
+    if (run_dir / "error.txt").is_file():
+        return {"failed": _first_line(run_dir / "error.txt")}
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        return {"failed": f"no readable run.json ({type(exc).__name__})"}
+    results = record.get("results", {})
+    perf = results.get("performance", {})
+    scenario = record.get("config", {}).get("loadgen", {}).get("scenario")
+    out: dict[str, Any] = {"scenario": scenario}
+    detail_path = run_dir / "performance" / "mlperf_log_detail.txt"
+    detail = read_detail(detail_path) if detail_path.is_file() else {}
+    out["validity"] = detail.get("result_validity") or perf.get("result_validity")
+    if scenario == "Offline":
+        out["samples_per_s"] = detail.get("result_samples_per_second") or perf.get("result_samples_per_second")
+    elif scenario == "Server":
+        out["target_qps"] = record.get("config", {}).get("loadgen", {}).get("target_qps")
+        out["scheduled_samples_per_s"] = detail.get("result_scheduled_samples_per_sec")
+        out["completed_samples_per_s"] = detail.get("result_completed_samples_per_sec")
+    else:
+        out["qps"] = detail.get("result_qps_with_loadgen_overhead") or detail.get("result_samples_per_second")
+    for pct in ("90.00", "99.00"):
+        ns = detail.get(f"result_{pct}_percentile_latency_ns") or perf.get(f"result_{pct}_percentile_latency_ns")
+        out[f"p{pct[:2]}_ms"] = round(float(ns) / 1e6, 3) if ns is not None else None
+    mean = detail.get("result_mean_latency_ns") or perf.get("result_mean_latency_ns")
+    out["mean_ms"] = round(float(mean) / 1e6, 3) if mean is not None else None
+    busy = perf.get("rank0_cores_busy")
+    cpus = record.get("system", {}).get("logical_cpus")
+    out["rank0_cores_busy"] = busy
+    out["rank0_cpu_share"] = round(busy / cpus, 4) if busy is not None and cpus else None
+    for key in ("batch_shapes", "padding_fraction", "warmup_s"):
+        out[key] = _find(perf, key) if _find(perf, key) is not None else _find(record, key)
+    out["sdpa"] = _find(record.get("workers", []), "sdpa") or _find(record, "sdpa")
+    peak = results.get("find_peak")
+    if peak:
+        out["find_peak"] = {k: peak.get(k) for k in ("best_valid_qps", "lowest_invalid_qps", "probe_s")}
+        out["find_peak"]["probes"] = len(peak.get("probes", []))
+    backend = record.get("config", {}).get("backend", {})
+    out["options"] = {k: v for k, v in backend.get("options", []) if k not in ("sim_latency", "random_shape")}
+    out["workers"] = len(record.get("workers", []))
+    out["in_process_worker"] = record.get("config", {}).get("in_process_worker")
+    out["wall_s"] = perf.get("wall_s")
+    return out
+
+
+def _run_dirs(work: Path) -> dict[str, Path]:
+    """Every run directory under ``work`` (one level), by name without ``.failed``."""
+    out = {}
+    for d in sorted(work.iterdir()):
+        if d.is_dir() and ((d / "run.json").is_file() or (d / "error.txt").is_file()):
+            out[d.name.removesuffix(".failed")] = d
+    return out
+
+
+def collect(args: argparse.Namespace) -> int:
+    work = Path(args.work)
+    doc: dict[str, Any] = {"command": args.cmd, "dry_run": args.dry_run, "date": _today(),
+                           "limit_s": args.limit_s, "steps": [], "env": None, "dataset": None,
+                           "benches": {}, "runs": {}}
+    env, dataset = work / "env.json", work / "dataset.json"
+    if env.is_file():
+        doc["env"] = _read(env)
+    if dataset.is_file():
+        doc["dataset"] = _read(dataset)
+    steps = work / "steps.jsonl"
+    if steps.is_file():
+        doc["steps"] = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
+    for path in sorted(work.glob("*.bench.json")):
+        doc["benches"][path.name.removesuffix(".bench.json")] = _read(path)
+    for name, d in _run_dirs(work).items():
+        doc["runs"][name] = run_summary(d)
+    doc["elapsed_s"] = max((s.get("end_s", 0) for s in doc["steps"]), default=0)
+    doc["complete"] = bool(doc["steps"]) and all(s.get("status") == "ok" for s in doc["steps"])
+    _write(Path(args.out), doc)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- summary
+
+def _best(runs: dict[str, dict], scenario: str, value: str, prefer: str = "max") -> tuple[str | None, dict | None]:
+    """The run of ``scenario`` with the best ``value`` (among runs that did not fail)."""
+    found = [(n, r) for n, r in runs.items() if r.get("scenario") == scenario and r.get(value) is not None]
+    if not found:
+        return None, None
+    pick = max if prefer == "max" else min
+    return pick(found, key=lambda nr: nr[1][value])
+
+
+def summary(args: argparse.Namespace) -> int:
+    docs = [_read(Path(p)) for p in args.inputs]
+    runs: dict[str, dict] = {}
+    benches: dict[str, Any] = {}
+    env: dict[str, Any] = {}
+    dataset: dict[str, Any] = {}
+    for doc in docs:
+        runs.update({f"{doc['command']}/{k}": v for k, v in doc.get("runs", {}).items()})
+        benches.update({f"{doc['command']}/{k}": v for k, v in doc.get("benches", {}).items()})
+        env = env or (doc.get("env") or {})
+        dataset = dataset or (doc.get("dataset") or {})
+    precision = args.precision
+    mine = {n: r for n, r in runs.items() if _precision_of(n) == precision}
+
+    off_name, off = _best(mine, "Offline", "samples_per_s")
+    ss_name, ss = _best(mine, "SingleStream", "p90_ms", prefer="min")
+    server = [(n, r) for n, r in mine.items() if _valid_qps(r)]
+    srv_name, srv = max(server, key=lambda nr: _valid_qps(nr[1]) or 0, default=(None, None))
+    bare = [b for n, b in benches.items() if n.endswith(f"bare-{precision}") and b.get("best_samples_per_s")]
+    bare_best = max((b["best_samples_per_s"] for b in bare), default=None)
+    flops = dataset.get("flops_per_sample")
+    rate = off["samples_per_s"] if off else None
+    shares = {n: r["rank0_cpu_share"] for n, r in mine.items() if r.get("rank0_cpu_share") is not None}
+    out: dict[str, Any] = {
+        "gpu": env.get("gpu"),
+        "precision": precision,
+        "date": min((d.get("date") for d in docs if d.get("date")), default=_today()),
+        "command": " ; ".join(f"bash bench/gpu/{d['command']}.sh" for d in docs),
+        "dry_run": any(d.get("dry_run") for d in docs),
+        "offline_samples_per_s": rate,
+        "offline_run": off_name,
+        "server_valid_qps": _valid_qps(srv) if srv else None,
+        "server_run": srv_name,
+        "singlestream_p90_ms": ss["p90_ms"] if ss else None,
+        "singlestream_run": ss_name,
+        "mfu": round(rate * flops / PEAK_FLOPS, 4) if rate and flops else None,
+        "mfu_basis": (f"samples/s x {flops / 1e9:.1f} GFLOP (mean over the dev set's real lengths of "
+                      f"2*N*L + 4*layers*hidden*L^2) / {PEAK_FLOPS / 1e12:.0f} TFLOP/s dense 16-bit peak"
+                      if flops else None),
+        "mfu_vs_measured_790": round(rate * flops / MEASURED_FLOPS, 4) if rate and flops else None,
+        "bare_best_samples_per_s": bare_best,
+        "offline_vs_bare": round(rate / bare_best, 3) if rate and bare_best else None,
+        "batch_shapes": off.get("batch_shapes") if off else None,
+        "padding_fraction": off.get("padding_fraction") if off else None,
+        "sdpa": next((r["sdpa"] for r in (off, ss, srv) if r and r.get("sdpa")), None),
+        "rank0_cpu_share": shares.get(off_name) if off_name else None,
+        "rank0_cpu_share_per_run": shares,
+        "software": env.get("software"),
+        "targets": {"offline_samples_per_s": 4600, "offline_vs_bare": 0.9, "server_valid_qps": 3600,
+                    "singlestream_p90_ms": 2.0},
+        "runs": runs,
+        "benches": {n: _bench_brief(b) for n, b in benches.items()},
+        "steps": {d["command"]: d.get("steps", []) for d in docs},
+    }
+    _write(Path(args.out), out)
+    print(json.dumps({k: out[k] for k in HEADLINE_KEYS + ("offline_vs_bare", "dry_run")}, indent=1))
+    return 0
+
+
+def _valid_qps(run: dict[str, Any]) -> float | None:
+    """A Server run's highest VALID QPS: its --find-peak result, else its own target when VALID."""
+    if run.get("scenario") != "Server":
+        return None
+    if run.get("find_peak"):
+        return run["find_peak"].get("best_valid_qps")
+    return run.get("target_qps") if run.get("validity") == "VALID" else None
+
+
+def _precision_of(run_name: str) -> str | None:
+    """Run names end in their precision (``cmd2_check/offline-eager-fp16``)."""
+    tail = run_name.rsplit("-", 1)[-1]
+    return tail if tail in ("fp32", "fp16", "bf16") else None
+
+
+def _bench_brief(bench: dict[str, Any]) -> dict[str, Any]:
+    """A bench JSON without its per-batch millisecond lists (they stay in the command's own JSON)."""
+    if bench.get("bench") != "gpu_shapes":
+        return {k: v for k, v in bench.items() if k != "backend"}
+    variants = []
+    for v in bench.get("variants", []):
+        passes = {p: {k: x for k, x in d.items() if k != "ms"} for p, d in v.get("passes", {}).items()}
+        variants.append({**{k: x for k, x in v.items() if k not in ("passes", "shapes", "backend")},
+                         "passes": passes})
+    return {**{k: x for k, x in bench.items() if k != "variants"}, "variants": variants}
+
+
+# ----------------------------------------------------------------------------------------- shared
+
+def _today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _write(path: Path, doc: Any) -> None:
+    """Atomically: a reader (or a kill) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("prep", help="feature cache + dev-set length statistics + FLOPs per sample")
+    p.add_argument("--shape", default="large")
+    p.add_argument("--dataset")
+    p.add_argument("--vocab")
+    p.add_argument("--json", type=Path, required=True)
+    p.set_defaults(handler=prep)
+    c = sub.add_parser("collect", help="one command's JSON from its work folder")
+    c.add_argument("--cmd", required=True)
+    c.add_argument("--work", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--limit-s", type=int)
+    c.add_argument("--dry-run", action="store_true")
+    c.set_defaults(handler=collect)
+    s = sub.add_parser("summary", help="the gpu_check.json record from commands' JSON")
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--precision", default="fp16")
+    s.add_argument("--out", required=True)
+    s.set_defaults(handler=summary)
+    args = ap.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
