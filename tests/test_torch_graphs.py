@@ -294,3 +294,37 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_torch):
     assert info["graphs"] == 4 and info["evictions"] > 0 and info["hits"] > 0
     graphed.close()
     graphed.close()
+
+
+@needs_torch
+def test_with_a_shape_ladder_every_bucket_is_a_ladder_shape_captured_at_warmup_not_mid_run(caplog):
+    """issue 19: the ladder's shapes are the buckets (one unpadded chunk per batch), the cache grows
+    to hold them all, and once each shape ran once (the warm-up) no batch padded to the ladder
+    captures again. A capacity the user set below the shape count stays, with a warning."""
+    from distbert.backends.base import dummy_batch
+    from distbert.backends.shapes import ShapeLadder
+
+    def zeros(ids, mask, segments):
+        return torch.zeros((2, *ids.shape))
+
+    ladder = ShapeLadder(step=96, rows=(1, 2, 4, 8, 16), token_budget=2048)
+    shapes = ladder.shapes()
+    assert (16, 96) in shapes and (16, 384) not in shapes                 # the token budget bounds rows
+    runner = GraphedModel(eager_standin(zeros, torch.device("cpu")), torch.device("cpu"), max_batch=16, capacity=4)
+    runner.use_shapes(shapes)
+    assert runner.cache.capacity == len(shapes) > 4
+    assert runner.plan(16, 96) == [Chunk(0, 16, Bucket(16, 96))]        # not split, not padded
+    assert runner.plan(3, 50) == plan(3, 50, runner.ladder)              # off the ladder: the old buckets
+    for rows, length in shapes:                                          # the warm-up
+        warm = dummy_batch(rows, length)
+        runner.run(warm.input_ids, warm.input_mask, warm.segment_ids)
+    assert runner.cache.misses == len(shapes) and runner.info()["buckets"] == "shape ladder"
+    rng = np.random.default_rng(1)
+    for _ in range(40):                                                  # served batches, padded by the worker
+        inputs = ladder.pad(_batch(rng.integers(1, 300, int(rng.integers(1, 5)))))
+        runner.run(inputs.input_ids, inputs.input_mask, inputs.segment_ids)
+    assert runner.cache.misses == len(shapes) and runner.cache.hits >= 40 and runner.cache.evictions == 0
+    small = GraphedModel(eager_standin(zeros, torch.device("cpu")), torch.device("cpu"), max_batch=16, capacity=4)
+    with caplog.at_level("WARNING"):
+        small.use_shapes(shapes, grow=False)
+    assert small.cache.capacity == 4 and "graphs_cache=4 holds fewer graphs than the" in caplog.text
