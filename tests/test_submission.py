@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -204,6 +205,45 @@ def test_system_fields_distbert_cannot_measure_must_be_given(runs):
     assert desc["host_processor_core_count"] >= 1 and desc["host_memory_capacity"].endswith(" GB")
 
 
+def test_run_json_records_the_source_and_its_commit(runs):
+    """The package's digest, and from a git checkout (this one, when the tests run in one) its commit
+    and whether the package's files differ from it."""
+    from distbert.util.sysinfo import package_dir, source_digest
+
+    source = json.loads((runs["SingleStream"] / "run.json").read_text())["source"]
+    assert source["path"] == str(package_dir()) and len(source["digest"]) == 64 and source["files"] > 50
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and (REPO / ".git").exists():
+        assert source["commit"] == head.stdout.strip() and isinstance(source["dirty"], bool)
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "distbert"],
+                                capture_output=True, text=True, check=True).stdout
+        if not status.strip():   # (a dirty package changes under the test: its digest may have moved since)
+            assert source["dirty"] is False and source["digest"] == source_digest(package_dir())[0]
+
+
+def test_a_run_of_other_source_cannot_build_a_tree_whose_code_folder_would_not_hold_it(runs, tmp_path):
+    """A run whose recorded digest is not the source building the tree (another commit, or a run made
+    before distbert recorded its source) is refused, naming the fix; --allow-invalid lists why."""
+    copies = {}
+    for scenario, run in runs.items():
+        copies[scenario] = tmp_path / scenario
+        shutil.copytree(run, copies[scenario])
+    record = json.loads((copies["Offline"] / "run.json").read_text())
+    record["source"] |= {"digest": "0" * 64, "commit": "1234567890abcdef" * 2 + "12345678", "dirty": True}
+    (copies["Offline"] / "run.json").write_text(json.dumps(record))
+    given = tmp_path / "sys.json"
+    given.write_text(json.dumps({"host_memory_configuration": "x", "host_storage_type": "SSD", "cooling": "air"}))
+    with pytest.raises(UserError, match=r"ran other distbert source \(commit 1234567890ab with local changes\) than "
+                                        r"the one building the tree .*build with the source it ran"):
+        build_mod.build([copies["Offline"], copies["SingleStream"]], tmp_path / "out", "Org", "box", division="open",
+                        system_json=given)
+    del record["source"]
+    (copies["Offline"] / "run.json").write_text(json.dumps(record))
+    result = build_mod.build([copies["Offline"], copies["SingleStream"]], tmp_path / "out", "Org", "box",
+                             division="open", system_json=given, allow_invalid=True)
+    assert any("recorded no distbert source" in why for why in result.invalid[str(copies["Offline"])])
+
+
 def test_one_rule_decides_the_fields_a_system_needs():
     need = build_mod.required_system_fields(["a"], ["cpu", "cpu"])
     assert list(need) == list(build_mod.USER_FIELDS)
@@ -258,7 +298,21 @@ def test_dry_run_tree_is_complete_truncated_and_checked(runs, env, store, tmp_pa
             assert text.startswith('{"exact_match": ')
         assert json.loads((d / "measurements.json").read_text())["weight_data_types"] == "fp32"
     assert (top / "systems" / "box.json").is_file() and (top / "documentation" / "calibration.md").is_file()
-    assert (top / "src" / "bert-99" / "README.md").is_file()
+    # the code folder holds distbert's source as it ran: the package's files, the same digest as the runs'
+    from distbert.util.sysinfo import package_dir, source_digest, source_files
+
+    code = top / "src" / "bert-99"
+    ran = json.loads((runs["Offline"] / "run.json").read_text())["source"]
+    assert source_digest(code / "distbert") == (ran["digest"], ran["files"])
+    assert set(source_files(code / "distbert")) == set(source_files(package_dir()))
+    assert (code / "distbert" / "submission" / "build.py").read_bytes() == Path(build_mod.__file__).read_bytes()
+    facts = json.loads((code / "source.json").read_text())
+    assert facts["digest"] == ran["digest"] and facts["commit"] == ran["commit"]
+    assert facts["versions"]["mlcommons-loadgen"] and facts["versions"]["numpy"]
+    readme = (code / "README.md").read_text()
+    assert ran["digest"] in readme and "mlcommons-loadgen" in readme
+    if ran["commit"]:
+        assert ran["commit"] in readme
     with tarfile.open(out / "mlperf_submission.tar.gz") as tar:
         names = {m.name for m in tar.getmembers() if m.isfile()}
     on_disk = {str(p.relative_to(out)) for p in (out / "closed").rglob("*") if p.is_file()}

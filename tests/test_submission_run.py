@@ -65,6 +65,10 @@ LAYOUTS = {
 }
 
 
+#: the round's code folder: README.md, source.json and distbert's own source as it ran
+CODE_FILES = ("README.md", "source.json", "distbert/__init__.py", "distbert/run/rank0.py", "distbert/submission/build.py")
+
+
 def _expected_files(version: str, scenario: str) -> set[str]:
     sub = "closed/Acme"
     res = f"{sub}/results/box1/bert-99/{scenario}"
@@ -74,11 +78,11 @@ def _expected_files(version: str, scenario: str) -> set[str]:
              f"{res}/accuracy/accuracy.txt", f"{res}/accuracy/mlperf_log_accuracy.json"}
     if version.startswith("v6"):
         comp, meas = res, res
-        files |= {f"{sub}/src/bert-99/README.md", f"{res}/measurements.json"}
+        files |= {f"{sub}/src/bert-99/{f}" for f in CODE_FILES} | {f"{res}/measurements.json"}
     else:
         comp = f"{sub}/compliance/box1/bert-99/{scenario}"
         meas = f"{sub}/measurements/box1/bert-99/{scenario}"
-        files |= {f"{sub}/code/bert-99/distbert/README.md", f"{meas}/box1_distbert_{scenario}.json"}
+        files |= {f"{sub}/code/bert-99/distbert/{f}" for f in CODE_FILES} | {f"{meas}/box1_distbert_{scenario}.json"}
     files |= {f"{meas}/README.md", f"{meas}/user.conf",
               f"{comp}/TEST01/verify_accuracy.txt", f"{comp}/TEST01/verify_performance.txt",
               f"{comp}/TEST01/accuracy/accuracy.txt", f"{comp}/TEST01/accuracy/mlperf_log_accuracy.json",

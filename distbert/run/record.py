@@ -19,7 +19,7 @@ from distbert.data.squad.accuracy import score_log, write_accuracy_txt
 from distbert.data.squad.cache import FeatureStore
 from distbert.engine.coordinator import Coordinator
 from distbert.topology import Topology
-from distbert.util.sysinfo import host_facts
+from distbert.util.sysinfo import host_facts, source_facts
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def _versions() -> dict[str, str]:
 
 def build_record(cfg: RunConfig, topology: Topology, coordinator: Coordinator, results: dict[str, Any],
                  started: float) -> dict[str, Any]:
+    """run.json's content, ``source`` included: the distbert source that ran (its digest, the git
+    commit and dirty flag), which a submission's code folder must hold."""
     workers = []
     for handle in sorted(coordinator.workers.values(), key=lambda h: h.worker):
         workers.append({"worker": handle.worker, "host": handle.host, "device": handle.device,
@@ -73,6 +75,7 @@ def build_record(cfg: RunConfig, topology: Topology, coordinator: Coordinator, r
         "results": results,
         "accuracy_meaningful": _meaningful(cfg),
         "versions": _versions(),
+        "source": source_facts(),
         "system": host_facts(),
     }
 

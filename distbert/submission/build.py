@@ -38,6 +38,7 @@ from typing import Any
 
 from distbert.errors import UserError
 from distbert.submission.rules import LOADGEN_ROUND, RuleSet, rules
+from distbert.util.sysinfo import source_digest, source_facts, source_files
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,37 @@ def load_run(path: Path, compliance_tests: Sequence[str] = ("TEST01",)) -> Run:
     return Run(path, record)
 
 
-def why_invalid(run: Run, benchmark: str) -> list[str]:
-    """Reasons this run cannot be part of a real submission (empty = none)."""
+def run_digests(run: Run) -> set[str | None]:
+    """The digest of every distbert source a run's parts ran (a redone part ran in a process of its own)."""
+    digests = {(run.record.get("source") or {}).get("digest")}
+    for part in (run.record.get("results") or {}).values():
+        if isinstance(part, dict) and "source_digest" in part:
+            digests.add(part["source_digest"])
+    return digests
+
+
+def _source_mismatch(run: Run, source: dict[str, Any]) -> str | None:
+    """Why the tree's code folder (the ``source`` building it) would not hold what ``run`` ran, or None."""
+    digests = run_digests(run)
+    if None in digests:
+        return ("it recorded no distbert source (made by a distbert before that), so the tree's code folder cannot be "
+                "shown to hold what ran: run it again")
+    if digests - {source["digest"]}:
+        ran = run.record.get("source") or {}
+        what = (f"commit {ran['commit'][:12]}{' with local changes' if ran.get('dirty') else ''}" if ran.get("commit")
+                else f"source {ran.get('digest', '?')[:12]}")
+        return (f"it ran other distbert source ({what}) than the one building the tree ({source['digest'][:12]}): "
+                "build with the source it ran, so the tree's code folder holds that")
+    return None
+
+
+def why_invalid(run: Run, benchmark: str, source: dict[str, Any] | None = None) -> list[str]:
+    """Reasons this run cannot be part of a real submission (empty = none); ``source``: the distbert
+    source building the tree (:func:`sysinfo.source_facts`), which must be the one the run ran."""
     reasons = []
+    mismatch = _source_mismatch(run, source) if source is not None else None
+    if mismatch:
+        reasons.append(mismatch)
     perf = run.record.get("results", {}).get("performance") or {}
     if run.loadgen["execution_mode"] == "valid" and perf.get("result_validity") not in (None, "VALID"):
         reasons.append(f"LoadGen called its performance run {perf.get('result_validity')}")
@@ -254,15 +283,39 @@ def _scenario_readme(run: Run, benchmark: str) -> str:
     return "\n".join(lines)
 
 
-def _src_readme(runs: Sequence[Run], benchmark: str) -> str:
+def _src_readme(runs: Sequence[Run], benchmark: str, source: dict[str, Any]) -> str:
     version = runs[0].record.get("versions", {}).get("distbert", "?")
+    commit = source.get("commit")
+    origin = (f"git commit {commit}" + (" with local changes (the files here are the ones that ran)"
+                                        if source.get("dirty") else "") if commit else "an installed package (no git)")
     lines = [f"# {benchmark} with distbert {version}", "",
              "distbert is a distributed harness for MLPerf Inference BERT: rank 0 runs LoadGen and scatters "
              "length-sorted, trimmed batches of sample indices over ZeroMQ or MPI to worker ranks that run "
-             "ONNX Runtime, PyTorch or OpenVINO.", "", "Install: `launch/setup.sh` (creates .venv).", "",
-             "Commands used:", ""]
+             "ONNX Runtime, PyTorch or OpenVINO.", "",
+             f"`distbert/` here is the harness's source as it ran: {origin}; sha256 over its {source['files']} files "
+             f"(names and contents, `distbert.util.sysinfo.source_digest`): `{source['digest']}`. "
+             "`source.json` says the same, with the software versions.", "",
+             f"Software: {_software(runs[0])}.", "",
+             "Install: `pip install .` from a distbert checkout with these files as its `distbert/` (or "
+             "`launch/setup.sh` there: it creates .venv).", "", "Commands used:", ""]
     lines += [f"- {run.scenario}: `{' '.join(run.record.get('command', []))}`" for run in runs]
     return "\n".join(lines) + "\n"
+
+
+def _code_folder(code: Path, runs: Sequence[Run], benchmark: str, source: dict[str, Any]) -> None:
+    """The round's code folder: distbert's package files as they ran, README.md and source.json."""
+    root = Path(source["path"])
+    for rel in source_files(root):
+        _copy(root / rel, code / IMPLEMENTATION / rel)
+    copied, _count = source_digest(code / IMPLEMENTATION)
+    if copied != source["digest"]:
+        raise UserError(f"the distbert source in {root} changed while the tree was built: build again")
+    (code / "README.md").write_text(_src_readme(runs, benchmark, source))
+    facts = {k: source.get(k) for k in ("commit", "dirty", "digest", "files")}
+    versions = runs[0].record.get("versions") or {}
+    facts |= {"distbert": versions.get("distbert"), "versions": versions,
+              "runs": {run.scenario: run.record.get("source") for run in runs}}
+    (code / "source.json").write_text(json.dumps(facts, indent=2) + "\n")
 
 
 def _calibration(runs: Sequence[Run]) -> str:
@@ -339,7 +392,8 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
         raise UserError(f"closed {benchmark} ({version}, {system_type}) needs exactly one run per scenario "
                         f"{', '.join(required)} (got {', '.join(sorted(seen)) or 'none'}); any other scenario fails "
                         "the whole benchmark")
-    invalid = {str(run.path): why_invalid(run, benchmark) for run in runs}
+    source = source_facts()
+    invalid = {str(run.path): why_invalid(run, benchmark, source) for run in runs}
     invalid = {k: v for k, v in invalid.items() if v}
     if invalid and not allow_invalid:
         path, reasons = next(iter(invalid.items()))
@@ -358,7 +412,7 @@ def build(run_dirs: Sequence[Path], out: Path, submitter: str, system: str, divi
         if rule_set.layout != "v6":
             code = code / IMPLEMENTATION
         code.mkdir(parents=True)
-        (code / "README.md").write_text(_src_readme(runs, benchmark))
+        _code_folder(code, runs, benchmark, source)
         (top / "documentation").mkdir()
         (top / "documentation" / "calibration.md").write_text(_calibration(runs))
         for run in runs:

@@ -1,12 +1,15 @@
-"""Facts about this host for ``run.json`` and a submission's ``systems/<system>.json``.
+"""Facts about this host for ``run.json`` and a submission's ``systems/<system>.json``, and about the
+distbert source that runs (:func:`source_facts`: the package's files and their digest, the git commit
+when it runs from a checkout), which the submission's code folder must hold.
 
-Read from ``/proc`` and the standard library only (``nvidia-smi`` when it is on PATH), so it costs
-nothing and works on any Linux node. Every value that cannot be found is ``None``: the submission
-builder turns those into fields the user must fill in, never into guesses.
+Read from ``/proc`` and the standard library only (``nvidia-smi`` and ``git`` when they are on PATH),
+so it costs nothing and works on any Linux node. Every value that cannot be found is ``None``: the
+submission builder turns those into fields the user must fill in, never into guesses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -86,3 +89,56 @@ def host_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpus": _gpus(),
     }
+
+
+# --- the distbert source that runs ------------------------------------------------------------------
+
+#: git answers within this, or the commit is unknown (never a hang at a run's start)
+GIT_TIMEOUT_S = 5.0
+
+
+def package_dir() -> Path:
+    """The folder of the ``distbert`` package this process imported (a checkout's or site-packages')."""
+    import distbert
+
+    return Path(distbert.__file__).resolve().parent
+
+
+def source_files(root: Path | None = None) -> list[Path]:
+    """The package's source files, relative to ``root`` (the package folder), sorted: every file but
+    compiled bytecode."""
+    root = root or package_dir()
+    return sorted(p.relative_to(root) for p in root.rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"))
+
+
+def _git(top: Path, *args: str) -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        done = subprocess.run([git, "-C", str(top), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_facts(root: Path | None = None) -> dict[str, Any]:
+    """``{"digest", "files", "path", "commit", "dirty"}``: the sha256 over the package's files (names
+    and contents), their count and folder; from a git checkout, its commit and whether the package's
+    files differ from it (``commit``/``dirty`` are None elsewhere)."""
+    root = root or package_dir()
+    digest, count = source_digest(root)
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--", ".") if commit else None
+    return {"digest": digest, "files": count, "path": str(root), "commit": commit,
+            "dirty": None if status is None else bool(status)}
+
+
+def source_digest(root: Path) -> tuple[str, int]:
+    """(sha256 over the names and contents of :func:`source_files`, their count)."""
+    h = hashlib.sha256()
+    files = source_files(root)
+    for rel in files:
+        h.update(rel.as_posix().encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest(), len(files)
