@@ -72,7 +72,9 @@ class RunConfig:
     bind_host: str | None = None     # zmq: address workers reach rank 0 at (default: this host's IP)
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
-    rejoin_timeout_s: float = 60.0   # a worker that cannot reach rank 0 keeps trying this long, then exits 3
+    # how long a lost party may take to come back: rank 0 with no worker left waits this long for one
+    # (0: fails at once), a worker that cannot reach rank 0 keeps trying this long (at least the heartbeat timeout)
+    rejoin_timeout_s: float = 60.0
     ready_timeout_s: float = 600.0
 
     def spin_s(self) -> float:
@@ -154,6 +156,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--find-peak-probe-s must be positive")
     if not 0 <= cfg.spin_us <= 100_000:
         raise UserError("--spin-us must be between 0 (off) and 100000")
-    if not 0 < cfg.heartbeat_timeout_s <= cfg.rejoin_timeout_s:
-        raise UserError("--heartbeat-timeout must be positive and at most --rejoin-timeout")
+    if not cfg.heartbeat_timeout_s > 0:
+        raise UserError("--heartbeat-timeout must be positive")
+    if cfg.rejoin_timeout_s != 0 and not cfg.heartbeat_timeout_s <= cfg.rejoin_timeout_s:
+        raise UserError("--rejoin-timeout must be 0 (no wait for a lost worker) or at least --heartbeat-timeout")
     return cfg

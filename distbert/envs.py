@@ -77,6 +77,13 @@ def announce_file() -> Path | None:
     return Path(value) if value else None
 
 
+def parent_pid() -> int | None:
+    """``DISTBERT_PARENT_PID``: the process that started this run (``distbert submission run`` sets it
+    for each child run). Rank 0's watchdog ends the run when that process is gone (``Coordinator``)."""
+    value = os.environ.get("DISTBERT_PARENT_PID", "")
+    return int(value) if value.isdigit() else None
+
+
 def gc_tune() -> bool:
     """``DISTBERT_GC_TUNE=0`` keeps Python's default garbage-collector settings while LoadGen runs
     (default: fewer collections during a test; ``run/loadgen.quiet_gc``). For A/B measurements."""

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from distbert.wire import CoordinatorTransport, Endpoint, TransportClosed, WorkerTransport
+from distbert.wire.base import PeerGone
 from distbert.wire.inproc import InprocHub
 from distbert.wire.messages import (
     Batch,
@@ -96,9 +97,13 @@ def cluster(request, tmp_path) -> Iterator[Cluster]:
 
 
 def _recv(coord: CoordinatorTransport, timeout: float = 5.0):
-    got = coord.recv(timeout)
-    assert got is not None, f"nothing received within {timeout} s"
-    return got
+    """The next message; a closed connection's PeerGone (a worker thread that finished) is skipped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = coord.recv(max(0.0, deadline - time.monotonic()))
+        assert got is not None, f"nothing received within {timeout} s"
+        if not isinstance(got[1], PeerGone):
+            return got
 
 
 def _hello(c: Cluster, rank: int) -> WorkerTransport:

@@ -120,9 +120,11 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
     g.add_argument("--rejoin-timeout", type=float,
-                   help="seconds a worker whose link to rank 0 is down keeps trying before it exits (status 3; default "
-                        "60, or --heartbeat-timeout if longer); "
-                        "a rank 0 that is gone (its port refuses) is noticed within seconds")
+                   help="how long a lost party may take to come back (default 60, or --heartbeat-timeout if longer): "
+                        "with every worker lost, rank 0 waits this long for one to join or return before the run "
+                        "fails (0: fails at once); a worker whose link to rank 0 is down keeps trying this long "
+                        "before it exits (status 3); a rank 0 that is gone (its port refuses) is noticed within "
+                        "seconds. See docs/faults.md")
     g = _Group("data")
     g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
     g.add_argument("--vocab", help="BERT uncased vocab.txt (same defaults)")

@@ -10,6 +10,13 @@ Threads (STYLE §5):
   and completes each finished batch with one ``QuerySamplesComplete`` call (which releases the GIL
   and is wait-free in LoadGen; a separate completion thread measured slower, see ``_complete``).
 * **The main thread** runs the LoadGen tests one after another and waits on events.
+
+Faults (``docs/faults.md``): a worker whose connection closes is lost at once (the transport says so,
+:class:`~distbert.wire.base.PeerGone`), a silent one at ``--heartbeat-timeout``; its batches are
+requeued. A restarted worker (a new connection's Hello for a known rank) takes over at its Ready with
+no moment without a worker. With no worker left, work waits up to ``--rejoin-timeout`` for any
+worker to join or return (saying so every few seconds) before the run fails; a pending restart is
+waited for as long as a start-up may take (``--ready-timeout``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -32,7 +40,7 @@ from distbert.engine.completion import Completer
 from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
 from distbert.util import trace
 from distbert.wire import messages as m
-from distbert.wire.base import CoordinatorTransport
+from distbert.wire.base import CoordinatorTransport, PeerGone
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,11 @@ class _Shutdown:
 _FLUSH = _Flush()
 _Control = _Flush | _Begin | _Shutdown
 PROGRESS_S = 10.0
+#: with no worker left, the wait for one is logged this often (s)
+REJOIN_LOG_S = 5.0
+#: the reason in the Shutdown a run sends when the process that started it is gone: its workers exit 3
+#: (rank 0 is gone) rather than 0, so a launched rank does not wait for a next step that never comes
+ORCHESTRATOR_GONE = m.SHUTDOWN_RANK0_GONE + "the process that started this run ended"
 SWITCH = 0.0005  # s; see start()
 
 
@@ -93,6 +106,7 @@ class WorkerHandle:
     info: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
     stats: dict[str, Any] | None = None
+    restart_since: float | None = None   # a new connection's Hello for this rank, awaiting its Ready
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
@@ -141,13 +155,17 @@ def _joined(ids: list[int], indices: list[int],
 class Coordinator:
     def __init__(self, cfg: RunConfig, transport: CoordinatorTransport, lengths: np.ndarray,
                  expected_workers: set[int], is_alive: Callable[[int], bool] | None = None,
-                 external_workers: int = 0) -> None:
+                 external_workers: int = 0, parent_pid: int | None = None) -> None:
         self.cfg = cfg
         self.transport = transport
         self.lengths = lengths
         self.expected = set(expected_workers)
         self.is_alive = is_alive
         self.external_workers = external_workers  # unknown ids that may join (distbert worker --connect)
+        self.parent_pid = parent_pid  # the run ends when this process is no longer our parent (a watchdog)
+        self._no_worker_since: float | None = None   # every worker lost (or none yet in a test) since then
+        self._began: float | None = None             # the test began then and no result has come yet
+        self._rejoin_logged = 0.0
         self.workers: dict[int, WorkerHandle] = {}
         self.dispatcher: Dispatcher | None = None
         self.failure: str | None = None
@@ -166,6 +184,7 @@ class Coordinator:
         # one-sample query itself when the driver is idle. The driver holds _lock whenever it is
         # awake, so dispatcher and transport still have one user at a time.
         self._direct: Callable[[m.Batch], m.Message] | None = getattr(transport, "compute", None)
+        self._direct_completing = False   # the direct path is inside a completion (see _direct_or_fail)
         self._lock = threading.Lock()
         self._switch_held = False
 
@@ -222,7 +241,7 @@ class Coordinator:
             try:
                 if (self.dispatcher is not None and self.failure is None and not self._dead and not self._inbox
                         and not self._shutting_down):
-                    self._issue_direct(ids, indices)
+                    self._direct_or_fail(ids, indices)
                     return
             finally:
                 self._lock.release()
@@ -240,6 +259,32 @@ class Coordinator:
         except Exception as exc:   # the driver still drains the inbox at its next heartbeat tick
             log.exception("issue callback")
             self._fail(f"rank 0 could not hand LoadGen's samples to its driver: {type(exc).__name__}: {exc}")
+
+    def _direct_or_fail(self, ids: list[int] | np.ndarray, indices: list[int] | np.ndarray) -> None:
+        """The direct path under the native callback's rule (``engine/lgnative``): no exception reaches
+        LoadGen's thread. A failure fails the run with one line and completes the sample (empty) if the
+        dispatcher never took it, and everything the dispatcher still holds; if it struck while
+        completing, nobody knows whether LoadGen has the sample, and the process stops (exit 70)."""
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        issued = dispatcher.samples_issued
+        self._direct_completing = False
+        try:
+            self._issue_direct(ids, indices)
+        except BaseException as exc:
+            from distbert.engine.lgnative import _stop_process
+
+            log.exception("direct path")
+            text = f"rank 0's in-process worker path failed: {type(exc).__name__}: {exc}"
+            if self._direct_completing:
+                _stop_process(text + " (while completing a sample)")
+            self._fail(text)
+            try:
+                if dispatcher.samples_issued == issued:   # not taken: complete it here
+                    self._complete(np.asarray(ids, np.uint64), None)
+                self._abort_outstanding()
+            except BaseException as again:
+                _stop_process(f"{text}; then completing its query failed: {type(again).__name__}: {again}")
 
     def _issue_direct(self, ids: list[int] | np.ndarray, indices: list[int] | np.ndarray) -> None:
         """The driver is idle: dispatch, compute and complete this sample here, on LoadGen's thread
@@ -269,7 +314,9 @@ class Coordinator:
                 if isinstance(nxt, SendBatch):
                     todo.append(nxt)
                 else:
+                    self._direct_completing = isinstance(nxt, Complete)
                     self._execute([nxt], result=res)
+                    self._direct_completing = False
 
     def flush(self) -> None:
         if self._dead:
@@ -283,7 +330,10 @@ class Coordinator:
         """Fresh dispatcher for a test; the driver picks it up through the inbox."""
         ready = [h for h in self.workers.values() if h.ready and not h.lost]
         if not ready:
-            raise RunFailed("no worker is ready")
+            if not self.cfg.rejoin_timeout_s and not self._restart_pending():
+                raise RunFailed("no worker is ready (--rejoin-timeout 0: the run does not wait for one)")
+            log.warning("no worker is connected: the test starts and waits up to %g s (--rejoin-timeout) for one",
+                        self.cfg.rejoin_timeout_s)
         dispatcher = Dispatcher(scenario, self._policy(), self.lengths, want_logits)
         if self._completer is None:
             self._completer = Completer()
@@ -414,6 +464,62 @@ class Coordinator:
                 if w not in self.workers and not self.is_alive(w):
                     self._fail(f"worker {w} exited before saying hello (see its log above)")
                     self._all_ready.set()
+        self._check_parent()
+        self._check_rejoin(now)
+
+    def _check_parent(self) -> None:
+        """The watchdog: a run started by another process (``distbert submission run``) ends when that
+        process is gone, and tells its workers that rank 0 is gone (they exit 3, not 0)."""
+        if self.parent_pid is None or os.getppid() == self.parent_pid or self.failure is not None:
+            return
+        self._tell_workers_to_stop(ORCHESTRATOR_GONE)
+        self._fail(f"the process that started this run (pid {self.parent_pid}) is gone: the run stops")
+        self._abort_outstanding()
+        self._all_ready.set()
+
+    def _live_workers(self) -> int:
+        return sum(1 for h in self.workers.values() if h.ready and not h.lost)
+
+    def _restart_pending(self) -> bool:
+        return any(h.restart_since is not None for h in self.workers.values())
+
+    def _check_rejoin(self, now: float) -> None:
+        """No worker left while samples wait: say so every REJOIN_LOG_S, fail after --rejoin-timeout (a
+        pending restart: after --ready-timeout from its Hello, the time a start-up may take)."""
+        since, d = self._no_worker_since, self.dispatcher
+        if since is not None and self._live_workers():
+            self._no_worker_since = since = None
+        if since is None or d is None or self.failure is not None or self._shutting_down:
+            return
+        pending = d.samples_issued - d.samples_completed
+        if not pending:
+            return   # nothing waits; the clock keeps running from the loss
+        deadline = since + self.cfg.rejoin_timeout_s
+        for h in self.workers.values():
+            if h.restart_since is not None:
+                deadline = max(deadline, h.restart_since + self.cfg.ready_timeout_s)
+        if now >= deadline:
+            self._fail(f"every worker is lost and none came back within {self.cfg.rejoin_timeout_s:g} s "
+                       f"(--rejoin-timeout); {pending} samples cannot be processed")
+            self._abort_outstanding()
+        elif now - self._rejoin_logged >= REJOIN_LOG_S:
+            self._rejoin_logged = now
+            log.warning("no worker for %.0f s: %d samples pending; waiting %.0f s more for a worker to join or "
+                        "return (--rejoin-timeout %g s)%s", now - since, pending, deadline - now,
+                        self.cfg.rejoin_timeout_s, ": a restart is loading" if self._restart_pending() else "")
+
+    def _workers_gone(self, now: float) -> None:
+        """The last live worker is gone: the clock of --rejoin-timeout starts (if not running)."""
+        if self._no_worker_since is None and not self._live_workers():
+            self._no_worker_since = self._rejoin_logged = now
+
+    def _worker_back(self, handle: WorkerHandle, now: float) -> None:
+        if self._no_worker_since is not None:
+            d = self.dispatcher
+            pending = d.samples_issued - d.samples_completed if d is not None else 0
+            log.warning("worker %d is back after %.1f s without a worker: %d samples pending go to it", handle.worker,
+                        now - self._no_worker_since, pending)
+            self._no_worker_since = None
 
     def _progress(self, now: float) -> None:
         """Every PROGRESS_S during a test, one log line: long runs (600 s, CPU models) show life."""
@@ -444,10 +550,29 @@ class Coordinator:
             # ready (a stranger's bad Ready, a restart gone wrong) is just not used
             self._fail(f"worker {handle.worker} on {handle.host} lost during start-up: {why}")
             self._all_ready.set()
+        now = time.monotonic()
+        if handle.ready:
+            self._workers_gone(now)
         if self.dispatcher is not None and handle.ready:
-            self._execute(self.dispatcher.remove_worker(handle.worker, time.monotonic()))
+            self._execute(self.dispatcher.remove_worker(handle.worker, now))
 
-    def _on_message(self, worker: int, msg: m.Message) -> None:
+    def _peer_gone(self, worker: int, gone: PeerGone) -> None:
+        """The transport saw a connection of ``worker`` close."""
+        handle = self.workers.get(worker)
+        if handle is None or handle.stats is not None:   # (after its Bye: a clean exit)
+            return
+        if gone.pending:
+            if handle.restart_since is not None:
+                handle.restart_since = None
+                log.warning("the restart of worker %d closed its connection before its Ready (%s)", worker, gone.why)
+            return
+        alive = self.is_alive(worker) if self.is_alive else True
+        self._lose(handle, gone.why if alive else f"{gone.why} (its process exited)")
+
+    def _on_message(self, worker: int, msg: m.Message | PeerGone) -> None:
+        if isinstance(msg, PeerGone):
+            self._peer_gone(worker, msg)
+            return
         now = time.monotonic()
         handle = self.workers.get(worker)
         if handle is not None:
@@ -467,26 +592,43 @@ class Coordinator:
                 trace.mark("recv", msg.batch_id, worker)   # aux: who sent it (bench/chaos.py)
             if self.dispatcher is None:
                 return
+            if self._began is not None:
+                log.info("first result of the test: worker %d, %.3f s after the test began", worker, now - self._began)
+                self._began = None
             self._execute(self.dispatcher.on_result(worker, msg.batch_id, now), result=msg)
         elif isinstance(msg, m.Heartbeat):
             pass
         elif isinstance(msg, m.Hello):
+            if self._shutting_down:   # after the last test: nothing to set up, and nothing to wait for
+                log.warning("hello from worker %d (%s, pid %d) after the run's last test: told to stop", worker,
+                            msg.host, msg.pid)
+                self.transport.send(worker, m.Shutdown(reason="the run is over"))
+                return
             if handle is None:
                 handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, pid=msg.pid, last_seen=now)
                 log.info("hello from worker %d (%s, pid %d)", worker, msg.host, msg.pid)
             else:  # a restart: its old connection (if any) keeps its work until this one is Ready
                 if handle.faulty:  # its connection was forgotten: this Hello is a new connection's,
                     handle.faulty = handle.ready = False  # which gets work only after its own Ready
+                handle.restart_since = now
                 log.warning("hello again from worker %d (%s, pid %d, was pid %d): a restart, awaiting its Ready",
                             worker, msg.host, msg.pid, handle.pid)
             self.transport.send(worker, m.Setup(config_json=self.cfg.to_json()))
         elif isinstance(msg, m.Ready):
             if handle is None:
                 handle = self.workers[worker] = WorkerHandle(worker, host=msg.host, last_seen=now)
-            elif handle.ready and not handle.lost and self.dispatcher is not None:
-                # a restarted worker's Ready: what its old connection had in flight is requeued now
-                self._execute(self.dispatcher.remove_worker(worker, now))
+            if self._shutting_down:   # it said Hello before the last test ended: nothing to do now
+                log.warning("worker %d ready after the run's last test: told to stop", worker)
+                self.transport.send(worker, m.Shutdown(reason="the run is over"))
+                handle.restart_since = None
+                handle.lost = True   # not waited for
+                self._check_all_bye()
+                return
+            # a restarted worker's Ready while its old connection still counts: the old one's batches are
+            # requeued and the new one takes over, with no moment without a worker (dispatcher.replace_worker)
+            replacing = handle.ready and not handle.lost and self.dispatcher is not None
             restart = handle.ready
+            handle.restart_since = None
             handle.ready, handle.device, handle.backend = True, msg.device, msg.backend
             handle.lost = handle.faulty = False
             handle.stats = None
@@ -497,7 +639,11 @@ class Coordinator:
                 handle.pid = handle.info["pid"]
             log.info("worker %d %s: %s on %s, %s", worker, "ready again" if restart else "ready", msg.backend,
                      msg.host, msg.device)
-            if self.dispatcher is not None:  # a late joiner or a restart during a test
+            self._worker_back(handle, now)
+            if replacing:
+                assert self.dispatcher is not None
+                self._execute(self.dispatcher.replace_worker(worker, now, msg.max_batch))
+            elif self.dispatcher is not None:  # a late joiner or a restart during a test
                 self._execute(self.dispatcher.add_worker(worker, now, msg.max_batch))
             ready = {w for w, h in self.workers.items() if h.ready}
             if self.expected <= ready and len(ready - self.expected) >= self.external_workers:
@@ -566,6 +712,7 @@ class Coordinator:
         handle.lost = False
         log.warning("worker %d on %s is heard from again: it gets work again (its batches were requeued "
                     "when it was lost)", handle.worker, handle.host)
+        self._worker_back(handle, now)
         if self.dispatcher is not None and not self._shutting_down:
             self._execute(self.dispatcher.add_worker(handle.worker, now, handle.max_batch))
 
@@ -608,6 +755,8 @@ class Coordinator:
             for handle in sorted(self.workers.values(), key=lambda h: h.worker):
                 if handle.ready and not handle.lost:
                     self._execute(item.dispatcher.add_worker(handle.worker, now, handle.max_batch))
+            self._workers_gone(now)   # none at the start of a test: the wait for one is bounded too
+            self._began = now
             item.done.set()
         elif isinstance(item, _Shutdown):
             self._shutting_down = True
@@ -654,8 +803,24 @@ class Coordinator:
                 log.warning("batch %d on worker %d has had no result for %.1f s: requeued (a message lost "
                             "on a reconnect?); a late result will be dropped", ins.batch_id, ins.worker, ins.waited_s)
             elif isinstance(ins, NoWorkers):
-                self._fail(f"every worker is lost; {ins.pending} samples cannot be processed")
-                self._abort_outstanding()
+                self._no_workers(ins.pending)
+
+    def _no_workers(self, pending: int) -> None:
+        """Work is pending and no worker is left: fail at once under --rejoin-timeout 0 (unless a
+        restart is pending), else wait for one (``_check_rejoin`` bounds the wait)."""
+        restarting = [h.worker for h in self.workers.values() if h.restart_since is not None]
+        if not self.cfg.rejoin_timeout_s and not restarting:
+            self._fail(f"every worker is lost; {pending} samples cannot be processed (--rejoin-timeout 0: "
+                       "the run does not wait for a worker to come back)")
+            self._abort_outstanding()
+            return
+        self._workers_gone(time.monotonic())
+        if restarting:
+            log.warning("no worker is working; %d samples wait for the restart of worker(s) %s (Hello seen, "
+                        "awaiting Ready)", pending, restarting)
+        else:
+            log.warning("every worker is lost; %d samples wait for a worker to join or return (up to %g s, "
+                        "--rejoin-timeout)", pending, self.cfg.rejoin_timeout_s)
 
     def _fail(self, text: str) -> None:
         if self.failure is None:  # the first failure is the one reported (STYLE §8)

@@ -290,6 +290,14 @@ class Dispatcher:
         self._pump(now, out)
         return out
 
+    def replace_worker(self, worker: int, now: float, max_batch: int | None = None) -> list[Instr]:
+        """``worker`` restarted (its new connection said Ready): what its old connection held is
+        requeued as by :meth:`remove_worker` and the new one joins, with no moment without a worker
+        in between, so no ``NoWorkers`` even when it is the only worker."""
+        self._no_workers_sent = True                  # (add_worker re-arms it)
+        out = self.remove_worker(worker, now)
+        return out + self.add_worker(worker, now, max_batch)
+
     def on_samples(self, ids: np.ndarray, indices: np.ndarray, now: float) -> list[Instr]:
         """LoadGen issued these samples (uint64 response ids, int64 QSL indices)."""
         n = len(ids)

@@ -31,7 +31,8 @@ batch later run on a thread where its shape was not warmed is counted (``cold_ba
 A worker exits 0 when rank 0 says ``Shutdown``. It exits 3 when rank 0 is gone: its transport saw
 rank 0's process end (:class:`~distbert.wire.RankZeroGone`, within about a second), rank 0 stayed
 unreachable for ``--rejoin-timeout`` (a cut link: until then it keeps trying, and rank 0 takes it
-back when it is heard again), or (single-node mode) its parent process is gone. So no run leaves
+back when it is heard again), rank 0 says so (``Shutdown`` with :data:`~distbert.wire.messages.SHUTDOWN_RANK0_GONE`:
+the process that started rank 0 ended), or (single-node mode) its parent process is gone. So no run leaves
 orphans, and no orphan reports success.
 """
 
@@ -523,13 +524,14 @@ class Worker:
         timeout give up. Rank 0's own death is seen sooner, by the transport."""
         assert self.cfg is not None
         silent = now - self._last_heard
-        if silent > self.cfg.rejoin_timeout_s:
+        limit = max(self.cfg.rejoin_timeout_s, self.cfg.heartbeat_timeout_s)   # --rejoin-timeout 0: the heartbeat's
+        if silent > limit:
             raise CoordinatorLost(f"rank {self.rank}: rank 0 unreachable for {silent:.0f} s (--rejoin-timeout "
                                   f"{self.cfg.rejoin_timeout_s:g} s); giving up")
         if silent > self.cfg.heartbeat_timeout_s and not self._warned_silence:
             self._warned_silence = True
             log.warning("rank 0 silent for %.1f s: link down? still trying for up to %g s (--rejoin-timeout)",
-                        silent, self.cfg.rejoin_timeout_s)
+                        silent, limit)
         elif silent <= self.cfg.heartbeat_timeout_s and self._warned_silence:
             self._warned_silence = False
             log.warning("rank 0 heard from again")
@@ -594,12 +596,16 @@ def worker_run(transport: WorkerTransport, rank: int, local_index: int = 0, loca
         reason = worker.serve()
         log.info("stopping (%s) after %d batches, %d samples", reason, worker.batches,
                  worker.samples)
+        if m.SHUTDOWN_RANK0_GONE in reason:   # told so by rank 0 itself: the run is over for good
+            code = EXIT_COORDINATOR_LOST
         try:
             transport.send(m.Bye(rank=rank, stats_json=json.dumps(worker.stats())))
         except Exception:  # rank 0 may already be gone
             pass
     except _Stop as stop:
         log.info("stopped before serving: %s", stop)
+        if str(stop).startswith(m.SHUTDOWN_RANK0_GONE):
+            code = EXIT_COORDINATOR_LOST
     except (CoordinatorLost, RankZeroGone) as exc:
         code = EXIT_COORDINATOR_LOST
         log.error("%s", exc)

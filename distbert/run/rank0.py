@@ -216,10 +216,11 @@ class Rank0Run:
             expected |= self.local.ranks
         self.coordinator = Coordinator(cfg, self.transport, self.store.lengths[: self.qsl_size], expected,
                                        is_alive=self.local.is_alive if self.local else None,
-                                       external_workers=cfg.expect_workers)
+                                       external_workers=cfg.expect_workers, parent_pid=envs.parent_pid())
         t0 = time.monotonic()
         self.coordinator.start()
-        log.info("all %d workers ready in %.1f s", len(expected), time.monotonic() - t0)
+        ready = sum(1 for h in self.coordinator.workers.values() if h.ready)
+        log.info("all %d workers ready in %.1f s", ready, time.monotonic() - t0)
 
     # --- 4. the LoadGen tests, one TestSettings for all of them ---------------------------------
 

@@ -186,6 +186,13 @@ class PeerTable:
             raise KeyError(f"worker {worker} has not said Hello on this transport")
         return peer
 
+    def drop_pending(self, peer: Any) -> int | None:
+        """``peer``'s connection closed: if it was a pending restart, forget it and return its rank."""
+        rank = self.pending.pop(peer, None)
+        if rank is not None:
+            del self.pending_of[rank]
+        return rank
+
     def forget(self, worker: int) -> None:
         """``worker``'s connections become strangers (a worker dropped as faulty): only a new Hello
         is accepted from them again."""

@@ -15,7 +15,11 @@ Every implementation passes the same conformance tests (``tests/test_transport.p
 Shared semantics (all implementations):
 
 * ``send`` never blocks for long: queues are unbounded; a message for a worker whose connection is
-  gone is dropped with a log line (rank 0 learns of the loss from heartbeats, not from ``send``).
+  gone is dropped with a log line (rank 0 learns of the loss from ``recv``, below, or from heartbeats,
+  never from ``send``).
+* Where the transport sees a connection close (ZeroMQ: its socket monitor), ``recv`` returns
+  ``(worker, PeerGone(...))`` for it: a local event, never on the wire. A silent peer (a stopped
+  process, a cut link) closes nothing: heartbeats find it.
   Arrays are sent zero-copy where the transport can: do not mutate an array after sending it.
 * ``wake()`` sets a pending flag: the next ``recv`` (or the one blocked now) returns ``None`` even
   if messages are queued; several wakes before that ``recv`` give one ``None``. Cheap enough to
@@ -44,6 +48,17 @@ class Endpoint:
     key: str = dataclasses.field(repr=False)  # never in logs
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerGone:
+    """Not a wire message: the transport saw a connection of ``worker`` close (its process ended or
+    its connection was reset). ``pending``: it was a restart's new connection that had not said Ready
+    (the worker's active connection, if any, is unaffected); else the worker's active connection."""
+
+    worker: int
+    pending: bool
+    why: str
+
+
 class CoordinatorTransport(abc.ABC):
     endpoint: Endpoint
     _peers: PeerTable  # which connection is which worker (every implementation keeps one)
@@ -53,8 +68,9 @@ class CoordinatorTransport(abc.ABC):
         """Queue ``msg`` for ``worker``. Never blocks for long; raises ``KeyError`` for an unknown worker."""
 
     @abc.abstractmethod
-    def recv(self, timeout: float | None) -> tuple[int, Message] | None:
-        """Next ``(worker, message)`` from any worker, or ``None`` on timeout or ``wake()``.
+    def recv(self, timeout: float | None) -> tuple[int, Message | PeerGone] | None:
+        """Next ``(worker, message)`` from any worker, or ``None`` on timeout or ``wake()``; a
+        :class:`PeerGone` where the transport saw that worker's connection close.
 
         The first message of every worker is its ``Hello``; a ``Hello`` whose key does not match is
         dropped by the transport (and logged), never returned.

@@ -456,6 +456,11 @@ class Heartbeat:
         return cls(rank, sent_at)
 
 
+#: A Shutdown whose reason starts with this tells a worker that rank 0 is going away for good (the
+#: process that started the run ended): it exits 3, as when rank 0's connection is gone, not 0.
+SHUTDOWN_RANK0_GONE = "rank 0 is gone: "
+
+
 @dataclasses.dataclass(slots=True, frozen=True)
 class Shutdown:
     """Rank 0 -> worker: finish (or drop) in-flight work, send :class:`Bye`, exit."""

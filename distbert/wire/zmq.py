@@ -18,6 +18,14 @@ presents a routing id already in use is ignored by libzmq instead of taking the 
 A peer becomes worker ``N`` only after its ``Hello``; a second ``Hello`` for a live rank is a
 pending restart (:class:`distbert.wire._common.PeerTable`).
 
+Lost workers: rank 0's socket monitor reports each connection that closes (``EVENT_DISCONNECTED``,
+tcp and ipc alike: a killed process's kernel closes its sockets). A monitor event names the
+connection's file descriptor, not its routing id, so rank 0 learns each worker's descriptor from
+its first message (``ZMQ_SRCFD``) and ``recv`` returns a :class:`~distbert.wire.base.PeerGone` for
+the worker whose connection it was: rank 0 requeues its batches within milliseconds instead of at
+the heartbeat timeout, and sends nothing more into that connection. A silent peer (a stopped
+process, a cut link) closes nothing: heartbeats (ZeroMQ's, and rank 0's own) find it.
+
 Bounds: at most ``RCV_HWM`` messages queued per connection on receive (then TCP pushes back),
 frames above ``max_message_bytes`` disconnect the sender (libzmq never allocates them), a handshake
 must finish within ``HANDSHAKE_S``. Sends never block: the send high-water mark is off and every send
@@ -35,6 +43,7 @@ are not thread-safe); ``wake`` from any thread.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
@@ -51,7 +60,7 @@ import zmq.utils.monitor
 from distbert.errors import UserError
 from distbert.util.net import host_address
 from distbert.wire._common import DropLog, PeerTable, RankZeroGone, TransportClosed, accept_from
-from distbert.wire.base import CoordinatorTransport, Endpoint, WorkerTransport
+from distbert.wire.base import CoordinatorTransport, Endpoint, PeerGone, WorkerTransport
 from distbert.wire.keys import CurveKeys, curve_keys
 from distbert.wire.messages import Hello, Message, MessageError, Shutdown, decode, encode
 
@@ -75,6 +84,9 @@ HANDSHAKE_FAILURES = 3
 ABRUPT_S = 3.0
 #: Refused reconnects after an abrupt close that mean rank 0 is gone (about 0.7 s at 100 ms back-off).
 GONE_RETRIES = 3
+#: Rank 0 reads its socket monitor at least this often while messages keep it from sleeping (s): a
+#: closed connection is noticed within this long under load, at once when idle.
+MONITOR_S = 0.02
 #: Frames below this many bytes are copied into the socket; bigger ones are sent zero-copy.
 COPY_THRESHOLD = 1 << 16
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -192,8 +204,13 @@ class _ZmqPeer:
         #: free core this saves the wake-up of a sleeping thread per message (SingleStream)
         self.spin_s = 0.0
 
-    def _on_event(self, event: int, endpoint: str) -> None:
-        """A monitor ``event`` on ``endpoint`` (one of ``EVENTS``); called on the owner thread."""
+    def _on_event(self, event: int, endpoint: str, value: int) -> None:
+        """A monitor ``event`` on ``endpoint`` (one of ``EVENTS``; ``value``: its file descriptor or
+        error code); called on the owner thread."""
+
+    def _interrupted(self) -> bool:
+        """After monitor events: whether ``recv`` must return now (rank 0: a worker's connection closed)."""
+        return False
 
     def _read_monitor(self) -> None:
         mon = self._monitor
@@ -203,7 +220,7 @@ class _ZmqPeer:
             except zmq.Again:
                 return
             event = zmq.utils.monitor.parse_monitor_message(frames)
-            self._on_event(int(event["event"]), event["endpoint"].decode(errors="replace"))
+            self._on_event(int(event["event"]), event["endpoint"].decode(errors="replace"), int(event["value"]))
 
     def _recv_frames(self, timeout: float | None) -> list[zmq.Frame] | None:
         """One multipart message, or ``None`` on wake / timeout. Never busy-waits."""
@@ -243,6 +260,8 @@ class _ZmqPeer:
             ready = dict(self._poller.poll(wait_ms))
             if self._monitor in ready:
                 self._read_monitor()
+                if self._interrupted():
+                    return None
             if waker.rfd in ready:
                 # Drain now or poll would keep returning at once; the flag at the loop head
                 # decides whether this is a real wake or a stale byte from an already-served one.
@@ -364,6 +383,9 @@ class _ZapHandler:
 class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
     """Rank 0's side. Build with :meth:`bind`; ``endpoint`` is what workers pass to ``connect``."""
 
+    #: handshake failures (strangers), and each connection's close (a lost worker, see the module doc)
+    EVENTS = _HANDSHAKES | int(zmq.EVENT_DISCONNECTED)
+
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, endpoint: Endpoint, linger_s: float,
                  drops: DropLog, zap: _ZapHandler | None) -> None:
         super().__init__(ctx, sock, linger_s)
@@ -372,6 +394,15 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         self._zap = zap
         # Routing id <-> worker id. Under CURVE the handshake already proved the key: Hellos carry none.
         self._peers = PeerTable(None if zap else endpoint.key, self._drops, log)
+        # Connection file descriptor <-> routing id, learned from each peer's first accepted message;
+        # a monitor event names the descriptor only.
+        self._fd_peer: dict[int, bytes] = {}
+        self._peer_fd: dict[bytes, int] = {}
+        self._closed_peers: set[bytes] = set()   # routing ids whose connection closed: nothing is sent to them
+        # (when seen, worker, event): a close is reported after what that peer sent before it
+        self._gone: collections.deque[tuple[float, int, PeerGone]] = collections.deque()
+        self._srcfd = True                        # ZMQ_SRCFD readable (deprecated in libzmq: heartbeats remain)
+        self._monitor_due = 0.0
 
     @classmethod
     def bind(
@@ -440,10 +471,49 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
                  "CURVE" if encrypt else "NOT ENCRYPTED", concrete)
         return self
 
-    def _on_event(self, event: int, endpoint: str) -> None:
+    def _on_event(self, event: int, endpoint: str, value: int) -> None:
+        if event == zmq.EVENT_DISCONNECTED:
+            ident = self._fd_peer.pop(value, None)
+            if ident is not None:
+                del self._peer_fd[ident]
+                self._connection_closed(ident, f"its connection to {endpoint} closed")
+            return
         if event in _HANDSHAKE_FAILED and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # AUTH: logged by ZAP
             self._drops.drop("handshake", "connection on %s: its handshake failed (a peer without this "
                              "run's session key, or not a distbert worker)", endpoint)
+
+    def _connection_closed(self, ident: bytes, why: str) -> None:
+        """The connection of ``ident`` closed: a worker's is reported by ``recv``, a pending restart's
+        is forgotten (and reported), a displaced or unknown one needs nothing."""
+        self._closed_peers.add(ident)
+        worker = self._peers.worker_of.get(ident)
+        if worker is not None:
+            self._gone.append((_monotonic(), worker, PeerGone(worker, False, why)))
+            return
+        rank = self._peers.drop_pending(ident)
+        if rank is not None:
+            self._gone.append((_monotonic(), rank, PeerGone(rank, True, why)))
+
+    def _interrupted(self) -> bool:
+        return bool(self._gone)
+
+    def _learn_fd(self, ident: bytes, frame: zmq.Frame) -> None:
+        """Which connection ``ident`` speaks on (its descriptor), for the monitor's close events."""
+        try:
+            fd = int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, AttributeError, TypeError, ValueError) as exc:
+            self._srcfd = False
+            log.warning("this libzmq does not tell a message's connection (ZMQ_SRCFD: %s): a worker whose "
+                        "connection closes is found by the heartbeat only", exc)
+            return
+        self._read_monitor()   # a closed connection whose descriptor number this one reuses: its event first
+        earlier = self._fd_peer.get(fd)
+        if earlier is not None and earlier != ident:   # its close event was missed: the number is reused
+            del self._peer_fd[earlier]
+            self._connection_closed(earlier, "its connection closed")
+        self._fd_peer[fd] = ident
+        self._peer_fd[ident] = fd
+        self._closed_peers.discard(ident)
 
     def _after_term(self) -> None:
         if self._zap is not None:
@@ -451,28 +521,50 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
 
     def send(self, worker: int, msg: Message) -> None:
         ident = self._peers.route(worker, msg)
+        if ident in self._closed_peers:
+            pending = self._peers.pending_of.get(worker)
+            if type(msg) is not Shutdown or pending is None:
+                self._drops.drop("closed", "%s for worker %d: its connection closed", type(msg).__name__, worker)
+                return
+            ident = pending   # a restart told to stop before its Ready: the old connection is closed
         frames = encode(msg)
         if not self._send_frames([ident, *frames]):
-            # The peer's connection is gone (or reconnecting); rank 0 learns of the loss from
-            # heartbeats, not from here, so dropping is the right thing for a non-blocking send.
+            # The peer's connection is gone (or reconnecting); rank 0 learns of the loss from the
+            # monitor or the heartbeats, not from here, so dropping is right for a non-blocking send.
             self._drops.drop("unreachable", "%s for worker %d: its connection is gone", type(msg).__name__, worker)
 
-    def recv(self, timeout: float | None) -> tuple[int, Message] | None:
+    def recv(self, timeout: float | None) -> tuple[int, Message | PeerGone] | None:
         deadline = None if timeout is None else _monotonic() + max(0.0, timeout)
         while True:
-            left = None if deadline is None else max(0.0, deadline - _monotonic())
+            now = _monotonic()
+            if now >= self._monitor_due:   # under load the poll below never runs: look at the monitor anyway
+                self._monitor_due = now + MONITOR_S
+                self._read_monitor()
+            if self._gone and (now - self._gone[0][0] >= MONITOR_S
+                               or not self._sock.poll(0, zmq.POLLIN)):
+                return self._pop_gone()   # (what the peer sent before its close is read first, within MONITOR_S)
+            left = 0.0 if self._gone else None if deadline is None else max(0.0, deadline - now)
             frames = self._recv_frames(left)
             if frames is None:
-                return None
+                return self._pop_gone() if self._gone else None
             got = self._accept(frames)
             if got is not None:
                 return got
 
+    def _pop_gone(self) -> tuple[int, PeerGone]:
+        _, worker, event = self._gone.popleft()
+        return worker, event
+
     def _accept(self, frames: list[zmq.Frame]) -> tuple[int, Message] | None:
         ident = frames[0].bytes
         got = accept_from(self._peers, self._drops, ident, frames[1:], f"peer {ident!r}")
+        if got is not None and self._srcfd and ident not in self._peer_fd and len(frames) > 1:
+            self._learn_fd(ident, frames[1])
         for old in self._peers.take_displaced():
-            # a restarted worker's old connection: told to stop, then forgotten
+            # a restarted worker's old connection: told to stop (unless it is closed), then forgotten
+            if old in self._closed_peers:
+                self._closed_peers.discard(old)
+                continue
             self._send_frames([old, *encode(Shutdown(reason="replaced by a newer connection for this rank"))])
         return got
 
@@ -553,7 +645,7 @@ class ZmqWorkerTransport(_ZmqPeer, WorkerTransport):
                  "CURVE" if encrypt else "NOT ENCRYPTED")
         return self
 
-    def _on_event(self, event: int, endpoint: str) -> None:
+    def _on_event(self, event: int, endpoint: str, value: int) -> None:
         now = _monotonic()
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._failed_handshakes = self._refused = 0
