@@ -89,10 +89,11 @@ class InlineWorker(CoordinatorTransport):
         if self._worker.backend is None:
             return
         t0 = time.perf_counter()
-        self._worker.warm_here(one_sample=True)
+        ran = self._worker.warm_here(one_sample=True)
         self._worker.warmup["caller_s"] = round(time.perf_counter() - t0, 3)
-        log.info("in-process worker: %s warmed for the direct path in %.1f s", threading.current_thread().name,
-                 time.perf_counter() - t0)
+        if ran:
+            log.info("in-process worker: %d warm-up batches on %s (the direct path's thread) in %.1f s", ran,
+                     threading.current_thread().name, time.perf_counter() - t0)
 
     def recv(self, timeout: float | None) -> tuple[int, m.Message] | None:
         item = self._out.get(deadline_after(timeout))

@@ -255,17 +255,20 @@ class Worker:
         log.info("warm-up: %d batches (%d shapes) in %.1f s, threads %s", len(batches), self.warmup["shapes"],
                  self.warmup["s"], ", ".join(f"{n} {s:.1f} s" for n, s in self.warmup["threads"].items()) or "-")
 
-    def warm_here(self, one_sample: bool = False) -> None:
+    def warm_here(self, one_sample: bool = False) -> int:
         """Run the backend's warm-up batches on the calling thread (``one_sample``: only those with
-        the rows of a one-sample batch, the only ones a thread serving one-sample batches meets)."""
+        the rows of a one-sample batch, the only ones a thread serving one-sample batches meets);
+        how many ran."""
         assert self.backend is not None
         self.backend.bind_thread()
-        rows = self.ladder.rows_for(1)
+        rows, ran = self.ladder.rows_for(1), 0
         for inputs in self.backend.warmup_batches():
             if not one_sample or inputs.shape[0] == rows:
                 self._warm_one(inputs, "run")
+                ran += 1
         if self.warmup:   # after the Ready (the in-process caller's thread): the stats say it
             self.warmup["threads"] = {name: round(s, 3) for name, s in self._warm_s.items()}
+        return ran
 
     def _warm_one(self, item: ModelInputs | _Warm, stage: str) -> _Warm | None:
         """One warm-up batch's ``stage`` (run, prepare or run_prepared) on this thread; the first
