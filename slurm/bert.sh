@@ -14,6 +14,7 @@
 #   -c/--cpus-per-task            cores per worker (CPU mode: intra-op threads = its cores)
 #   DISTBERT_HOME                 the distbert checkout with its .venv (default: the submit directory;
 #                                 launch/setup.sh makes the venv; it must be on a shared filesystem)
+#   DISTBERT_VENV                 another venv with distbert installed (default: $DISTBERT_HOME/.venv)
 #   DISTBERT_RESULTS              where runs go (default: $HOME/distbert-results): the run is
 #                                 $DISTBERT_RESULTS/slurm-<job>/, this script's log slurm-<job>.log beside it
 #   DISTBERT_CACHE                feature cache, models (default: ~/.cache/distbert; shared: built once)
@@ -31,11 +32,12 @@
 set -euo pipefail
 
 HOME_DIR="${DISTBERT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
-if [ ! -x "$HOME_DIR/.venv/bin/distbert" ]; then
-  echo "distbert: error: no $HOME_DIR/.venv/bin/distbert: run launch/setup.sh in the checkout, and submit from there or set DISTBERT_HOME" >&2
+VENV="${DISTBERT_VENV:-$HOME_DIR/.venv}"
+if [ ! -x "$VENV/bin/distbert" ]; then
+  echo "distbert: error: no $VENV/bin/distbert: run launch/setup.sh in the checkout, and submit from there or set DISTBERT_HOME (or DISTBERT_VENV)" >&2
   exit 2
 fi
-export PATH="$HOME_DIR/.venv/bin:$PATH"
+export PATH="$VENV/bin:$PATH"
 RESULTS="${DISTBERT_RESULTS:-$HOME/distbert-results}"
 mkdir -p "$RESULTS"
 JOB="${SLURM_JOB_ID:-manual-$$}"

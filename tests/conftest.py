@@ -14,6 +14,12 @@ Two kinds of data fixture:
 ``DISTBERT_REQUIRE_OFFICIAL_DATA=1`` (set by ``launch/test.sh`` when it finds the team's data dir)
 turns a missing official file into a failure instead of a skip or a synthetic fallback, and fails the
 session if any test skipped for want of data. The pytest header says which data set is in use.
+
+Both data modes must pass (``launch/test.sh`` runs the data tests, marked ``data`` here, in each). So
+the data reach a test only through these fixtures' explicit paths: ``DISTBERT_DATA_DIR`` is read once
+and taken out of the environment, and downloads go to a closed port. A ``distbert run`` started
+without ``--dataset`` then fails at once in either mode, instead of passing on the official files and
+trying to download where they are absent.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ OFFICIAL_FILES = {"squad_dev": "squad/dev-v1.1.json", "vocab": "bert/vocab.txt"}
 REQUIRE_ENV = "DISTBERT_REQUIRE_OFFICIAL_DATA"
 # Every skip for want of data carries this text; a session that requires the official data fails on it.
 NO_DATA = "official data absent"
+
+#: the data dir this session was started with; no test or process a test starts sees the variable
+DATA_DIR = envs.data_dir()
+os.environ.pop("DISTBERT_DATA_DIR", None)
+#: where every download of the session goes: a closed port (tests that download start their own server)
+NO_DOWNLOADS = "http://127.0.0.1:9/tests-never-download"
+os.environ["DISTBERT_MIRROR"] = NO_DOWNLOADS
 
 
 #: ``DISTBERT_REQUIRE_LAUNCHERS=1`` (set by launch/test.sh as root, after launch/system-deps.sh): the Slurm and
@@ -57,7 +70,7 @@ def require_official() -> bool:
 
 def official_file(key: str) -> Path | None:
     """The official file ``key`` (``squad_dev`` or ``vocab``) under DISTBERT_DATA_DIR, None if absent."""
-    root = envs.data_dir()
+    root = DATA_DIR
     if root is None:
         return None
     path = root / OFFICIAL_FILES[key]
@@ -65,7 +78,7 @@ def official_file(key: str) -> Path | None:
 
 
 def _missing_reason(key: str) -> str:
-    root = envs.data_dir()
+    root = DATA_DIR
     where = (f"{root / OFFICIAL_FILES[key]} is absent" if root is not None
              else "DISTBERT_DATA_DIR is unset")
     return f"{NO_DATA}: {where} (set DISTBERT_DATA_DIR to a folder holding {OFFICIAL_FILES[key]})"
@@ -95,7 +108,7 @@ def _official_pair() -> DataSet | None:
 # ------------------------------------------------------------------------------ pytest hooks
 
 def pytest_report_header(config) -> list[str]:
-    root = envs.data_dir()
+    root = DATA_DIR
     if _official_pair() is not None:
         line = f"distbert data: official dev set and vocab under {root}"
     else:
@@ -106,6 +119,14 @@ def pytest_report_header(config) -> list[str]:
             line = (f"distbert data: synthetic SQuAD set (tests/synthetic.py; the official files: {why}); "
                     "official-only tests skip")
     return [line + (f"; {REQUIRE_ENV}=1" if require_official() else "")]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark ``data`` every test that reads the data set in use (``data_set`` in its fixture closure):
+    launch/test.sh runs these a second time, on the synthetic set, after a run on the official files."""
+    for item in items:
+        if "data_set" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
 
 
 _DATA_SKIPS: list[str] = []

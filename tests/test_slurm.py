@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def _sbatch(cluster, job_env, args: list[str], sbatch_opts: list[str], timeout: 
 
 
 def _env(base: dict[str, str], tmp_path: Path, **more: str) -> dict[str, str]:
-    e, _ = _tagged(dict(base, DISTBERT_HOME=str(REPO), DISTBERT_RESULTS=str(tmp_path / "results"), **more))
+    """The job's environment: this checkout, the venv running the tests (wherever it lies), a results dir."""
+    e, _ = _tagged(dict(base, DISTBERT_HOME=str(REPO), DISTBERT_VENV=sys.prefix,
+                        DISTBERT_RESULTS=str(tmp_path / "results"), **more))
     return e
 
 
