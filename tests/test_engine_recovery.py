@@ -359,3 +359,114 @@ def test_an_exception_on_the_direct_path_never_reaches_loadgen(store, tmp_path, 
     assert calls["n"] >= 20
     assert coord.failure == "rank 0's in-process worker path failed: RuntimeError: injected direct-path bug"
     assert result.get("result_validity") in ("VALID", "INVALID")   # LoadGen ended the test and logged it
+
+
+# --- between campaign steps: deadlines, and the child run's watchdog --------------------------------
+
+
+_STEP_WAIT_PROG = r"""
+import os, sys, time, types
+T_END = time.monotonic() + float(sys.argv[1]) + 5   # every rank leaves at about this time (no MPI_Finalize:
+from mpi4py import MPI                               # a broadcast is still pending, it would wait for it)
+from distbert.cli.logs import setup_logging
+from distbert.submission.campaign import launched_worker_loop
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+setup_logging(rank)
+if rank != 0:        # rank 0 never sends the next step (it died, or a rank on the broadcast's path did)
+    t0 = time.monotonic()
+    code = launched_worker_loop(types.SimpleNamespace(rank=rank), comm, step_wait_s=float(sys.argv[1]))
+    print(f"rank {rank} returned {code} after {time.monotonic() - t0:.1f} s", flush=True)
+time.sleep(max(0.0, T_END - time.monotonic()))
+os._exit(0)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_launched_rank_waiting_for_the_next_step_gives_up_after_its_deadline(env, tmp_path):  # noqa: F811
+    """`mpiexec -n 3`: rank 0 never broadcasts the next step; ranks 1 and 2 leave the wait after their
+    deadline with status 3 and a line saying why, instead of waiting forever."""
+    from tests.test_engine_mp import MPIEXEC
+
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found next to the Python interpreter (install the 'mpich' wheel)")
+    prog = tmp_path / "step_wait.py"
+    prog.write_text(_STEP_WAIT_PROG)
+    e, tag = _tagged(env)
+    proc = subprocess.run([MPIEXEC, "-n", "3", PY, str(prog), "2"], env=e, capture_output=True, text=True, timeout=90)
+    _assert_none_outlived(tag)
+    # (no exit status check: the ranks leave without MPI_Finalize, which hydra may report as a bad termination)
+    for rank in (1, 2):
+        line = next((x for x in proc.stdout.splitlines() if x.startswith(f"rank {rank} returned")), None)
+        assert line is not None, f"rank {rank} never left its wait:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+        code, took = int(line.split()[3]), float(line.split()[5])
+        assert code == 3 and 2.0 <= took < 10.0, line
+    assert proc.stderr.count("no word from rank 0 within 2 s") == 2, proc.stderr[-3000:]
+
+
+_ORCHESTRATOR_PROG = r"""
+import os, subprocess, sys, time
+env = dict(os.environ, DISTBERT_PARENT_PID=str(os.getpid()))
+child = subprocess.Popen(sys.argv[2:], env=env, stderr=open(sys.argv[1], "w"), stdout=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_orchestrator_stops_its_child_run_and_the_child_s_workers(env, squad_dev, vocab, n_features,  # noqa: F811
+                                                                          tmp_path):
+    """A stand-in for `distbert submission run` starts a child `distbert run` (DISTBERT_PARENT_PID set,
+    as the campaign does), joined by a `distbert worker --connect`; the stand-in is SIGKILLed mid-run.
+    The child's watchdog fails the run with one line, and its worker exits 3 (rank 0 is gone), so a
+    launched rank would not wait for a next step."""
+    from distbert.wire.keys import new_session_key
+
+    e, tag = _tagged(dict(env, DISTBERT_SESSION_KEY=new_session_key()))
+    port = free_port()
+    child_log = tmp_path / "child.err"
+    prog = tmp_path / "orchestrator.py"
+    prog.write_text(_ORCHESTRATOR_PROG)
+    orchestrator = subprocess.Popen(
+        [PY, str(prog), str(child_log), PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab),
+         "--backend", "oracle", "--option", "oracle_latency=0.2", "--max-batch", "4", "--mode", "accuracy",
+         "--max-examples", str(_n(n_features)), "--workers", "0", "--expect-workers", "1",
+         "--listen", f"tcp://127.0.0.1:{port}", "--output", str(tmp_path / "run")],
+        env=e, stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([PY, "-m", "distbert", "worker", "--connect", f"tcp://127.0.0.1:{port}", "--rank", "1"],
+                              env=e, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.err", "w"))
+    try:
+        assert orchestrator.stdout is not None
+        child = int(orchestrator.stdout.readline())
+        run = Run(tmp_path / "run", tmp_path, e, tag, port, _n(n_features))
+        (tmp_path / "rank0.err").symlink_to(child_log)
+        run.wait_log("first result of the test", 90)
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait(10)
+        t0 = time.monotonic()
+        assert worker.wait(30) == 3, (tmp_path / "worker.err").read_text()[-2000:]
+        took = time.monotonic() - t0
+        deadline = time.monotonic() + 30
+        while psutil_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not psutil_alive(child), "the child run outlived its orchestrator"
+        log = child_log.read_text()
+        assert f"the process that started this run (pid {orchestrator.pid}) is gone" in log, log[-3000:]
+        assert log.strip().splitlines()[-1].startswith("distbert: error: run failed: the process that started "
+                                                       "this run"), log[-2000:]
+        assert took < 10, f"the worker took {took:.1f} s to leave"
+        _assert_none_outlived(tag)
+    finally:
+        for p in (orchestrator, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -32,6 +32,12 @@ others lack, and rebuilds the tree. Each run is a separate ``distbert run`` proc
 once per process (a second ``FromConfig`` puts an ERROR into every later log). Under a launcher,
 rank 0 starts each run as a child coordinator and the launched ranks join it as workers, run after
 run (:class:`LaunchedSteps`).
+
+Every wait between steps has a deadline (docs/faults.md): a launched rank waits for rank 0's next
+step at most :data:`STEP_WAIT_S` (:data:`LOST_STEP_WAIT_S` after a step whose coordinator vanished),
+rank 0 waits for its broadcast to be taken at most :data:`ROOT_BCAST_S`, and each child run watches
+this process (``DISTBERT_PARENT_PID``): if it is killed, the child fails its run and tells its
+workers that rank 0 is gone, so the launched ranks exit (status 3) instead of waiting.
 """
 
 from __future__ import annotations
@@ -270,8 +276,9 @@ def subprocess_runner(run_argv: list[str], log_path: Path) -> int:
     cmd = [sys.executable, "-m", "distbert", "run", *run_argv]
     log.info("$ distbert run %s", " ".join(run_argv))
     with open(log_path, "w") as out:
+        # the child's watchdog: it stops (and stops its workers) if this process is killed
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                bufsize=1)
+                                bufsize=1, env=dict(os.environ, DISTBERT_PARENT_PID=str(os.getpid())))
         _tee(proc, out)
         return proc.wait()
 
@@ -551,6 +558,8 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 #: how often a launched rank waiting for the next step looks (it must not busy-poll a core meanwhile)
 BCAST_POLL_S = 0.02
+#: rank 0 gives up on a broadcast the launched ranks have not taken by then (one of them died between steps)
+ROOT_BCAST_S = 120.0
 
 
 class LaunchedSteps:
@@ -570,7 +579,7 @@ class LaunchedSteps:
     def __call__(self, run_argv: list[str], log_path: Path) -> int:
         import secrets
 
-        from distbert.run.rendezvous import bcast_json
+        from distbert.run.rendezvous import BroadcastTimeout, bcast_json
 
         announce = log_path.with_suffix(".address")
         announce.unlink(missing_ok=True)
@@ -581,6 +590,7 @@ class LaunchedSteps:
         log.info("$ distbert run %s", " ".join(argv))
         with open(log_path, "w") as out:
             extra = {"DISTBERT_SESSION_KEY": key, "DISTBERT_ANNOUNCE": str(announce),
+                     "DISTBERT_PARENT_PID": str(os.getpid()),   # the child's watchdog
                      # rank 0's own worker (if any): the rank after the launched ones, rank 0's device slot
                      "DISTBERT_LOCAL_SLOT": f"{self.comm.Get_size()},{self.local_rank},{self.local_size}"}
             # errors="replace": one undecodable byte from a native library must not kill the tee (the
@@ -597,29 +607,56 @@ class LaunchedSteps:
                 time.sleep(0.05)
             if announce.is_file():
                 hello = json.loads(announce.read_text())
-                bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"],
-                                       "rank0_computes": self.hosts_worker}, poll_s=BCAST_POLL_S)
+                try:
+                    bcast_json(self.comm, {"step": hello["address"], "key": key, "rank0_host": hello["rank0_host"],
+                                           "rank0_computes": self.hosts_worker}, poll_s=BCAST_POLL_S,
+                               timeout_s=ROOT_BCAST_S)
+                except BroadcastTimeout as exc:
+                    proc.kill()
+                    proc.wait()
+                    tee.join(timeout=5.0)
+                    raise UserError(f"the launched ranks did not take the step's broadcast within {ROOT_BCAST_S:g} s "
+                                    "(did a rank die between steps? see their logs); rerun the same command") from exc
             code = proc.wait()
             tee.join(timeout=5.0)
         return code
 
     def done(self, error: str | None = None) -> None:
-        from distbert.run.rendezvous import bcast_json
+        from distbert.run.rendezvous import BroadcastTimeout, bcast_json
 
-        bcast_json(self.comm, {"done": True, "error": error}, poll_s=BCAST_POLL_S)
+        try:
+            bcast_json(self.comm, {"done": True, "error": error}, poll_s=BCAST_POLL_S, timeout_s=ROOT_BCAST_S)
+        except BroadcastTimeout:
+            log.warning("the launched ranks did not take the final broadcast within %g s (a rank is gone?)",
+                        ROOT_BCAST_S)
 
 
-def launched_worker_loop(topology: Any, comm: Any) -> int:
-    """A rank >= 1 of ``mpiexec -n N distbert submission run``: join each run rank 0 starts."""
-    from distbert.engine.worker import worker_run
+#: a launched rank waits this long for rank 0's next step (its start-up, the last step's finish) ...
+STEP_WAIT_S = LaunchedSteps.ANNOUNCE_TIMEOUT_S + 600.0
+#: ... or this long after a step whose coordinator vanished (rank 0 says done or error at once, unless gone too)
+LOST_STEP_WAIT_S = 60.0
+
+
+def launched_worker_loop(topology: Any, comm: Any, step_wait_s: float = STEP_WAIT_S,
+                         lost_wait_s: float = LOST_STEP_WAIT_S) -> int:
+    """A rank >= 1 of ``mpiexec -n N distbert submission run``: join each run rank 0 starts. Exits 3
+    when no word comes from rank 0 in time (see the module docstring)."""
+    from distbert.engine.worker import EXIT_COORDINATOR_LOST, worker_run
     from distbert.run.launch import worker_slot
-    from distbert.run.rendezvous import bcast_json
+    from distbert.run.rendezvous import BroadcastTimeout, bcast_json
     from distbert.wire.base import Endpoint
     from distbert.wire.zmq import ZmqWorkerTransport
 
     code = 0
+    wait_s = step_wait_s
     while True:
-        msg = bcast_json(comm, None, poll_s=BCAST_POLL_S)
+        try:
+            msg = bcast_json(comm, None, poll_s=BCAST_POLL_S, timeout_s=wait_s)
+        except BroadcastTimeout:
+            log.error("rank %d: no word from rank 0 within %g s (%s): exits", topology.rank, wait_s,
+                      "its last step's coordinator vanished" if wait_s == lost_wait_s
+                      else "a rank on the broadcast's path, or rank 0, is gone?")
+            return EXIT_COORDINATOR_LOST
         if msg.get("done"):
             if msg.get("error"):
                 log.error("rank 0 stopped the submission (%s); rank %d exits", msg["error"], topology.rank)
@@ -628,3 +665,4 @@ def launched_worker_loop(topology: Any, comm: Any) -> int:
         local_index, local_count = worker_slot(topology, msg.get("rank0_host"), bool(msg.get("rank0_computes")))
         transport = ZmqWorkerTransport.connect(Endpoint(msg["step"], msg["key"]), topology.rank)
         code = worker_run(transport, topology.rank, local_index, local_count)
+        wait_s = lost_wait_s if code == EXIT_COORDINATOR_LOST else step_wait_s
