@@ -10,17 +10,21 @@ padded as a worker pads (:meth:`ShapeLadder.pad`), with no LoadGen, rank 0 or tr
   ``backend.warmup()`` first (its time reported): equal to ``warm`` when warmup covers every shape;
 * pass ``warm``: the same batches again;
 * pass ``thread``: the same batches on a new thread (cuBLAS/cuDNN caches are per thread; a worker
-  serves on a thread that is not the one that loaded the model). First variant only.
+  serves on a thread that is not the one that loaded the model). ``--thread-pass``, first variant only.
 
-Each ``--sdpa`` names a variant (``default``: no ``sdpa`` option, the backend's own choice), run one
-after another in this process, each with a freshly loaded backend: the SDPA backend A/B. A variant
-that fails (a kernel that refuses a padded mask, an option the backend does not know) is recorded
-with its error and the next one runs. ``--deadline-s`` bounds the whole run: no pass starts, and no
+Each ``--variant`` is run one after another in this process: an SDPA kernel (``default``: the
+backend's own choice), or a name with backend options (``old-mask:attn_mask=transformers``): the
+SDPA A/B. A variant that differs from the loaded one only in its kernel reuses the backend
+(``TorchBackend.set_sdpa``, see :class:`Runner`); others load afresh. A variant that fails (a kernel
+that refuses a padded mask, an option the backend does not know) is recorded with its error and the
+next one runs. ``--deadline-s`` bounds the whole run: no pass starts, and no
 batch of a pass runs, after it; the JSON (rewritten after every pass) then says ``complete: false``.
 
-    python3 bench/gpu_shapes.py --model DIR --device cuda --precision fp16 --plan exact --json out.json
-    python3 bench/gpu_shapes.py --model DIR --device cuda --precision fp16 --plan ladder --warmup \\
-        --sdpa default --sdpa cudnn --sdpa efficient --sdpa flash --sdpa math --json out.json
+    python3 bench/gpu_shapes.py --model DIR --device cuda --precision fp16 --plan exact --thread-pass \\
+        --json out.json
+    python3 bench/gpu_shapes.py --model DIR --device cuda --precision fp16 --plan ladder \\
+        --variant auto --variant cudnn --variant efficient --variant flash --variant math \\
+        --variant old-mask:attn_mask=transformers --json out.json
 """
 
 from __future__ import annotations
@@ -163,26 +167,69 @@ def per_shape(batches: list[Batch], passes: dict[str, dict[str, Any]]) -> list[d
     return out
 
 
-def run_variant(out: dict[str, Any], base: BackendSpec, store: FeatureStore, args: argparse.Namespace,
-                deadline: Deadline, first: bool, write: Callable[[], None]) -> None:
-    """One variant (``out["name"]``: an ``sdpa`` value or ``default``) into ``out``, written as it goes."""
-    name = out["name"]
-    options = base.options + ((("sdpa", name),) if name != "default" else ())
-    spec = BackendSpec(name=base.name, model=base.model, device=base.device, precision=base.precision,
-                       threads=base.threads, options=options)
-    out["options"] = dict(options)
-    backend = create(spec)
-    try:
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME`` (an ``sdpa`` kernel, or ``default``: the backend's own choice) or ``NAME:k=v,k=v``
+    (backend options, e.g. ``old-mask:attn_mask=transformers``) -> (name, options)."""
+    name, _, rest = text.partition(":")
+    if rest:
+        pairs = [p.partition("=") for p in rest.split(",")]
+        if any(not k or not sep for k, sep, _ in pairs):
+            raise SystemExit(f"--variant {text}: write NAME or NAME:KEY=VALUE[,KEY=VALUE]")
+        return name, {k.strip(): v.strip() for k, _, v in pairs}
+    return name, ({} if name == "default" else {"sdpa": name})
+
+
+class Runner:
+    """Loads a backend per variant, or keeps the loaded one when only its ``sdpa`` kernel changes
+    (``TorchBackend.set_sdpa``: no reload; the GEMMs' first use is then paid by the first variant
+    only, so a reused variant's ``first`` pass shows the attention kernel's first use alone)."""
+
+    def __init__(self, base: BackendSpec) -> None:
+        self.base = base
+        self.backend: Backend | None = None
+        self.options: dict[str, str] = {}
+
+    def get(self, options: dict[str, str], out: dict[str, Any]) -> Backend:
+        merged = {**dict(self.base.options), **options}
+        b = self.backend
+        same_but_sdpa = ({k: v for k, v in merged.items() if k != "sdpa"}
+                         == {k: v for k, v in self.options.items() if k != "sdpa"})
+        if b is not None and same_but_sdpa and hasattr(b, "set_sdpa"):
+            b.set_sdpa(merged.get("sdpa", "auto"))
+            out["reused_backend"] = True
+            self.options = merged
+            return b
+        self.close()
+        spec = dataclasses.replace(self.base, options=tuple(merged.items()))
+        b = create(spec)
+        self.options = merged
         t0 = time.perf_counter()
-        backend.load()
+        try:
+            b.load()
+        except BaseException:
+            b.close()
+            raise
         out["load_s"] = round(time.perf_counter() - t0, 2)
+        self.backend = b
+        return b
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+            gc.collect()
+
+
+def run_variant(out: dict[str, Any], runner: Runner, store: FeatureStore, args: argparse.Namespace,
+                deadline: Deadline, thread_pass: bool, write: Callable[[], None]) -> None:
+    """One variant into ``out`` (``name``, ``options`` set), written after every pass."""
+    try:
+        backend = runner.get(out["options"], out)
+        spec = backend.spec
         hint = backend.batch_hint()
         max_batch = args.max_batch or hint.max_batch
         budget = args.token_budget if args.token_budget is not None else hint.token_budget
-        if args.plan == "exact":
-            ladder = EXACT
-        else:
-            ladder = resolve_ladder(spec, args.shape_ladder, max_batch, budget)
+        ladder = EXACT if args.plan == "exact" else resolve_ladder(spec, args.shape_ladder, max_batch, budget)
         backend.set_shape_ladder(ladder)
         samples = np.arange(min(args.samples or len(store), len(store)), dtype=np.int64)
         batches = build_batches(store, offline_plan(store.lengths, samples, max_batch, budget, ladder), ladder)
@@ -195,7 +242,7 @@ def run_variant(out: dict[str, Any], base: BackendSpec, store: FeatureStore, arg
             out["warmup_s"] = round(time.perf_counter() - t0, 2)
         write()
         for pass_name, on_thread in ((("after_warmup" if args.warmup else "first"), False), ("warm", False),
-                                     *((("thread", True),) if first else ())):
+                                     *((("thread", True),) if thread_pass else ())):
             if deadline.passed():
                 break
             passes[pass_name] = timed_pass(backend, batches, deadline, on_thread)
@@ -209,10 +256,7 @@ def run_variant(out: dict[str, Any], base: BackendSpec, store: FeatureStore, arg
     except Exception as exc:   # one variant's failure (a refused kernel) must not lose the others
         text = str(exc).strip()
         out["error"] = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
-    finally:
-        backend.close()
-        del backend
-        gc.collect()
+        runner.close()         # a failed forward may leave the backend half-way: the next variant reloads
 
 
 def main() -> int:
@@ -222,7 +266,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="backend option, as `distbert run`")
+                    help="backend option for every variant, as `distbert run`")
     ap.add_argument("--plan", choices=("exact", "ladder"), default="ladder",
                     help="exact: lengths trimmed exactly, any row count (the pre-ladder planner); ladder: the "
                          "run's shape ladder (--shape-ladder N, else the backend's policy)")
@@ -231,8 +275,10 @@ def main() -> int:
     ap.add_argument("--token-budget", type=int, help="default: the backend's batch hint")
     ap.add_argument("--samples", type=int, help="plan only the first N features (default: the whole dev set)")
     ap.add_argument("--warmup", action="store_true", help="call backend.warmup() before the first pass")
-    ap.add_argument("--sdpa", action="append", help="a variant: default | auto | flash | efficient | cudnn | math "
-                                                    "(repeatable; default: one variant, default)")
+    ap.add_argument("--thread-pass", action="store_true", help="a third pass on a new thread (first variant)")
+    ap.add_argument("--variant", action="append", metavar="NAME[:K=V,...]",
+                    help="default | auto | flash | efficient | cudnn | math (an sdpa kernel), or NAME:K=V,... "
+                         "(backend options); repeatable, run in order; default: one variant, default")
     ap.add_argument("--deadline-s", type=float, help="stop starting passes and batches after this many seconds")
     ap.add_argument("--dataset")
     ap.add_argument("--vocab")
@@ -242,8 +288,8 @@ def main() -> int:
         ap.error("--option takes KEY=VALUE")
     deadline = Deadline(args.deadline_s)
     options = tuple((k.strip(), v.strip()) for k, _, v in (o.partition("=") for o in args.option))
-    base = BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
-                       options=options)
+    runner = Runner(BackendSpec(name=args.backend, model=args.model, device=args.device, precision=args.precision,
+                                options=options))
     dataset, vocab = resolve_squad(args.dataset, args.vocab, download_missing=False)
     store = load_features(dataset, vocab)
     doc: dict[str, Any] = {"bench": "gpu_shapes", "date": time.strftime("%Y-%m-%d"), "device": args.device,
@@ -252,24 +298,25 @@ def main() -> int:
 
     def write() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
+        tmp = args.json.with_name(args.json.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         tmp.replace(args.json)
 
-    names = args.sdpa or ["default"]
-    for i, name in enumerate(names):
+    variants = [parse_variant(v) for v in args.variant or ["default"]]
+    for i, (name, opts) in enumerate(variants):
         if deadline.passed():
             break
-        v: dict[str, Any] = {"name": name}
+        v: dict[str, Any] = {"name": name, "options": opts}
         doc["variants"].append(v)
-        run_variant(v, base, store, args, deadline, i == 0, write)
+        run_variant(v, runner, store, args, deadline, args.thread_pass and i == 0, write)
         write()
         passes = v.get("passes", {})
         print(json.dumps({"variant": name, "error": v.get("error"), "warmup_s": v.get("warmup_s"),
                           **{p: passes[p]["samples_per_s"] for p in passes},
                           "first_use_extra_s": v.get("first_use_extra_s"),
                           "batch_shapes": v.get("plan", {}).get("batch_shapes")}), flush=True)
-    doc["complete"] = len(doc["variants"]) == len(names) and all(
+    runner.close()
+    doc["complete"] = len(doc["variants"]) == len(variants) and all(
         v.get("passes") and all(p["complete"] for p in v["passes"].values()) for v in doc["variants"]
         if "error" not in v)
     write()

@@ -67,8 +67,8 @@ def main() -> None:
                        threads=args.threads, options=options)
     backend = create(spec)
     backend.load()
-    hint = backend.batch_hint()
-    ladder = resolve_ladder(spec, args.shape_ladder, hint.max_batch, hint.token_budget)
+    # one row per query: the one-row rungs of the ladder are SingleStream's whole working set
+    ladder = resolve_ladder(spec, args.shape_ladder, 1, backend.batch_hint().token_budget)
     backend.set_shape_ladder(ladder)
     if backend.needs_features:
         backend.attach_features(store)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Device command 1 of 3 (issue 19), the decisive one: does a first use per batch shape eat the GPU's
-# time, and does the shape ladder with its warmup remove it? At most 5 minutes (LIMIT_S=290).
+# time, and do the shape ladder and its warm-up remove it? At most 5 minutes (LIMIT_S=290).
 #
-#   1. the torch backend alone over the real Offline batches of the dev set (bench/gpu_shapes.py):
+#   1. the torch backend alone over the real Offline batches of the dev set (bench/gpu_shapes.py),
 #      exact trimming (the old planner, ~43 distinct shapes): pass 1 = first use of every shape,
 #      pass 2 = warm, pass 3 = on a new thread (cuBLAS/cuDNN caches are per thread);
-#   2. the same over the ladder plan after backend.warmup(): its warmup time, then two passes;
-#   3. one eager `distbert run` Offline over the dev set with the ladder (the backend's GPU policy);
-#   4. SingleStream's floor in a bare loop (bench/ss_bare.py), cold and warm shapes apart;
-#   5. the SDPA backend A/B on the ladder plan (cudnn, efficient, flash, math, auto), as time allows.
+#   2. the same over the ladder plan (~20 shapes), first use and warm, for each SDPA kernel (auto,
+#      cudnn, efficient, flash, math) and for the old transformers mask (attn_mask=transformers):
+#      the A/B that picks the sdpa default;
+#   3. one eager `distbert run` Offline over the dev set with the ladder (the backend's GPU policy):
+#      its warm-up time and cold_batches in run.json, samples/s;
+#   4. SingleStream's floor in a bare loop (bench/ss_bare.py, one-row ladder), cold and warm shapes apart.
 #
 #   bash bench/gpu/cmd1_shapes.sh                 # on the GPU machine: results in $OUT
 #   bash bench/gpu/cmd1_shapes.sh --dry-run       # on a CPU: tiny model, few samples, same JSON
@@ -25,18 +27,16 @@ SHAPES=(bench/gpu_shapes.py --model "$MODEL" --device "$DEVICE" --precision "$PR
 if [[ -n "$SHAPES_SAMPLES" ]]; then SHAPES+=(--samples "$SHAPES_SAMPLES"); fi
 
 c=$(budget 75)
-step shapes-exact "$c" "$PYTHON" "${SHAPES[@]}" --plan exact --deadline-s $((c - 8)) \
+step shapes-exact "$c" "$PYTHON" "${SHAPES[@]}" --plan exact --thread-pass --deadline-s $((c - 8)) \
     --json "$WORK/shapes-exact-$PRECISION.bench.json"
-c=$(budget 60)
-step shapes-ladder "$c" "$PYTHON" "${SHAPES[@]}" --plan ladder "${LADDER[@]}" --warmup --deadline-s $((c - 8)) \
-    --json "$WORK/shapes-ladder-$PRECISION.bench.json"
-distbert_run "offline-ladder-$PRECISION" 75 --scenario Offline --workers 1 "${LADDER[@]}" \
+VARIANTS=()
+for v in ${SDPA_VARIANTS:-auto cudnn efficient flash math old-mask:attn_mask=transformers}; do VARIANTS+=(--variant "$v"); done
+c=$(budget 100)
+step shapes-ladder "$c" "$PYTHON" "${SHAPES[@]}" --plan ladder "${LADDER[@]}" "${VARIANTS[@]}" \
+    --deadline-s $((c - 8)) --json "$WORK/shapes-ladder-$PRECISION.bench.json"
+distbert_run "offline-ladder-$PRECISION" 120 --scenario Offline --workers 1 "${LADDER[@]}" \
     --test-query-count "$OFFLINE_SAMPLES"
 step ss-bare 45 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" \
     --precision "$PRECISION" "${LADDER[@]}" "${DATA_ARGS[@]}" --queries "$((SS_QUERIES / 2))" --warmup 0 \
     --json "$WORK/ss-bare-$PRECISION.bench.json"
-c=$(budget 120)
-step shapes-sdpa "$c" "$PYTHON" "${SHAPES[@]}" --plan ladder "${LADDER[@]}" --warmup --deadline-s $((c - 8)) \
-    --sdpa cudnn --sdpa efficient --sdpa flash --sdpa math --sdpa auto \
-    --json "$WORK/shapes-sdpa-$PRECISION.bench.json"
 finish

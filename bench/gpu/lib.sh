@@ -65,7 +65,8 @@ if [[ "$DRYRUN" == 1 ]]; then
     # no --find-peak: LoadGen's Server early stopping needs ~500+ queries per probe (400 fail, 700
     # pass, measured here), too slow on a CPU; one Server test at a QPS the tiny model holds instead
     SERVER_QPS="${SERVER_QPS:-100}" SERVER_QUERIES="${SERVER_QUERIES:-700}" FIND_PEAK=()
-    LADDER=(--shape-ladder "${LADDER_STEP:-32}")   # the CPU policy is exact: force the GPU's ladder
+    # the CPU policy is exact trimming: force the GPU policy's step
+    LADDER=(--shape-ladder "${LADDER_STEP:-$("$PYTHON" -c 'from distbert.backends.shapes import DEFAULT_STEP as s; print(s)')}")
 else
     DEVICE="${DEVICE:-cuda}" SHAPE="${SHAPE:-large}" PRECISION="${PRECISION:-fp16}" GRAPHS=(--option graphs=1)
     OFFLINE_SAMPLES="${OFFLINE_SAMPLES:-10833}" SS_QUERIES="${SS_QUERIES:-2000}" SHAPES_SAMPLES="${SHAPES_SAMPLES:-}"

@@ -1,0 +1,149 @@
+"""The device commands of issue 19 (``bench/gpu/cmd*.sh``), run here as their CPU dry run.
+
+The GPU machine is lent rarely and by the minute, so its scripts must be right before they get
+there: the decisive command (``cmd1_shapes.sh``) runs end to end on this CPU with the real tools it
+calls (``distbert run`` with its worker process and LoadGen, the backend-alone benches), a tiny random
+model and few samples, and must leave the JSON a device run leaves under ``$OUT``. The time guard is
+checked with a command that sleeps past its deadline. ``bench/gpu_report.py``'s FLOPs count is
+checked against transformers' own parameter count. Scripts are shellcheck-clean where shellcheck is
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+GPU = REPO / "bench" / "gpu"
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_report  # noqa: E402 - bench/ is put on sys.path above
+
+pytestmark = [pytest.mark.slow]
+
+
+def _env(tmp_path: Path, squad_dev: Path, vocab: Path, cache: Path, **extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("OUT", "LIMIT_S", "DISTBERT_DATA_DIR")}
+    e.update(DISTBERT_GPU_DRYRUN="1", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
+             GPU_CACHE=str(tmp_path / "gpu"), DISTBERT_CACHE=str(cache), DATASET=str(squad_dev), VOCAB=str(vocab))
+    e.update(extra)
+    return e
+
+
+@pytest.mark.timeout(240)
+def test_cmd1_dry_run_leaves_the_device_json(tmp_path, squad_dev, vocab, session_cache):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = _env(tmp_path, squad_dev, vocab, session_cache, SHAPES_SAMPLES="48", OFFLINE_SAMPLES="48",
+               SS_QUERIES="30", SDPA_VARIANTS="auto flash")
+    proc = subprocess.run(["bash", str(GPU / "cmd1_shapes.sh")], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=220)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = tmp_path / "out"
+    # the device returns at most 8 files from $OUT
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cmd1_shapes.json", "cmd1_shapes.log", "cmd1_shapes_runs.tgz", "gpu_check.json"]
+
+    doc = json.loads((out / "cmd1_shapes.json").read_text())
+    assert doc["dry_run"] is True and doc["complete"] is True, doc["steps"]
+    assert [s["step"] for s in doc["steps"]] == ["env", "model", "features", "shapes-exact", "shapes-ladder",
+                                                 "offline-ladder-fp32", "ss-bare"]
+    assert doc["dataset"]["flops_per_sample"] > 0
+
+    exact = doc["benches"]["shapes-exact-fp32"]["variants"]
+    assert [v["name"] for v in exact] == ["default"]
+    assert exact[0]["plan"]["ladder"] == "exact"
+    assert set(exact[0]["passes"]) == {"first", "warm", "thread"}
+    for p in exact[0]["passes"].values():
+        assert p["complete"] and p["samples"] == 48 and p["samples_per_s"] > 0
+    assert sum(s["count"] for s in exact[0]["shapes"]) == exact[0]["plan"]["batches"]
+
+    ladder = doc["benches"]["shapes-ladder-fp32"]["variants"]
+    assert [v["name"] for v in ladder] == ["auto", "flash"]
+    assert ladder[1].get("reused_backend") is True          # only the kernel changed: no reload
+    for v in ladder:
+        assert "error" not in v, v
+        assert v["plan"]["ladder"]["step"] > 0 and v["backend"]["sdpa"] == v["name"]
+        assert v["plan"]["batch_shapes"] <= exact[0]["plan"]["batch_shapes"]
+        assert set(v["passes"]) == {"first", "warm"}
+
+    bare = doc["benches"]["ss-bare-fp32"]
+    assert bare["queries"] == 15 and bare["cold"]["queries"] + bare["warm"]["queries"] == 15
+    assert bare["cold"]["queries"] == bare["distinct_shapes"]
+
+    run = doc["runs"]["offline-ladder-fp32"]
+    assert "failed" not in run, run
+    assert run["scenario"] == "Offline" and run["samples_per_s"] > 0
+    assert run["batch_shapes"] >= 1 and 0 <= run["padding_fraction"] < 1
+    assert run["rank0_cpu_share"] is not None
+
+    check = json.loads((out / "gpu_check.json").read_text())
+    assert set(gpu_report.HEADLINE_KEYS) <= set(check)
+    assert check["gpu"] == "cpu (dry run)" and check["dry_run"] is True
+    assert check["offline_samples_per_s"] == run["samples_per_s"]
+    assert check["mfu"] == pytest.approx(run["samples_per_s"] * doc["dataset"]["flops_per_sample"] / 989e12,
+                                         rel=0.01, abs=1e-4)
+    assert check["batch_shapes"] == run["batch_shapes"] and check["sdpa"] == "auto"
+
+    with tarfile.open(out / "cmd1_shapes_runs.tgz") as tar:
+        names = tar.getnames()
+    assert "./offline-ladder-fp32/run.json" in names and "./steps.jsonl" in names
+
+
+@pytest.mark.timeout(120)
+def test_time_guard_cuts_a_step_and_skips_the_rest(tmp_path, squad_dev, vocab, session_cache):
+    """A step still running at the command's deadline is stopped there, later steps are skipped, and
+    the command's JSON and gpu_check.json are written anyway, inside the limit."""
+    script = tmp_path / "guard.sh"
+    script.write_text(f"""CMD=guard
+LIMIT_S=12
+source {GPU / "lib.sh"}
+step sleeper 60 sleep 60
+step never 60 true
+finish
+""")
+    env = _env(tmp_path, squad_dev, vocab, session_cache, RESERVE_S="4", MIN_STEP_S="3")
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=100)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "out" / "guard.json").read_text())
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert steps["sleeper"]["status"] == "timeout" and steps["sleeper"]["limit_s"] <= 8
+    assert steps["never"]["status"] == "skipped"
+    assert doc["complete"] is False
+    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert set(gpu_report.HEADLINE_KEYS) <= set(check) and check["offline_samples_per_s"] is None
+    assert took < 12 + 15, f"the command took {took:.0f} s against its 12 s limit"
+
+
+def test_flops_per_sample_counts_every_parameter():
+    """F(L) = 2 N L + 4 layers hidden L^2, N = every parameter of transformers' BertForQuestionAnswering."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from distbert.backends.modelmaker import SHAPES
+
+    shape = SHAPES["tiny"]
+    model = transformers.BertForQuestionAnswering(transformers.BertConfig(**shape.bert_config()))
+    n = sum(p.numel() for p in model.parameters())
+    lengths = np.array([100, 384])
+    want = np.mean([2 * n * L + 4 * shape.num_hidden_layers * shape.hidden_size * L * L for L in lengths])
+    assert gpu_report.flops_per_sample(shape, lengths) == pytest.approx(want, rel=1e-9)
+
+
+def test_scripts_are_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt install shellcheck)")
+    scripts = sorted(str(p) for p in GPU.glob("*.sh"))
+    proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
