@@ -47,6 +47,10 @@ class BatchConfig:
     calibrate: bool = False          # each worker measures its backend at start-up (batching.calibrate)
     batch_timeout_s: float = 60.0    # a batch without a result after max(this, 10 x slowest batch) is requeued; 0 = off
     shape_ladder: int | None = None  # batch shapes: length step (backends/shapes); 0 = exact; None = the backend's
+    hedge: str = "auto"              # re-send overdue batches to another worker: auto (per scenario) | on | off
+    hedge_factor: float = 2.0        # overdue after factor x p90 of the worker's recent batch times ...
+    hedge_floor_ms: float = 50.0     # ... plus this
+    hedge_budget_pct: float = 5.0    # hedged samples at most this % of the samples issued so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +148,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("--credits must be at least 1")
     if b.batch_timeout_s < 0:
         raise UserError("--batch-timeout must be 0 (off) or a number of seconds")
+    if b.hedge not in ("auto", "on", "off"):
+        raise UserError(f"unknown --hedge {b.hedge!r}: choose auto, on or off")
+    if not b.hedge_factor >= 1:
+        raise UserError("--hedge-factor must be at least 1")
+    if not b.hedge_floor_ms >= 0:
+        raise UserError("--hedge-floor-ms must be 0 or more")
+    if not 0 <= b.hedge_budget_pct <= 100:
+        raise UserError("--hedge-budget must be a percentage between 0 and 100")
     if b.shape_ladder is not None and not 0 <= b.shape_ladder <= 384:
         raise UserError("--shape-ladder must be 0 (exact trimming) or a length step between 1 and 384")
     if b.token_budget is not None and b.token_budget < 384:

@@ -7,13 +7,23 @@ ids, each response id completed exactly once), and can deliver results in any or
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 
 import numpy as np
 import pytest
 
-from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
+from distbert.engine.dispatcher import (
+    BatchPolicy,
+    Complete,
+    Dispatcher,
+    Hedged,
+    NoWorkers,
+    Requeued,
+    Retired,
+    SendBatch,
+)
 
 
 def ids_of(*xs: int) -> np.ndarray:
@@ -47,6 +57,8 @@ class Sim:
         self.completed: dict[int, int] = {}                 # response id -> times completed
         self.sent_batches: list[SendBatch] = []
         self.requeued: list[Requeued] = []
+        self.hedged: list[Hedged] = []                      # hedging: the copies announced
+        self.retired_copies: list[Retired] = []
         self.no_workers: list[NoWorkers] = []
         self.no_workers_armed = False                       # a worker joined since the last NoWorkers
         self.next_id = 0
@@ -97,7 +109,12 @@ class Sim:
     # the driver ------------------------------------------------------------------------------
     def run(self, instrs: list) -> list:
         credits = self.d.policy.credits
+        copy_of: SendBatch | None = None                    # hedging: the batch the next SendBatch copies
         for ins in instrs:
+            if copy_of is not None:
+                assert isinstance(ins, SendBatch) and ins.batch_id == self.hedged[-1].batch_id, "Hedged w/o its send"
+                assert ins.ids is copy_of.ids and ins.worker != copy_of.worker
+                copy_of = None
             if isinstance(ins, SendBatch):
                 assert ins.worker in self.held, f"batch {ins.batch_id} sent to unknown worker {ins.worker}"
                 assert ins.batch_id not in self.seen_batch_ids, f"batch id {ins.batch_id} reused"
@@ -117,10 +134,21 @@ class Sim:
                     assert self.completed[i] == 1, f"id {i} completed twice"
             elif isinstance(ins, Requeued):
                 assert ins.batch_id in self.held.get(ins.worker, {}), f"requeued batch {ins.batch_id} was not held"
-                assert ins.waited_s >= self.d.policy.batch_timeout_s > 0
+                assert ins.waited_s >= self.d.policy.batch_timeout_s - 1e-12 > 0   # (now - sent: rounding)
                 self.held[ins.worker].pop(ins.batch_id)
                 self.retired.append((ins.worker, ins.batch_id))   # the worker may still answer: a duplicate
                 self.requeued.append(ins)
+            elif isinstance(ins, Hedged):
+                assert self.d.policy.hedge, "a hedge with hedging off"
+                copy_of = self.held.get(ins.of_worker, {}).get(ins.of_batch_id)
+                assert copy_of is not None, f"hedge of batch {ins.of_batch_id} that {ins.of_worker} does not hold"
+                assert not any(i in self.completed for i in copy_of.ids.tolist()), "hedge of answered samples"
+                self.hedged.append(ins)
+            elif isinstance(ins, Retired):
+                assert ins.batch_id in self.held.get(ins.worker, {}), f"retired batch {ins.batch_id} was not held"
+                self.held[ins.worker].pop(ins.batch_id)
+                self.retired.append((ins.worker, ins.batch_id))
+                self.retired_copies.append(ins)
             elif isinstance(ins, NoWorkers):
                 assert not self.held, "NoWorkers while a worker is alive"
                 assert self.no_workers_armed, "NoWorkers twice in one episode, or before any worker joined"
@@ -129,6 +157,7 @@ class Sim:
                 self.no_workers.append(ins)
             else:  # pragma: no cover
                 raise AssertionError(f"unknown instruction {ins!r}")
+        assert copy_of is None, "Hedged without its SendBatch"
         self.check()
         return instrs
 
@@ -138,7 +167,11 @@ class Sim:
         assert d.in_flight() == in_flight
         for w, h in self.held.items():
             assert d.in_flight(w) == len(h)
-        samples_held = sum(len(b.ids) for h in self.held.values() for b in h.values())
+        if self.d.policy.hedge:   # two copies of a batch hold the same samples; an answered copy none
+            samples_held = len({i for h in self.held.values() for b in h.values() for i in b.ids.tolist()}
+                               - self.completed.keys())
+        else:
+            samples_held = sum(len(b.ids) for h in self.held.values() for b in h.values())
         done = sum(self.completed.values())
         assert d.pending_samples() + samples_held + done == len(self.issued), "a sample was lost or duplicated"
         assert d.idle() == (d.pending_samples() == 0 and in_flight == 0)
@@ -759,17 +792,22 @@ def test_stats_add_up():
 # randomized: joins, losses, results in random order, duplicates, ticks, flushes
 
 
-@pytest.mark.parametrize("timeout", [0.0, 0.004])
+@pytest.mark.parametrize("timeout,hedge", [(0.0, False), (0.004, False), (0.0, True), (0.004, True)])
 @pytest.mark.parametrize("scenario", ["Offline", "Server", "SingleStream"])
 @pytest.mark.parametrize("seed", range(12))
-def test_randomized_every_id_completed_exactly_once(scenario, seed, timeout):
+def test_randomized_every_id_completed_exactly_once(scenario, seed, timeout, hedge):
     """With ``timeout`` > 0 (~8 steps of this fake clock), batches also time out and are requeued
-    while their worker may still answer them: every id must still complete exactly once."""
+    while their worker may still answer them; with ``hedge``, overdue batches (margins of a few
+    steps) are copied, and copies answer, die, time out and answer late in any order: every id must
+    still complete exactly once."""
     rng = random.Random(seed * 7919 + len(scenario))
     lengths = np.array([rng.randint(1, 384) for _ in range(500)])
     policy = BatchPolicy(max_batch=rng.choice([1, 3, 8, 32]), credits=rng.choice([1, 2, 3]),
                          token_budget=rng.choice([None, 500, 3000]), max_wait_s=rng.choice([0.0, 0.001, 0.01]),
                          batch_timeout_s=timeout)
+    if hedge:   # drawn after the rest, so the runs without hedging keep their seeds' sequences
+        policy = dataclasses.replace(policy, hedge=True, hedge_factor=rng.choice([1.0, 2.0]),
+                                     hedge_floor_s=rng.choice([0.0, 0.001]), hedge_budget=rng.choice([0.05, 1.0]))
     d = Dispatcher(scenario, policy, lengths, want_logits=bool(seed % 2))
     sim = Sim(d, lengths)
     now = 0.0
@@ -814,7 +852,7 @@ def test_randomized_every_id_completed_exactly_once(scenario, seed, timeout):
         else:
             dl = d.next_deadline()
             if dl is not None:
-                if not timeout:
+                if not timeout and not hedge:
                     assert dl <= now + policy.max_wait_s + 1e-12
                 now = max(now, dl)
                 sim.tick(now)
@@ -839,6 +877,10 @@ def test_randomized_every_id_completed_exactly_once(scenario, seed, timeout):
     assert st["samples_completed"] + st["samples_aborted"] == st["samples_issued"] == len(sim.issued)
     assert d.next_deadline() is None
     assert st["timed_out_batches"] == len(sim.requeued)
+    h = st["hedges"]
+    assert h["sent"] == len(sim.hedged) and h["copies_retired"] == len(sim.retired_copies)
+    assert h["won"] + h["wasted"] <= h["sent"] and (hedge or h["sent"] == 0)
+    assert h["samples"] <= policy.hedge_budget * st["samples_issued"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,10 +70,11 @@ def test_oracle_accuracy_full_dev_set_equals_direct_scoring(store, tmp_path, sce
 @pytest.mark.timeout(120)
 def test_performance_mode_completes_every_sample_once(store, tmp_path):
     """Performance mode with a token budget: every issued sample completes exactly once and the
-    configured budget reaches the dispatcher."""
+    configured budget reaches the dispatcher. (Hedging off: the workers' own counts must add up to
+    the samples, and a hedged copy is a sample computed twice.)"""
     want = min(2000, len(store) // 2)   # test mode issues test_query_count samples (fewer than the QSL)
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode="performance", test_query_count=want),
-                    backend=BackendSpec("null"), batch=BatchConfig(max_batch=64, token_budget=8192))
+                    backend=BackendSpec("null"), batch=BatchConfig(max_batch=64, token_budget=8192, hedge="off"))
     coord, threads, hub = start_cluster(cfg, store, 2)
     try:
         result = run_test(cfg, coord, len(store), "performance", tmp_path)
@@ -113,8 +114,9 @@ class _DropFirstBatch:
 def test_a_batch_lost_in_transit_is_requeued_after_the_timeout(store, tmp_path):
     from distbert.data.squad.accuracy import score_log
 
+    # hedging off: it would answer the lost batch first, at the tail (tests/test_hedge.py has that path)
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline", mode="accuracy"), backend=BackendSpec("oracle"),
-                    batch=BatchConfig(max_batch=256, credits=2, batch_timeout_s=1.0))
+                    batch=BatchConfig(max_batch=256, credits=2, batch_timeout_s=1.0, hedge="off"))
     coord, threads, hub = start_cluster(cfg, store, 2, wrap=_DropFirstBatch)
     lossy = coord.transport
     try:

@@ -93,6 +93,15 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
                    help="round every batch up to a bounded set of shapes: lengths to multiples of N (to 384), rows "
                         "to powers of two; 0 = exact trimming (default: a ladder of 16 on a GPU with torch or "
                         "onnxruntime, exact elsewhere; docs/gpu.md)")
+    g.add_argument("--hedge", choices=("auto", "on", "off"), default="auto",
+                   help="send a batch overdue on its worker (stopped, cut off, stalled) again to another worker; the "
+                        "first answer wins (default auto: on in every scenario, as measured in docs/faults.md)")
+    g.add_argument("--hedge-floor-ms", type=float, default=50.0,
+                   help="a batch is overdue after --hedge-factor x its worker's recent p90 for that batch size plus "
+                        "this (default 50)")
+    g.add_argument("--hedge-factor", type=float, default=2.0, help="see --hedge-floor-ms (default 2)")
+    g.add_argument("--hedge-budget", type=float, default=5.0, metavar="PCT",
+                   help="hedged samples at most this percentage of the samples issued so far (default 5)")
     g.add_argument("--calibrate", action="store_true",
                    help="each worker times a few batch sizes at start-up (<= 20 s) and reports its knee as "
                         "max batch / token budget (instead of the backend's static hint)")
@@ -190,7 +199,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                             threads=args.threads, options=tuple(options)),
         batch=BatchConfig(max_batch=args.max_batch, token_budget=args.token_budget, max_wait_ms=args.max_wait_ms,
                           credits=args.credits, calibrate=args.calibrate, batch_timeout_s=args.batch_timeout,
-                          shape_ladder=args.shape_ladder),
+                          shape_ladder=args.shape_ladder, hedge=args.hedge, hedge_factor=args.hedge_factor,
+                          hedge_floor_ms=args.hedge_floor_ms, hedge_budget_pct=args.hedge_budget),
         dataset=args.dataset, vocab=args.vocab, workers=args.workers, listen=args.listen,
         expect_workers=args.expect_workers, max_examples=args.max_examples,
         transport=args.transport, coordinator_hosts_worker=args.coordinator_hosts_worker,

@@ -22,6 +22,7 @@ waited for as long as a start-up may take (``--ready-timeout``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,17 @@ import numpy as np
 from distbert.backends.shapes import ladder_json, run_ladder
 from distbert.config import MAX_BATCH, RunConfig  # MAX_BATCH: the largest max_batch a worker may announce
 from distbert.engine.completion import Completer
-from distbert.engine.dispatcher import BatchPolicy, Complete, Dispatcher, NoWorkers, Requeued, SendBatch
+from distbert.engine.dispatcher import (
+    BatchPolicy,
+    Complete,
+    Dispatcher,
+    Hedged,
+    NoWorkers,
+    Requeued,
+    Retired,
+    SendBatch,
+)
+from distbert.engine.hedge import hedge_policy
 from distbert.util import trace
 from distbert.wire import messages as m
 from distbert.wire.base import CoordinatorTransport, PeerGone
@@ -334,7 +345,8 @@ class Coordinator:
                 raise RunFailed("no worker is ready (--rejoin-timeout 0: the run does not wait for one)")
             log.warning("no worker is connected: the test starts and waits up to %g s (--rejoin-timeout) for one",
                         self.cfg.rejoin_timeout_s)
-        dispatcher = Dispatcher(scenario, self._policy(), self.lengths, want_logits)
+        policy = dataclasses.replace(self._policy(), **hedge_policy(self.cfg.batch, scenario))
+        dispatcher = Dispatcher(scenario, policy, self.lengths, want_logits)
         if self._completer is None:
             self._completer = Completer()
             log.info("completing samples through %s", self._completer.why if self._completer.path == "native"
@@ -751,6 +763,8 @@ class Coordinator:
             if self.dispatcher is not None and self.failure is None:
                 self._execute(self.dispatcher.on_flush(now))
         elif isinstance(item, _Begin):
+            if self.dispatcher is not None:   # a late result of the last test (a hedged copy) stays a duplicate
+                item.dispatcher.continue_ids(self.dispatcher)
             self.dispatcher = item.dispatcher
             for handle in sorted(self.workers.values(), key=lambda h: h.worker):
                 if handle.ready and not handle.lost:
@@ -802,6 +816,12 @@ class Coordinator:
             elif isinstance(ins, Requeued):
                 log.warning("batch %d on worker %d has had no result for %.1f s: requeued (a message lost "
                             "on a reconnect?); a late result will be dropped", ins.batch_id, ins.worker, ins.waited_s)
+            elif isinstance(ins, Hedged):
+                log.info("batch %d on worker %d overdue after %.0f ms: hedged as batch %d on worker %d (the first "
+                         "result wins)", ins.of_batch_id, ins.of_worker, ins.waited_s * 1000, ins.batch_id, ins.worker)
+            elif isinstance(ins, Retired):
+                log.warning("batch %d on worker %d has had no result for %.1f s: retired (its hedged copy answers "
+                            "it); a late result will be dropped", ins.batch_id, ins.worker, ins.waited_s)
             elif isinstance(ins, NoWorkers):
                 self._no_workers(ins.pending)
 

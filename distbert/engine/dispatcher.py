@@ -53,11 +53,27 @@ Lost batches (a message ZeroMQ dropped while a worker reconnected: the worker st
 loss event comes): a batch in flight longer than ``max(policy.batch_timeout_s, 10 x the slowest
 batch completed so far)`` is retired and requeued like a lost worker's, and its worker's credit is
 freed. A late result for it is a duplicate. ``batch_timeout_s = 0`` turns this off.
+
+Hedges (``policy.hedge``; "The Tail at Scale"): a stopped process or a cut link holds its batches
+until the heartbeat declares it lost (seconds). So a worker whose oldest batch has been at the head
+of its queue longer than its margin (``engine/hedge.BatchTimes``: ``hedge_factor`` x the p90 of its
+recent times for that batch size, plus ``hedge_floor_s``) is *overdue*, and each of its batches is
+copied (``Hedged``, then ``SendBatch`` with a new id) to the least-loaded other worker with a free
+credit that is not overdue itself, once the queue is empty (queued work goes first), before the
+open Server batch. Both ids map to the same samples; the first result completes them, and the other
+copy stays on its worker (holding its credit: that worker is still busy with it) until its late
+result, which is dropped (``stats["hedges"]["late_results_dropped"]``), or its loss or timeout
+(``Retired``). A batch is hedged at most once, and hedged samples stay within ``hedge_budget`` x the
+samples issued so far. Loss: a lost or timed-out copy whose twin is in flight is forgotten, not
+requeued; only when the last copy goes are the samples requeued, once; ``abort`` returns a pair's
+ids once. ``stats["hedges"]``: sent, won (the copy answered first), wasted (the original did),
+samples, late_results_dropped, copies_retired. Which scenarios hedge in a run: ``engine/hedge.hedging``.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +81,7 @@ import numpy as np
 
 from distbert.backends.shapes import EXACT, ShapeLadder, shape_summary
 from distbert.config import SCENARIOS
+from distbert.engine.hedge import BatchTimes
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,11 @@ class BatchPolicy:
     credits: int = 2                 # max batches in flight per worker
     batch_timeout_s: float = 0.0     # floor of the lost-batch timeout (10 x slowest batch seen); 0 = off
     ladder: ShapeLadder = EXACT      # the batch shapes workers pad to (backends/shapes); EXACT = trimming only
+    # Hedged re-sends (module docstring, "Hedges"; engine/hedge): off here; a run decides (hedge.hedging)
+    hedge: bool = False
+    hedge_factor: float = 2.0        # overdue: at the head of its worker longer than factor x p90 of its recent times
+    hedge_floor_s: float = 0.05      # ... plus this
+    hedge_budget: float = 0.05       # hedged samples <= this fraction of the samples issued so far
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -87,6 +109,12 @@ class BatchPolicy:
             raise ValueError(f"BatchPolicy.credits must be >= 1, got {self.credits}")
         if not self.batch_timeout_s >= 0.0:
             raise ValueError(f"BatchPolicy.batch_timeout_s must be >= 0, got {self.batch_timeout_s}")
+        if not self.hedge_factor >= 1.0:
+            raise ValueError(f"BatchPolicy.hedge_factor must be >= 1, got {self.hedge_factor}")
+        if not self.hedge_floor_s >= 0.0:
+            raise ValueError(f"BatchPolicy.hedge_floor_s must be >= 0, got {self.hedge_floor_s}")
+        if not 0.0 <= self.hedge_budget <= 1.0:
+            raise ValueError(f"BatchPolicy.hedge_budget must be in [0, 1], got {self.hedge_budget}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,13 +152,36 @@ class Requeued:
 
 
 @dataclass(frozen=True, slots=True)
+class Hedged:
+    """Batch ``of_batch_id`` on ``of_worker`` is overdue (in flight ``waited_s``): the ``SendBatch``
+    that follows sends a copy of it to ``worker`` as ``batch_id``. The first result completes the
+    samples; the other copy's result is dropped (the driver logs it)."""
+
+    worker: int
+    batch_id: int
+    of_worker: int
+    of_batch_id: int
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """Batch ``batch_id`` on ``worker`` passed the lost-batch timeout, but another copy of it (a
+    hedge) answers its samples: its id is retired and its worker's credit freed, nothing requeued."""
+
+    worker: int
+    batch_id: int
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class NoWorkers:
     """Work is pending and no worker is left: the driver aborts the run with a clear error."""
 
     pending: int
 
 
-Instr = SendBatch | Complete | Requeued | NoWorkers
+Instr = SendBatch | Complete | Requeued | Hedged | Retired | NoWorkers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +190,7 @@ Instr = SendBatch | Complete | Requeued | NoWorkers
 
 class _Worker:
     __slots__ = ("id", "cap", "inflight", "batches_sent", "samples_sent", "batches_completed",
-                 "samples_completed", "requeued_batches", "timeline")
+                 "samples_completed", "requeued_batches", "timeline", "head", "overdue")
 
     def __init__(self, worker: int, cap: int) -> None:
         self.id = worker
@@ -151,6 +202,8 @@ class _Worker:
         self.samples_completed = 0
         self.requeued_batches = 0
         self.timeline: dict[int, int] = {}    # TIMELINE_BIN_S bin since the test's first result -> samples
+        self.head = -1                        # hedging: the batch whose service clock runs (its oldest)
+        self.overdue = False                  # hedging: that batch is past its margin (the worker is stuck)
 
     def counts(self, alive: bool) -> dict:
         return {"alive": alive, "max_batch": self.cap, "in_flight": len(self.inflight),
@@ -160,13 +213,17 @@ class _Worker:
 
 
 class _Flight:
-    __slots__ = ("worker", "ids", "indices", "sent")
+    __slots__ = ("worker", "ids", "indices", "sent", "start", "due", "twin", "hedged")
 
     def __init__(self, worker: int, ids: np.ndarray, indices: np.ndarray, sent: float) -> None:
         self.worker = worker
         self.ids = ids
         self.indices = indices
         self.sent = sent
+        self.start = -1.0      # hedging: when it reached the head of its worker's queue (-1: not yet)
+        self.due = 0.0         # hedging: start + margin (0: no margin known)
+        self.twin = -1         # hedging: the batch id of its other copy while both are in flight
+        self.hedged = 0        # hedging: 1 = the original of a hedge, 2 = the copy (never hedged again)
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -238,6 +295,15 @@ class Dispatcher:
         self._rows_limit = (np.array([self._ladder.max_rows(self._ladder.length_for(max(1, n)))
                                       for n in range(self._ladder.max_length + 1)], np.int64)
                             if self._ladder.rows else None)
+        # Hedging (section "Hedges" below): copies answered by their twin first ("zombies") stay
+        # held by their worker until its late result, its loss or the lost-batch timeout.
+        self._hedge = policy.hedge
+        self._times = BatchTimes(policy.hedge_factor, policy.hedge_floor_s)
+        self._zombies: dict[int, _Flight] = {}        # in send order
+        self._due_heap: list[tuple[float, int]] = []  # (due, batch id) of worker heads; stale ones popped lazily
+        self._candidates: dict[int, None] = {}        # in-flight batch ids on overdue workers, oldest first
+        self._hedges = {"sent": 0, "won": 0, "wasted": 0, "samples": 0, "late_results_dropped": 0,
+                        "copies_retired": 0}
 
     # -----------------------------------------------------------------------------------------
     # Events
@@ -267,7 +333,8 @@ class Dispatcher:
         return out
 
     def remove_worker(self, worker: int, now: float) -> list[Instr]:
-        """A worker is lost. Its in-flight batches go to the front of the queue with their ids retired."""
+        """A worker is lost. Its in-flight batches go to the front of the queue with their ids retired
+        (a hedged batch whose other copy is still in flight elsewhere is only forgotten)."""
         w = self._workers.pop(worker, None)
         if w is None:
             return []
@@ -278,7 +345,12 @@ class Dispatcher:
             self._idle_count -= 1
         # Oldest first at the front: appendleft in reverse send order.
         for bid in reversed(list(w.inflight)):
+            if self._zombies.pop(bid, None) is not None:
+                continue                              # answered already by its other copy
             f = self._flights.pop(bid)
+            if f.twin >= 0:
+                self._orphan(f)                       # its other copy alone answers it now
+                continue
             self._queue.appendleft((f.ids, f.indices))
             self._queued_samples += len(f.ids)
             self._requeued_batches += 1
@@ -289,6 +361,13 @@ class Dispatcher:
         out: list[Instr] = []
         self._pump(now, out)
         return out
+
+    def continue_ids(self, previous: Dispatcher) -> None:
+        """Before any batch is sent: this test's batch ids follow ``previous``'s, so a result that
+        test's workers still owe (an answered hedge copy, a requeued batch) is a duplicate here,
+        never taken for another batch of this test."""
+        assert self._next_batch_id == 0, "continue_ids after a batch was sent"
+        self._next_batch_id = previous._next_batch_id
 
     def replace_worker(self, worker: int, now: float, max_batch: int | None = None) -> list[Instr]:
         """``worker`` restarted (its new connection said Ready): what its old connection held is
@@ -355,6 +434,9 @@ class Dispatcher:
         """``worker`` returned ``batch_id``: ``Complete`` first, then whatever the freed credit sends."""
         f = self._flights.get(batch_id)
         if f is None:
+            z = self._zombies.get(batch_id) if self._zombies else None
+            if z is not None and z.worker == worker:
+                return self._late_copy(z, batch_id, now)   # its other copy answered first
             if 0 <= batch_id < self._next_batch_id:
                 self._dup_dropped += 1                # completed already, or retired by a requeue
             else:
@@ -371,6 +453,8 @@ class Dispatcher:
         self._free_total += 1
         if not w.inflight:
             self._idle_count += 1
+        if self._hedge:
+            self._hedge_result(w, batch_id, f, now)
         k = len(f.ids)
         unfolded = self._unfolded
         unfolded.append(f.indices)
@@ -388,8 +472,9 @@ class Dispatcher:
         return out
 
     def on_tick(self, now: float) -> list[Instr]:
-        """Timers: the Server open batch whose oldest sample has waited ``max_wait_s``, and batches
-        in flight past the lost-batch timeout (``Requeued``, then back at the front of the queue)."""
+        """Timers: the Server open batch whose oldest sample has waited ``max_wait_s``, batches
+        in flight past the lost-batch timeout (``Requeued``, then back at the front of the queue; a
+        hedged copy is only ``Retired``), and hedging's overdue batches (``Hedged``, ``SendBatch``)."""
         out: list[Instr] = []
         timeout = self._batch_timeout()
         expired: list[tuple[int, _Flight]] = []
@@ -398,6 +483,7 @@ class Dispatcher:
                 if f.sent + timeout > now:
                     break                             # send order: the rest are younger
                 expired.append((bid, f))
+        requeue: list[_Flight] = []
         for bid, f in expired:
             del self._flights[bid]
             w = self._workers[f.worker]               # present: removal retires all its flights
@@ -405,14 +491,22 @@ class Dispatcher:
             self._free_total += 1
             if not w.inflight:
                 self._idle_count += 1
+            if f.twin >= 0:                           # hedged: its other copy alone answers it now
+                self._orphan(f)
+                self._hedges["copies_retired"] += 1
+                out.append(Retired(w.id, bid, now - f.sent))
+                continue
             self._requeued_batches += 1
             self._requeued_samples += len(f.ids)
             w.requeued_batches += 1
             self._timed_out += 1
             out.append(Requeued(f.worker, bid, now - f.sent))
-        for _, f in reversed(expired):                # oldest ends up first in the queue
+            requeue.append(f)
+        for f in reversed(requeue):                   # oldest ends up first in the queue
             self._queue.appendleft((f.ids, f.indices))
             self._queued_samples += len(f.ids)
+        if self._hedge:
+            self._hedge_tick(now, timeout, expired, out)
         self._pump(now, out)
         return out
 
@@ -431,6 +525,13 @@ class Dispatcher:
         if timeout and self._flights:
             oldest = next(iter(self._flights.values())).sent + timeout
             deadline = oldest if deadline is None else min(deadline, oldest)
+        if self._due_heap:
+            due = self._next_due()
+            if due is not None:
+                deadline = due if deadline is None else min(deadline, due)
+        if timeout and self._zombies:
+            oldest = min(z.sent for z in self._zombies.values()) + timeout
+            deadline = oldest if deadline is None else min(deadline, oldest)
         return deadline
 
     def abort(self) -> np.ndarray:
@@ -442,7 +543,7 @@ class Dispatcher:
         Safe to call twice (the second call returns an empty array).
         """
         parts = [ids for ids, _ in self._queue]
-        parts += [f.ids for f in self._flights.values()]
+        parts += [f.ids for bid, f in self._flights.items() if f.twin < bid]   # a hedged pair once
         if self._open_ids:
             parts.append(np.array(self._open_ids, dtype=np.uint64))
         for w in self._workers.values():
@@ -450,7 +551,11 @@ class Dispatcher:
                 self._free_total += len(w.inflight)
                 self._idle_count += 1
                 w.inflight.clear()
+            w.head, w.overdue = -1, False
         self._flights.clear()
+        self._zombies.clear()
+        self._candidates.clear()
+        self._due_heap.clear()
         self._queue.clear()
         self._queued_samples = 0
         self._open_ids = []
@@ -464,11 +569,13 @@ class Dispatcher:
     # Queries
 
     def idle(self) -> bool:
-        return not self._flights and not self._queue and not self._open_ids
+        return not self._flights and not self._zombies and not self._queue and not self._open_ids
 
     def in_flight(self, worker: int | None = None) -> int:
+        """Batches held by ``worker`` (or by all): a hedged copy answered by the other one counts
+        until its own result, as it still takes its worker's credit."""
         if worker is None:
-            return len(self._flights)
+            return len(self._flights) + len(self._zombies)
         w = self._workers.get(worker)
         return 0 if w is None else len(w.inflight)
 
@@ -508,6 +615,7 @@ class Dispatcher:
             "unknown_dropped": self._unknown_dropped,
             "wrong_worker_dropped": self._wrong_worker_dropped,
             "samples_aborted": self._aborted,
+            "hedges": dict(self._hedges),
             "workers": dict(sorted(per.items())),
             "timeline": self._timeline(),
         } | self.shape_stats()
@@ -663,6 +771,10 @@ class Dispatcher:
         w.batches_sent += 1
         w.samples_sent += len(ids)
         out.append(SendBatch(w.id, bid, ids, idx, self.want_logits))
+        if self._hedge:
+            if w.overdue:
+                self._candidates[bid] = None          # it waits behind a stuck batch
+            self._advance(w, now)
 
     def _pump(self, now: float, out: list[Instr]) -> None:
         """Send what may be sent now. After it: queue non-empty => no free credit, and an open batch
@@ -682,6 +794,8 @@ class Dispatcher:
                 ids, idx = queue.popleft()
                 self._queued_samples -= len(ids)
                 self._send(worker, ids, idx, out, now)
+            if self._candidates and self._free_total and not queue:
+                self._send_hedges(now, out)           # overdue samples before the open batch
             if not self._open_ids:
                 break
             if len(self._open_ids) >= self._cap:      # the cap shrank: a worker left
@@ -700,3 +814,134 @@ class Dispatcher:
             if pending:
                 self._no_workers_sent = True
                 out.append(NoWorkers(pending))
+
+    # -----------------------------------------------------------------------------------------
+    # Hedges (module docstring, "Hedges"; the margins: engine/hedge.BatchTimes)
+
+    def _advance(self, w: _Worker, now: float) -> None:
+        """``w``'s oldest batch may have changed: start its service clock and arm its due time."""
+        if not w.inflight:
+            w.head, w.overdue = -1, False
+            return
+        head = next(iter(w.inflight))
+        if head == w.head:
+            return
+        w.head, w.overdue = head, False
+        f = self._flights.get(head) or self._zombies[head]
+        if f.start < 0:
+            f.start = now
+            margin = self._times.margin(w.id, len(f.ids))
+            if margin is not None:
+                f.due = f.start + margin
+                heapq.heappush(self._due_heap, (f.due, head))
+
+    def _head_due(self, due: float, bid: int) -> _Worker | None:
+        """The worker whose head ``bid`` is, when ``(due, bid)`` is still its armed due time."""
+        f = self._flights.get(bid) or self._zombies.get(bid)
+        w = self._workers.get(f.worker) if f is not None else None
+        return w if w is not None and w.head == bid and not w.overdue and f is not None and f.due == due else None
+
+    def _next_due(self) -> float | None:
+        heap = self._due_heap
+        while heap:
+            due, bid = heap[0]
+            if self._head_due(due, bid) is not None:
+                return due
+            heapq.heappop(heap)                       # stale: that batch returned or was retired
+        return None
+
+    def _hedge_tick(self, now: float, timeout: float, expired: list[tuple[int, _Flight]],
+                    out: list[Instr]) -> None:
+        """After the lost-batch timeouts: answered copies past it are retired too, heads move on, and
+        every head past its due time makes its worker overdue (its batches become candidates)."""
+        if timeout:
+            for bid, z in [(b, z) for b, z in self._zombies.items() if z.sent + timeout <= now]:
+                holder = self._drop_zombie(bid, now)
+                self._hedges["copies_retired"] += 1
+                out.append(Retired(holder.id, bid, now - z.sent))
+        for _, f in expired:
+            self._advance(self._workers[f.worker], now)
+        heap = self._due_heap
+        while heap and heap[0][0] <= now:
+            due, bid = heapq.heappop(heap)
+            stuck = self._head_due(due, bid)
+            if stuck is None:
+                continue
+            stuck.overdue = True
+            for b in stuck.inflight:
+                g = self._flights.get(b)
+                if g is not None and not g.hedged:
+                    self._candidates[b] = None
+
+    def _send_hedges(self, now: float, out: list[Instr]) -> None:
+        """Copy candidates (oldest first) to workers with a free credit, within the budget."""
+        budget = self.policy.hedge_budget * self._issued
+        for bid in list(self._candidates):
+            f = self._flights.get(bid)
+            src = self._workers.get(f.worker) if f is not None else None
+            if f is None or src is None or not src.overdue or f.hedged:
+                del self._candidates[bid]             # returned, lost, hedged, or its worker moved on
+                continue
+            n = len(f.ids)
+            if self._hedges["samples"] + n > budget:
+                continue                              # the budget grows with the samples issued
+            target = self._hedge_target(src.id, n)
+            if target is None:
+                continue
+            del self._candidates[bid]
+            copy = self._next_batch_id
+            out.append(Hedged(target.id, copy, src.id, bid, now - f.sent))
+            self._send(target, f.ids, f.indices, out, now)
+            h = self._flights[copy]
+            f.twin, h.twin = copy, bid
+            f.hedged, h.hedged = 1, 2
+            self._hedges["sent"] += 1
+            self._hedges["samples"] += n
+            if not self._free_total:
+                return
+
+    def _hedge_target(self, exclude: int, rows: int) -> _Worker | None:
+        """The live worker with the fewest batches in flight and a free credit, not ``exclude``, not
+        overdue itself, whose cap takes ``rows`` (a copy is never split)."""
+        best = None
+        for w in self._workers.values():
+            if (w.id != exclude and not w.overdue and w.cap >= rows and len(w.inflight) < self._credits
+                    and (best is None or len(w.inflight) < len(best.inflight))):
+                best = w
+        return best
+
+    def _hedge_result(self, w: _Worker, bid: int, f: _Flight, now: float) -> None:
+        """``f`` (batch ``bid``, just removed from ``w``) returned: its time, its twin, ``w``'s next head."""
+        if f.start >= 0:
+            self._times.record(w.id, len(f.ids), now - f.start)
+        if f.twin >= 0:                               # the other copy is answered: it becomes a zombie
+            twin = self._flights.pop(f.twin)
+            twin.twin = -1
+            self._zombies[f.twin] = twin
+        if f.hedged:                                  # (its twin may have been lost before)
+            self._hedges["won" if f.hedged == 2 else "wasted"] += 1
+        self._advance(w, now)
+
+    def _late_copy(self, z: _Flight, bid: int, now: float) -> list[Instr]:
+        """The late result of a copy whose twin answered first: dropped; its worker's credit is free."""
+        self._drop_zombie(bid, now)
+        self._hedges["late_results_dropped"] += 1
+        out: list[Instr] = []
+        self._pump(now, out)
+        return out
+
+    def _drop_zombie(self, bid: int, now: float) -> _Worker:
+        """Forget the answered copy ``bid`` and free its worker's credit; that worker."""
+        z = self._zombies.pop(bid)
+        w = self._workers[z.worker]                   # present: removal forgets its zombies
+        del w.inflight[bid]
+        self._free_total += 1
+        if not w.inflight:
+            self._idle_count += 1
+        self._advance(w, now)
+        return w
+
+    def _orphan(self, f: _Flight) -> None:
+        """``f`` is gone (lost worker, timeout) while its twin is in flight: the twin alone answers."""
+        self._flights[f.twin].twin = -1
+        f.twin = -1
