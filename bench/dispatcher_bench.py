@@ -153,9 +153,10 @@ def _empty_call_ns() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--hedge", action="store_true", help="hedged re-sends on (their bookkeeping's cost; no fault)")
     a = ap.parse_args()
     n_srv = 20_000 if a.quick else 200_000
-    pol = BatchPolicy(max_batch=32, max_wait_s=0.002, credits=2)
+    pol = BatchPolicy(max_batch=32, max_wait_s=0.002, credits=2, hedge=a.hedge)
     print(f"machine yardstick: empty Python call {_empty_call_ns():.0f} ns (a current x86 server core: ~25-30 ns)")
     print(f"server accumulate-only on_samples: {server_accumulate_only(n_srv, pol):.3f} us/sample")
     # 4 workers, each ~5 ms + 0.5 ms/sample (a GPU-ish model): capacity ~ 4*32/(21 ms) ~ 6000 qps
@@ -164,7 +165,8 @@ def main() -> None:
         print(f"server sim qps={qps}: {r['us_per_sample']:.2f} us/sample (all events), "
               f"mean batch {r['mean_batch']:.1f}, simulated p99 {r['p99_latency_ms']:.1f} ms")
     for n in (10833, 1_000_000):
-        for p in (BatchPolicy(max_batch=64), BatchPolicy(max_batch=64, token_budget=8192)):
+        for p in (BatchPolicy(max_batch=64, hedge=a.hedge),
+                  BatchPolicy(max_batch=64, token_budget=8192, hedge=a.hedge)):
             r = offline(n, p)
             print(f"offline n={n} budget={p.token_budget}: on_samples {r['issue_ms']:.2f} ms, "
                   f"drain {r['drain_ms']:.2f} ms over {r['batches']} batches, "
