@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # GPU check: the real distbert path on one NVIDIA GPU, BERT-Large shape, PyTorch backend.
 #
+# For a GPU box of your own: with fp16 and bf16 it runs 7-15 minutes, more than one command on the
+# lent GPU machine may run (10 minutes) and most of that machine's 15-minute lease. There, run the
+# device commands of bench/gpu/ instead (docs/gpu.md, "Measuring on a GPU").
+#
 #   bench/gpu_check.sh                     # fp16 and bf16: Offline, Server, SingleStream (worker process
 #                                          # and --in-process-worker), Offline and SingleStream again with
 #                                          # --option graphs=1 (CUDA graphs), then a torch-profiler capture
@@ -14,7 +18,8 @@
 # No internet: the model is a generated random-weight BERT-Large (speed is real, accuracy is not).
 # Prints every command before running it, then samples/s and p99 latency per run (bench/gpu_summary.py).
 # The profiler's key-averages tables land in $WORK/profile/ (batch 1 and 64 at seq 192, eager and graphs=1).
-# Budget: about 1 min to generate the model, then well under 2 min per run (capped by RUN_TIMEOUT).
+# Budget: 10-30 s to generate the model, then up to RUN_TIMEOUT (240 s) per run; 386 s in all on the
+# H200 of 2026-11-30 with PRECISIONS="fp16 bf16", before every shape of the ladder was warmed.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

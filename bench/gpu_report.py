@@ -8,6 +8,8 @@
         one command's JSON: its steps (status, seconds), every bench JSON (``*.bench.json``) and a
         summary of every ``distbert run`` directory under WORK; run after every step, so a command
         cut short still leaves what it measured;
+    gpu_report.py choose --cmd1-glob '/tmp/distbert-gpu/work-cmd1_shapes-*' --json WORK/choices.json
+        cmd2's sdpa kernel and ladder from cmd1's results on the same warm machine (see :func:`choose`);
     gpu_report.py summary A.json [B.json ...] --out bench/results/gpu_check.json
         the issue's headline record from one or more commands' JSON (the device returns each
         command's files separately; run it here over the fetched files).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import sys
 from pathlib import Path
@@ -143,9 +146,18 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     cpus = record.get("system", {}).get("logical_cpus")
     out["rank0_cores_busy"] = busy
     out["rank0_cpu_share"] = round(busy / cpus, 4) if busy is not None and cpus else None
-    for key in ("batch_shapes", "padding_fraction", "warmup_s"):
-        out[key] = _find(perf, key) if _find(perf, key) is not None else _find(record, key)
-    out["sdpa"] = _find(record.get("workers", []), "sdpa") or _find(record, "sdpa")
+    for key in ("batch_shapes", "padding_fraction"):
+        out[key] = perf.get(key)
+    ladder = (perf.get("batch_policy") or {}).get("ladder")
+    out["shape_ladder"] = ladder.get("step") if isinstance(ladder, dict) else ladder
+    workers = record.get("workers", [])
+    warm = [(w.get("info") or {}).get("warmup") or {} for w in workers]
+    out["warmup_s"] = max((x["s"] for x in warm if x.get("s") is not None), default=None)
+    out["warmup_shapes"] = max((x["shapes"] for x in warm if x.get("shapes") is not None), default=None)
+    cold = [(w.get("stats") or {}).get("cold_batches") for w in workers]
+    out["cold_batches"] = sum(c for c in cold if c is not None) if any(c is not None for c in cold) else None
+    out["sdpa"] = _find(workers, "sdpa")
+    out["attn_mask"] = _find(workers, "attn_mask")
     peak = results.get("find_peak")
     if peak:
         out["find_peak"] = {k: peak.get(k) for k in ("best_valid_qps", "lowest_invalid_qps", "probe_s")}
@@ -172,11 +184,9 @@ def collect(args: argparse.Namespace) -> int:
     doc: dict[str, Any] = {"command": args.cmd, "dry_run": args.dry_run, "date": _today(),
                            "limit_s": args.limit_s, "steps": [], "env": None, "dataset": None,
                            "benches": {}, "runs": {}}
-    env, dataset = work / "env.json", work / "dataset.json"
-    if env.is_file():
-        doc["env"] = _read(env)
-    if dataset.is_file():
-        doc["dataset"] = _read(dataset)
+    for key in ("env", "dataset", "choices"):
+        if (work / f"{key}.json").is_file():
+            doc[key] = _read(work / f"{key}.json")
     steps = work / "steps.jsonl"
     if steps.is_file():
         doc["steps"] = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
@@ -187,6 +197,49 @@ def collect(args: argparse.Namespace) -> int:
     doc["elapsed_s"] = max((s.get("end_s", 0) for s in doc["steps"]), default=0)
     doc["complete"] = bool(doc["steps"]) and all(s.get("status") == "ok" for s in doc["steps"])
     _write(Path(args.out), doc)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- choose
+
+#: a kernel replaces the backend's default only when its warm pass beats the default's by this much
+CHOOSE_MARGIN = 1.03
+
+
+def choose(args: argparse.Namespace) -> int:
+    """cmd2's options from cmd1's results on the same (warm) machine, so that no one has to decide
+    between the two calls: the SDPA kernel whose warm pass over the ladder plan was fastest (only
+    ``sdpa`` variants: graphs=1 needs a mask form it can capture), and a coarser ladder
+    (``--shape-ladder COARSE_STEP``) when cmd1's Offline warm-up took more than ``--warmup-budget-s``
+    (cmd2's four full-ladder runs each pay it). Prints the ``distbert run`` arguments one per line
+    and writes the reasons to ``--json``; prints nothing without cmd1's results."""
+    work = sorted(Path(p) for p in glob.glob(args.cmd1_glob))
+    picks: list[str] = []
+    why: dict[str, Any] = {"cmd1_work": str(work[-1]) if work else None, "sdpa": None, "shape_ladder": None}
+    if work:
+        bench = work[-1] / f"shapes-ladder-{args.precision}.bench.json"
+        if bench.is_file() and not args.keep_sdpa:
+            rates = {v["name"]: v["passes"]["warm"]["samples_per_s"] for v in _read(bench).get("variants", [])
+                     if "error" not in v and set(v.get("options", {})) <= {"sdpa"}
+                     and (v.get("passes", {}).get("warm") or {}).get("complete")}
+            base = rates.get("auto") or rates.get("default")
+            if rates and base:
+                best = max(rates, key=lambda k: rates[k])
+                why["sdpa"] = {"warm_samples_per_s": rates, "chosen": best if rates[best] > CHOOSE_MARGIN * base
+                               else None}
+                if why["sdpa"]["chosen"] not in (None, "auto", "default"):
+                    picks += ["--option", f"sdpa={best}"]
+        run = work[-1] / f"offline-ladder-{args.precision}"
+        if (run / "run.json").is_file() and not args.keep_ladder:
+            warmup = run_summary(run).get("warmup_s")
+            coarse = warmup is not None and warmup > args.warmup_budget_s
+            why["shape_ladder"] = {"cmd1_warmup_s": warmup, "budget_s": args.warmup_budget_s,
+                                   "chosen": args.coarse_step if coarse else None}
+            if coarse:
+                picks += ["--shape-ladder", str(args.coarse_step)]
+    _write(args.json, why)
+    for arg in picks:
+        print(arg)
     return 0
 
 
@@ -202,6 +255,11 @@ def _best(runs: dict[str, dict], scenario: str, value: str, prefer: str = "max")
 
 
 def summary(args: argparse.Namespace) -> int:
+    missing = [p for p in args.inputs if not Path(p).is_file()]
+    if missing:
+        print(f"gpu_report.py summary: {', '.join(missing)}: no such file (a command's $OUT/<cmd>.json)",
+              file=sys.stderr)
+        return 2
     docs = [_read(Path(p)) for p in args.inputs]
     runs: dict[str, dict] = {}
     benches: dict[str, Any] = {}
@@ -247,7 +305,9 @@ def summary(args: argparse.Namespace) -> int:
         "padding_fraction": off.get("padding_fraction") if off else None,
         "sdpa": next((r["sdpa"] for r in (off, ss, srv) if r and r.get("sdpa")), None),
         "rank0_cpu_share": shares.get(off_name) if off_name else None,
+        "ss_bare": _ss_bare(benches, precision),
         "rank0_cpu_share_per_run": shares,
+        "cmd2_choices": next((d["choices"] for d in docs if d.get("choices")), None),
         "software": env.get("software"),
         "targets": {"offline_samples_per_s": 4600, "offline_vs_bare": 0.9, "server_valid_qps": 3600,
                     "singlestream_p90_ms": 2.0},
@@ -267,6 +327,19 @@ def _valid_qps(run: dict[str, Any]) -> float | None:
     if run.get("find_peak"):
         return run["find_peak"].get("best_valid_qps")
     return run.get("target_qps") if run.get("validity") == "VALID" else None
+
+
+def _ss_bare(benches: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """bench/ss_bare.py's SingleStream floor (p90 over all queries, cold and warm shapes apart):
+    distbert's SingleStream p90 minus this is what the harness adds (issue 11)."""
+    out = {}
+    for name, b in benches.items():
+        tail = name.rsplit("/", 1)[-1]
+        if tail in (f"ss-bare-{precision}", f"ss-bare-thread-{precision}"):
+            out["thread" if "thread" in tail else "main"] = {
+                "p90_ms": b.get("p90_ms"), "cold_p90_ms": (b.get("cold") or {}).get("p90_ms"),
+                "warm_p90_ms": (b.get("warm") or {}).get("p90_ms"), "queries": b.get("queries")}
+    return out or None
 
 
 def _precision_of(run_name: str) -> str | None:
@@ -321,6 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--limit-s", type=int)
     c.add_argument("--dry-run", action="store_true")
     c.set_defaults(handler=collect)
+    ch = sub.add_parser("choose", help="cmd2's sdpa kernel and ladder from cmd1's results")
+    ch.add_argument("--cmd1-glob", required=True, help="cmd1's work folders (the newest is read)")
+    ch.add_argument("--precision", default="fp16")
+    ch.add_argument("--warmup-budget-s", type=float, default=60.0)
+    ch.add_argument("--coarse-step", type=int, default=32)
+    ch.add_argument("--keep-sdpa", action="store_true", help="never pass an sdpa option")
+    ch.add_argument("--keep-ladder", action="store_true", help="never pass a coarser ladder")
+    ch.add_argument("--json", type=Path, required=True)
+    ch.set_defaults(handler=choose)
     s = sub.add_parser("summary", help="the gpu_check.json record from commands' JSON")
     s.add_argument("inputs", nargs="+")
     s.add_argument("--precision", default="fp16")

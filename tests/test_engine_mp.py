@@ -346,7 +346,7 @@ def test_in_process_worker_refuses_other_workers(env, tmp_path):
 @pytest.mark.timeout(180)
 def test_singlestream_in_process_default_is_for_gpus_and_cpus_keep_a_worker_process(env, squad_dev, vocab, tmp_path):
     """--in-process-worker unset, on this CPU: every scenario keeps a worker process (the GPU side of
-    the rule is covered by the unit test below; the GPU runs of bench/gpu_session.sh use it)."""
+    the rule is covered by the unit test below; bench/gpu/cmd3_extras.sh runs it in process on a GPU)."""
     cases = [(["--scenario", "SingleStream"], False),
              (["--scenario", "SingleStream", "--in-process-worker"], True),
              (["--scenario", "Offline"], False)]

@@ -11,6 +11,7 @@ installed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,8 +28,10 @@ import pytest
 from tests.conftest import REPO
 
 GPU = REPO / "bench" / "gpu"
-sys.path.insert(0, str(REPO / "bench"))
-import gpu_report  # noqa: E402 - bench/ is put on sys.path above
+_spec = importlib.util.spec_from_file_location("gpu_report", REPO / "bench" / "gpu_report.py")
+assert _spec is not None and _spec.loader is not None
+gpu_report: Any = importlib.util.module_from_spec(_spec)   # bench/ is scripts, not a package
+_spec.loader.exec_module(gpu_report)
 
 pytestmark = [pytest.mark.slow]
 
@@ -147,3 +151,49 @@ def test_scripts_are_shellcheck_clean():
     scripts = sorted(str(p) for p in GPU.glob("*.sh"))
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def _bench(path: Path, rates: dict[str, float | None], extra_options: dict[str, dict[str, str]]) -> None:
+    variants = []
+    for name, rate in rates.items():
+        v: dict = {"name": name, "options": extra_options.get(name, {} if name == "default" else {"sdpa": name})}
+        if rate is None:
+            v["error"] = "RuntimeError: No available kernel"
+        else:
+            v["passes"] = {"first": {"samples_per_s": rate / 2, "complete": True},
+                           "warm": {"samples_per_s": rate, "complete": True}}
+        variants.append(v)
+    path.write_text(json.dumps({"bench": "gpu_shapes", "variants": variants}))
+
+
+def _choose(tmp_path: Path, *extra: str) -> tuple[list[str], dict]:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_report.py"), "choose", "--cmd1-glob",
+                          str(tmp_path / "work-cmd1_shapes-*"), "--json", str(tmp_path / "choices.json"), *extra],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.split(), json.loads((tmp_path / "choices.json").read_text())
+
+
+def test_cmd2_takes_the_fastest_kernel_and_a_coarser_ladder_from_cmd1(tmp_path):
+    """cmd2's options come from the newest cmd1 work folder: the sdpa kernel whose warm pass beat auto by
+    more than the margin (not a failed kernel, not a mask variant graphs=1 cannot capture), and step 32
+    when cmd1's Offline warm-up overran its budget. The run.json here is hand-written with only the
+    fields a worker's record has for its warm-up."""
+    old, new = tmp_path / "work-cmd1_shapes-20261201-000000", tmp_path / "work-cmd1_shapes-20261202-000000"
+    for d in (old, new):
+        (d / "offline-ladder-fp16").mkdir(parents=True)
+    _bench(old / "shapes-ladder-fp16.bench.json", {"auto": 1000.0, "math": 5000.0}, {})
+    _bench(new / "shapes-ladder-fp16.bench.json",
+           {"auto": 4000.0, "cudnn": 4500.0, "flash": None, "old-mask": 9000.0},
+           {"old-mask": {"attn_mask": "transformers"}})
+    (new / "offline-ladder-fp16" / "run.json").write_text(json.dumps(
+        {"config": {"loadgen": {"scenario": "Offline"}},
+         "workers": [{"info": {"warmup": {"s": 95.0, "shapes": 208}}, "stats": {"cold_batches": 0}}]}))
+    args, why = _choose(tmp_path)
+    assert args == ["--option", "sdpa=cudnn", "--shape-ladder", "32"]
+    assert why["cmd1_work"] == str(new) and why["shape_ladder"]["cmd1_warmup_s"] == 95.0
+
+    args, _ = _choose(tmp_path, "--warmup-budget-s", "120", "--keep-sdpa")
+    assert args == []
+    _bench(new / "shapes-ladder-fp16.bench.json", {"auto": 4000.0, "cudnn": 4100.0}, {})   # within the margin
+    args, why = _choose(tmp_path, "--keep-ladder")
+    assert args == [] and why["sdpa"]["chosen"] is None

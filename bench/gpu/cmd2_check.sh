@@ -25,6 +25,17 @@ else
     BARE=(--device cuda --dtype "$PRECISION" --shape large --iters 100 --batch 64 --batch 128 --batch 256)
     SERVER_GRAPHS_QPS="${SERVER_GRAPHS_QPS:-3600}"
 fi
+# cmd1's results on this warm machine pick the sdpa kernel and, if its warm-up ran long, a coarser
+# ladder (bench/gpu_report.py choose; AUTO_CHOOSE=0: the backend's defaults). No cmd1 here: no choice.
+CHOSEN=()
+if [[ "${AUTO_CHOOSE:-1}" == 1 ]]; then
+    keep=()
+    if ((${#LADDER[@]})); then keep=(--keep-ladder); fi
+    mapfile -t CHOSEN < <("$PYTHON" bench/gpu_report.py choose --cmd1-glob "$GPU_CACHE/work-cmd1_shapes-*" \
+        --precision "$PRECISION" "${keep[@]}" --json "$WORK/choices.json")
+    if ((${#CHOSEN[@]})); then say "chosen from cmd1: ${CHOSEN[*]}"; else say "chosen from cmd1: nothing"; fi
+fi
+BASE=("${LADDER[@]}" "${CHOSEN[@]}")
 step bare 60 "$PYTHON" bench/gpu_bare.py "${BARE[@]}" --seq 192 --json "$WORK/bare-$PRECISION.bench.json"
 
 # Most decisive first (the guard skips what no longer fits): Offline eager; SingleStream with graphs
@@ -38,10 +49,10 @@ singlestream() { distbert_run "singlestream-$1-$PRECISION" 60 --scenario SingleS
 server() { distbert_run "server-$1-$PRECISION" 100 --scenario Server --workers 1 "${@:3}" "${FIND_PEAK[@]}" \
     --target-qps "$2" --test-query-count "$SERVER_QUERIES"; }
 
-offline eager "${LADDER[@]}"
-singlestream graphs "$SS_QUERIES" "${LADDER[@]}" "${GRAPHS[@]}"
-server eager "$SERVER_QPS" "${LADDER[@]}"
-offline graphs "${LADDER[@]}" "${GRAPHS[@]}"
-server graphs "$SERVER_GRAPHS_QPS" "${LADDER[@]}" "${GRAPHS[@]}"
-singlestream eager "$((SS_QUERIES / 2))" "${LADDER[@]}"   # ~15 ms a query eager on the last check
+offline eager "${BASE[@]}"
+singlestream graphs "$SS_QUERIES" "${BASE[@]}" "${GRAPHS[@]}"
+server eager "$SERVER_QPS" "${BASE[@]}"
+offline graphs "${BASE[@]}" "${GRAPHS[@]}"
+server graphs "$SERVER_GRAPHS_QPS" "${BASE[@]}" "${GRAPHS[@]}"
+singlestream eager "$((SS_QUERIES / 2))" "${BASE[@]}"   # ~15 ms a query eager on the last check
 finish

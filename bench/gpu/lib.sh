@@ -125,7 +125,7 @@ step() {
 setup() {
     say "$CMD: device $DEVICE, $SHAPE, $PRECISION, limit ${LIMIT_S}s, dry run $DRYRUN, results in $RES"
     step env 30 "$PYTHON" - "$DEVICE" "$WORK/env.json" <<'EOF'
-import json, platform, subprocess, sys, torch, transformers
+import json, os, platform, subprocess, sys, torch, transformers
 device, out = sys.argv[1], sys.argv[2]
 gpu = "cpu (dry run)"
 if device != "cpu":
@@ -134,7 +134,9 @@ if device != "cpu":
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
     gpu = f"{p.name} ({smi or 'nvidia-smi silent'}; {p.multi_processor_count} SMs; kernel {platform.release()})"
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+# the device machine gets the working tree without .git: the calling session passes DISTBERT_COMMIT
+commit = os.environ.get("DISTBERT_COMMIT") or subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 env = {"gpu": gpu, "software": f"python {platform.python_version()}, torch {torch.__version__} "
        f"(CUDA {torch.version.cuda}), transformers {transformers.__version__}, distbert {commit or 'unknown commit'}"}
 json.dump(env, open(out, "w"))
