@@ -672,6 +672,8 @@ class Coordinator:
             if handle is None:
                 handle = self.workers[worker] = WorkerHandle(worker)
             handle.stats = _json_object(msg.stats_json) or {}
+            if self._shutting_down:
+                handle.lost = False   # a clean exit, even where its connection's close was seen first
             self._check_all_bye()
 
     def _invalid(self, worker: int, msg: m.Message) -> str | None:

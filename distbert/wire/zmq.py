@@ -87,6 +87,9 @@ GONE_RETRIES = 3
 #: Rank 0 reads its socket monitor at least this often while messages keep it from sleeping (s): a
 #: closed connection is noticed within this long under load, at once when idle.
 MONITOR_S = 0.02
+#: A close is reported this long after the monitor showed it (s): what the peer sent just before it (a
+#: last Result, its Bye) can reach the socket after the event; it is read first.
+GONE_HOLD_S = 0.02
 #: Frames below this many bytes are copied into the socket; bigger ones are sent zero-copy.
 COPY_THRESHOLD = 1 << 16
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -209,7 +212,7 @@ class _ZmqPeer:
         error code); called on the owner thread."""
 
     def _interrupted(self) -> bool:
-        """After monitor events: whether ``recv`` must return now (rank 0: a worker's connection closed)."""
+        """After monitor events: whether ``recv`` must look again (rank 0: a worker's connection closed)."""
         return False
 
     def _read_monitor(self) -> None:
@@ -223,7 +226,8 @@ class _ZmqPeer:
             self._on_event(int(event["event"]), event["endpoint"].decode(errors="replace"), int(event["value"]))
 
     def _recv_frames(self, timeout: float | None) -> list[zmq.Frame] | None:
-        """One multipart message, or ``None`` on wake / timeout. Never busy-waits."""
+        """One multipart message, ``None`` on wake / timeout, ``[]`` when a monitor event needs the
+        owner (``_interrupted``). Never busy-waits."""
         if self._closed:
             raise TransportClosed("recv() on a closed ZeroMQ transport")
         sock, waker = self._sock, self._waker
@@ -261,7 +265,7 @@ class _ZmqPeer:
             if self._monitor in ready:
                 self._read_monitor()
                 if self._interrupted():
-                    return None
+                    return []
             if waker.rfd in ready:
                 # Drain now or poll would keep returning at once; the flag at the loop head
                 # decides whether this is a real wake or a stale byte from an already-served one.
@@ -495,7 +499,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
             self._gone.append((_monotonic(), rank, PeerGone(rank, True, why)))
 
     def _interrupted(self) -> bool:
-        return bool(self._gone)
+        return bool(self._gone)   # recv sets its wait by the oldest close
 
     def _learn_fd(self, ident: bytes, frame: zmq.Frame) -> None:
         """Which connection ``ident`` speaks on (its descriptor), for the monitor's close events."""
@@ -540,13 +544,18 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
             if now >= self._monitor_due:   # under load the poll below never runs: look at the monitor anyway
                 self._monitor_due = now + MONITOR_S
                 self._read_monitor()
-            if self._gone and (now - self._gone[0][0] >= MONITOR_S
-                               or not self._sock.poll(0, zmq.POLLIN)):
-                return self._pop_gone()   # (what the peer sent before its close is read first, within MONITOR_S)
-            left = 0.0 if self._gone else None if deadline is None else max(0.0, deadline - now)
+            if self._gone and now - self._gone[0][0] >= GONE_HOLD_S:
+                return self._pop_gone()
+            left = None if deadline is None else max(0.0, deadline - now)
+            if self._gone:   # wake up when the close is due
+                hold = self._gone[0][0] + GONE_HOLD_S - now
+                left = hold if left is None else min(left, hold)
             frames = self._recv_frames(left)
-            if frames is None:
-                return self._pop_gone() if self._gone else None
+            if frames == []:     # a close: wait again, now until it is due
+                continue
+            if frames is None:   # a wake, the deadline, or a close that fell due
+                due = self._gone and _monotonic() - self._gone[0][0] >= GONE_HOLD_S
+                return self._pop_gone() if due else None
             got = self._accept(frames)
             if got is not None:
                 return got
