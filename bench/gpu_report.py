@@ -210,9 +210,10 @@ def choose(args: argparse.Namespace) -> int:
     """cmd2's options from cmd1's results on the same (warm) machine, so that no one has to decide
     between the two calls: the SDPA kernel whose warm pass over the ladder plan was fastest (only
     ``sdpa`` variants: graphs=1 needs a mask form it can capture), and a coarser ladder
-    (``--shape-ladder COARSE_STEP``) when cmd1's Offline warm-up took more than ``--warmup-budget-s``
-    (cmd2's four full-ladder runs each pay it). Prints the ``distbert run`` arguments one per line
-    and writes the reasons to ``--json``; prints nothing without cmd1's results."""
+    (``--shape-ladder COARSE_STEP``) when cmd1's Offline warm-up took more than ``--warmup-budget-s``,
+    or its run was cut at the step's limit (cmd2's four full-ladder runs each pay it). Prints the
+    ``distbert run`` arguments one per line and writes the reasons to ``--json``; prints nothing
+    without cmd1's results."""
     work = sorted(Path(p) for p in glob.glob(args.cmd1_glob))
     picks: list[str] = []
     why: dict[str, Any] = {"cmd1_work": str(work[-1]) if work else None, "sdpa": None, "shape_ladder": None}
@@ -230,11 +231,16 @@ def choose(args: argparse.Namespace) -> int:
                 if why["sdpa"]["chosen"] not in (None, "auto", "default"):
                     picks += ["--option", f"sdpa={best}"]
         run = work[-1] / f"offline-ladder-{args.precision}"
-        if (run / "run.json").is_file() and not args.keep_ladder:
-            warmup = run_summary(run).get("warmup_s")
-            coarse = warmup is not None and warmup > args.warmup_budget_s
-            why["shape_ladder"] = {"cmd1_warmup_s": warmup, "budget_s": args.warmup_budget_s,
-                                   "chosen": args.coarse_step if coarse else None}
+        steps = work[-1] / "steps.jsonl"
+        timed_out = steps.is_file() and any(
+            json.loads(line).get("step") == run.name and json.loads(line).get("status") == "timeout"
+            for line in steps.read_text().splitlines() if line.strip())
+        if ((run / "run.json").is_file() or timed_out) and not args.keep_ladder:
+            # a run cut at its step's limit spent it warming up, most likely: as good as over budget
+            warmup = run_summary(run).get("warmup_s") if (run / "run.json").is_file() else None
+            coarse = timed_out or (warmup is not None and warmup > args.warmup_budget_s)
+            why["shape_ladder"] = {"cmd1_warmup_s": warmup, "cmd1_run_timed_out": timed_out,
+                                   "budget_s": args.warmup_budget_s, "chosen": args.coarse_step if coarse else None}
             if coarse:
                 picks += ["--shape-ladder", str(args.coarse_step)]
     _write(args.json, why)

@@ -197,3 +197,8 @@ def test_cmd2_takes_the_fastest_kernel_and_a_coarser_ladder_from_cmd1(tmp_path):
     _bench(new / "shapes-ladder-fp16.bench.json", {"auto": 4000.0, "cudnn": 4100.0}, {})   # within the margin
     args, why = _choose(tmp_path, "--keep-ladder")
     assert args == [] and why["sdpa"]["chosen"] is None
+    # cmd1's Offline run cut at its step's limit (no run.json): the coarser ladder too
+    (new / "offline-ladder-fp16" / "run.json").unlink()
+    (new / "steps.jsonl").write_text(json.dumps({"step": "offline-ladder-fp16", "status": "timeout"}) + "\n")
+    args, why = _choose(tmp_path)
+    assert args == ["--shape-ladder", "32"] and why["shape_ladder"]["cmd1_run_timed_out"] is True
