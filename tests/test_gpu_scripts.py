@@ -61,7 +61,7 @@ def test_cmd1_dry_run_leaves_the_device_json(tmp_path, squad_dev, vocab, session
     doc = json.loads((out / "cmd1_shapes.json").read_text())
     assert doc["dry_run"] is True and doc["complete"] is True, doc["steps"]
     assert [s["step"] for s in doc["steps"]] == ["env", "model", "features", "shapes-exact", "shapes-ladder",
-                                                 "offline-ladder-fp32", "ss-bare"]
+                                                 "offline-ladder-fp32", "ss-bare", "shapes-cudnn-deprioritized"]
     assert doc["dataset"]["flops_per_sample"] > 0
 
     exact = doc["benches"]["shapes-exact-fp32"]["variants"]
@@ -80,6 +80,8 @@ def test_cmd1_dry_run_leaves_the_device_json(tmp_path, squad_dev, vocab, session
         assert v["plan"]["ladder"]["step"] > 0 and v["backend"]["sdpa"] == v["name"]
         assert v["plan"]["batch_shapes"] <= exact[0]["plan"]["batch_shapes"]
         assert set(v["passes"]) == {"first", "warm"}
+
+    assert [v["name"] for v in doc["benches"]["shapes-deprioritized-fp32"]["variants"]] == ["auto"]
 
     bare = doc["benches"]["ss-bare-fp32"]
     assert bare["queries"] == 15 and bare["cold"]["queries"] + bare["warm"]["queries"] == 15

@@ -10,7 +10,8 @@
 #      the A/B that picks the sdpa default;
 #   3. one eager `distbert run` Offline over the dev set with the ladder (the backend's GPU policy):
 #      its warm-up time and cold_batches in run.json, samples/s;
-#   4. SingleStream's floor in a bare loop (bench/ss_bare.py, one-row ladder), cold and warm shapes apart.
+#   4. SingleStream's floor in a bare loop (bench/ss_bare.py, one-row ladder), cold and warm shapes apart;
+#   5. as time allows: sdpa=auto again with TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (torch's cuDNN opt-out).
 #
 #   bash bench/gpu/cmd1_shapes.sh                 # on the GPU machine: results in $OUT
 #   bash bench/gpu/cmd1_shapes.sh --dry-run       # on a CPU: tiny model, few samples, same JSON
@@ -40,4 +41,8 @@ distbert_run "offline-ladder-$PRECISION" 120 --scenario Offline --workers 1 "${L
 step ss-bare 45 "$PYTHON" bench/ss_bare.py --backend torch --model "$MODEL" --device "$DEVICE" \
     --precision "$PRECISION" "${LADDER[@]}" "${DATA_ARGS[@]}" --queries "$((SS_QUERIES / 2))" --warmup 0 \
     --json "$WORK/ss-bare-$PRECISION.bench.json"
+# torch's opt-out of cuDNN attention under auto (PyTorch #171627; read at start: a process of its own)
+c=$(budget 45)
+TORCH_CUDNN_SDPA_DEPRIORITIZED=1 step shapes-cudnn-deprioritized "$c" "$PYTHON" "${SHAPES[@]}" --plan ladder \
+    "${LADDER[@]}" --variant auto --deadline-s $((c - 8)) --json "$WORK/shapes-deprioritized-$PRECISION.bench.json"
 finish
