@@ -341,6 +341,8 @@ class Coordinator:
         """Fresh dispatcher for a test; the driver picks it up through the inbox."""
         ready = [h for h in self.workers.values() if h.ready and not h.lost]
         if not ready:
+            if not any(h.ready for h in self.workers.values()):   # none ever was: nothing to plan batches by
+                raise RunFailed("no worker is ready")
             if not self.cfg.rejoin_timeout_s and not self._restart_pending():
                 raise RunFailed("no worker is ready (--rejoin-timeout 0: the run does not wait for one)")
             log.warning("no worker is connected: the test starts and waits up to %g s (--rejoin-timeout) for one",
