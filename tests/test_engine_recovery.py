@@ -164,6 +164,7 @@ def test_a_killed_worker_is_declared_lost_within_200_ms_without_a_replacement(cl
     assert "for worker 2" not in after, "something was sent into the closed connection"
     assert [w["worker"] for w in record["workers"] if w["lost"]] == [2]
     assert record["results"]["accuracy"]["dispatcher"]["requeued_batches"] >= 1
+    assert "all 2 workers ready" in log   # external workers counted (the log said "all 0")
     print(f"\nkilled worker declared lost {took * 1000:.1f} ms after the kill")
 
 
