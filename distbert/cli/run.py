@@ -41,54 +41,85 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
                 actions.append(self.group.add_argument(*flags, **kw))
 
     g = _Group("LoadGen")
-    g.add_argument("--scenario", default="Offline", help="Offline | Server | SingleStream (default Offline)")
+    g.add_argument("--scenario", default="Offline",
+                   help="Offline | Server | SingleStream (default Offline); MultiStream is refused: it is not "
+                        "defined for BERT")
     g.add_argument("--mode", default="performance",
-                   help="performance | accuracy | both | submission (both, then compliance TEST01; "
-                        "default performance)")
+                   help="performance | accuracy | both (two LoadGen runs, separate log directories) | submission "
+                        "(both, then compliance TEST01 and its verification; docs/submission.md); "
+                        "default performance")
     g.add_argument("--execution-mode", default="test",
-                   help="test: short run, min duration 0 (default); valid: the full MLPerf rules (600 s)")
-    g.add_argument("--test-query-count", type=int, help="test mode: samples (Offline) or queries to issue")
+                   help="test: short run, min duration 0, --test-query-count samples or queries (default); valid: "
+                        "the full MLPerf rules from LoadGen's embedded mlperf.conf (600 s, seeds, 10833 samples)")
+    g.add_argument("--test-query-count", type=int,
+                   help="test mode: samples (Offline) or queries to issue (default: Offline 10833, Server 2000, "
+                        "SingleStream 100)")
     g.add_argument("--target-qps", type=_number_or_auto,
-                   help="Offline expected / Server target queries per second; auto: from the newest comparable "
-                        "run in the results directory (Offline: its samples/s; Server: its last VALID target)")
+                   help="Offline expected QPS (make a valid run last 600 s) / Server target QPS (test mode default "
+                        "1000). auto: from the newest comparable run (same backend, model, device, precision, "
+                        "workers) in the results directory (the folder holding --output, else results/): Offline "
+                        "its samples/s; Server its last VALID target, 0.9 x an INVALID one, or 0.8 x the Offline "
+                        "samples/s; the run logs where the number came from")
     g.add_argument("--find-peak", action="store_true",
                    help="Server: first find the highest QPS LoadGen calls VALID (short probes from --target-qps, "
-                        "doubling or halving, then bisection to 3 %%), then run the tests at it")
+                        "doubling or halving to a bracket, then bisection to 3 %%), then run the tests at it. The "
+                        "probes' logs go to DIR/find-peak/, the search to run.json (results.find_peak) and the "
+                        "summary")
     g.add_argument("--find-peak-probe-s", type=float, default=5.0, help="seconds of traffic per --find-peak probe")
     g.add_argument("--target-latency-ms", type=_number_or_auto,
-                   help="SingleStream expected latency / Server bound; auto (SingleStream): the p90 of the newest "
-                        "comparable SingleStream run")
-    g.add_argument("--min-duration-ms", type=int, help="override LoadGen's min duration")
-    g.add_argument("--max-duration-ms", type=int, help="override LoadGen's max duration")
+                   help="SingleStream expected latency / Server latency bound; auto (SingleStream): the p90 latency "
+                        "of the newest comparable SingleStream run")
+    g.add_argument("--min-duration-ms", type=int, help="LoadGen override: min duration")
+    g.add_argument("--max-duration-ms", type=int, help="LoadGen override: max duration")
     g.add_argument("--user-conf", help="a LoadGen user.conf (model key 'bert')")
-    g.add_argument("--audit-conf", help="compliance audit.config (TEST01)")
+    g.add_argument("--audit-conf", help="a compliance audit.config; logits then travel in performance mode too (--mode "
+                        "submission writes TEST01's own)")
     g.add_argument("--benchmark", default="bert-99",
-                   help="bert-99 | bert-99.9: the accuracy target for verdicts and TEST01 (default bert-99)")
+                   help="bert-99 | bert-99.9: the accuracy target for verdicts and TEST01's fallback (default "
+                        "bert-99)")
     g.add_argument("--mlperf-version", default="v6.1",
                    help="the MLPerf Inference round whose LoadGen seeds (and, with --mode submission, compliance "
-                        "tests) the run uses: v6.1 (default, LoadGen 6.0.17's own), v6.0, v5.1, v5.0, v4.1")
-    g.add_argument("--max-examples", type=int, help="use only the first N features as the QSL (quick runs)")
+                        "tests) the run uses: v6.1 (default, LoadGen 6.0.17's own), v6.0, v5.1, v5.0, v4.1 (set on "
+                        "LoadGen's settings); with --mode submission, v4.1 adds TEST05")
+    g.add_argument("--max-examples", type=int,
+                   help="use only the first N features as the QSL (quick runs; the official F1 then counts the "
+                        "unscored questions as 0, and the summary also gives the F1 over the scored questions)")
     g = _Group("backend")
-    g.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(NAMES)} (default onnxruntime)")
+    g.add_argument("--backend", default="onnxruntime",
+                   help=f"one of {', '.join(NAMES)} (default onnxruntime); the harness backends: null (zeros: the "
+                        "harness ceiling), oracle (logits at the gold answer: proves every response reaches its "
+                        "sample), sim (sleeps per --sim-latency); docs/backends.md")
     g.add_argument("--model", help="model file or directory (default: official model in the cache, "
                                    "else a generated random-weight BERT-Large)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | rocm (default cpu)")
     g.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | int8 (default fp32)")
     g.add_argument("--threads", type=int, help="intra-op threads per worker (default: its cores)")
     g.add_argument("--ort-provider",
-                   help="force an ONNX Runtime execution provider (CPU, CUDA, TensorRT, ROCm, OpenVINO)")
+                   help="force an ONNX Runtime execution provider (CPU, CUDA, TensorRT, ROCm, OpenVINO; default: "
+                        "by device); one that is not available is an error, never a silent CPU fallback")
     g.add_argument("--sim-latency", default="0.001 + 1e-6*tokens",
-                   help="sim backend latency model in seconds, e.g. '0.002 + 6e-7*tokens + 1e-5*rows'")
-    g.add_argument("--random-shape", default="large", help="shape of the generated random model: large | base | tiny")
-    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option (repeatable)")
+                   help="sim backend: seconds per batch as a + b*tokens + c*rows, e.g. "
+                        "'0.002 + 6e-7*tokens + 1e-5*rows'")
+    g.add_argument("--random-shape", default="large",
+                   help="shape of the generated random-weight model when no official model is cached: large "
+                        "(default) | base | tiny")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option (repeatable), e.g. compile=1 (torch.compile), graphs=1 (CUDA graphs per "
+                        "batch/length bucket; torch, CUDA only), seq_trim=0 (run a static-length ONNX graph "
+                        "padded), oracle_latency=0.05 (slow the oracle for long dry runs); docs/backends.md")
     g = _Group("batching")
     g.add_argument("--max-batch", type=int, help="max samples per batch (default: the backend's)")
-    g.add_argument("--token-budget", type=int, help="Offline: max rows x length per batch (default: the backend's)")
-    g.add_argument("--max-wait-ms", type=float, default=2.0, help="Server: max wait of a sample in an open batch")
-    g.add_argument("--credits", type=int, default=2, help="batches in flight per worker (default 2)")
+    g.add_argument("--token-budget", type=int,
+                   help="Offline: max rows x trimmed length per batch (default: the backend's)")
+    g.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="Server: the longest a sample waits in an open batch, in ms (batches leave at once when a "
+                        "worker is idle; default 2)")
+    g.add_argument("--credits", type=int, default=2,
+                   help="batches in flight per worker: pull-based load balancing (default 2)")
     g.add_argument("--batch-timeout", type=float, default=60.0,
                    help="requeue a batch with no result after max(this, 10 x the slowest batch) seconds "
-                        "(a message lost on a reconnect); 0 = off (default 60)")
+                        "and drop a late result (recovers a message ZeroMQ lost on a reconnect); 0 = off (default 60); "
+                        "raise it for compile=1 (first compiles can take minutes)")
     g.add_argument("--shape-ladder", type=int, metavar="N",
                    help="round every batch up to a bounded set of shapes: lengths to multiples of N (to 384), rows "
                         "to powers of two; 0 = exact trimming (default: a ladder of 16 on a GPU with torch or "
@@ -107,7 +138,8 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
                         "max batch / token budget (instead of the backend's static hint)")
     g = _Group("processes")
     g.add_argument("--workers", type=int,
-                   help="no launcher: local worker processes (default: one per GPU, else per CPU socket)")
+                   help="no launcher: local worker processes (default: one per GPU, else per CPU socket; 0 with "
+                        "--expect-workers)")
     g.add_argument("--expect-workers", type=int, default=0,
                    help="also wait for N workers that join with `distbert worker --connect` "
                         "(key: DISTBERT_SESSION_KEY)")
@@ -118,16 +150,21 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
                    help="under a launcher, rank 0 also runs a worker")
     g.add_argument("--spin-us", type=float, default=0.0,
                    help="µs a ZeroMQ receive polls without sleeping, on rank 0 and the workers (default 0: "
-                        "off; it costs latency where cores are scarce, see README)")
+                        "off; for hosts with free cores: it costs latency where cores are scarce, e.g. on a 2-vCPU VM)")
     g.add_argument("--in-process-worker", action=argparse.BooleanOptionalAction, default=None,
                    help="no launcher: rank 0 runs the one worker itself, on its driver thread (lowest "
                         "SingleStream latency; no overlap of batches, so not for Offline/Server throughput). "
-                        "Default: on for SingleStream on a GPU (--device cuda/rocm) without a launcher, --workers, "
+                        "Default: on for SingleStream on a GPU (--device cuda/rocm; any number of GPUs: one query in "
+                        "flight needs one), saying so in its log, without a launcher, --workers, "
                         "--expect-workers, --listen, --transport mpi or --coordinator-hosts-worker; "
-                        "--no-in-process-worker: off")
+                        "--no-in-process-worker: off. On a CPU the worker process is faster for PyTorch "
+                        "(docs/benchmarks.md, where a SingleStream query's time goes)")
     g.add_argument("--bind-host", help="zmq: the address workers reach rank 0 at (default: this host's address)")
-    g.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every worker's Ready")
-    g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds of silence before a worker is lost")
+    g.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for every worker's Ready: model loaded and warmed up (default 600)")
+    g.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="seconds of silence before a worker counts as lost: its batches are requeued; heard from "
+                        "again, it is taken back (default 10)")
     g.add_argument("--rejoin-timeout", type=float,
                    help="how long a lost party may take to come back (default 60, or --heartbeat-timeout if longer): "
                         "with every worker lost, rank 0 waits this long for one to join or return before the run "
@@ -137,7 +174,8 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g = _Group("data")
     g.add_argument("--dataset", help="SQuAD v1.1 dev json (default: DISTBERT_DATA_DIR, then the cache, then download)")
     g.add_argument("--vocab", help="BERT uncased vocab.txt (same defaults)")
-    g.add_argument("--output", help="run directory (default results/<time>-<scenario>-<backend>)")
+    g.add_argument("--output", help="run directory, which must not exist or be empty (default "
+                        "results/<time>-<scenario>-<backend>)")
     return actions
 
 
