@@ -103,3 +103,39 @@ def test_auto_compares_with_the_model_the_run_will_use(env, data, tmp_path):  # 
     assert proc.returncode == 0, proc.stderr[-3000:]
     rate = first["results"]["performance"]["result_samples_per_second"]
     assert second["config"]["loadgen"]["target_qps"] == pytest.approx(rate, rel=1e-3)
+
+
+_PROBE_PROG = r"""
+import json, sys
+import mlperf_loadgen as lg
+from distbert.backends.base import BackendSpec
+from distbert.config import BatchConfig, LoadGenConfig, RunConfig
+from distbert.run.loadgen import probe_settings
+
+qps, seconds, outdir = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+cfg = RunConfig(loadgen=LoadGenConfig(scenario="Server"), backend=BackendSpec("null"), batch=BatchConfig())
+settings = probe_settings(cfg, 1000, qps, seconds)
+sut = lg.ConstructSUT(lambda qs: lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in qs]),
+                      lambda: None)
+qsl = lg.ConstructQSL(1000, 1000, lambda s: None, lambda s: None)
+log = lg.LogSettings()
+log.log_output.outdir = outdir
+log.log_output.copy_summary_to_stdout = False
+lg.StartTestWithLogSettings(sut, qsl, settings, log)
+lg.DestroySUT(sut)
+lg.DestroyQSL(qsl)
+print(json.dumps({"min_query_count": settings.min_query_count}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_short_find_peak_probe_issues_enough_queries_for_loadgen_early_stopping(tmp_path):
+    """A SUT that answers at once must be VALID in a short, slow probe. With the old floor of 100
+    queries a 0.1 s probe at 2000 QPS issued 200 queries and LoadGen's early stopping called it
+    INVALID ("would need to run at least N more queries"), which made --find-peak halve to nothing."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE_PROG, "2000", "0.1", str(tmp_path)],
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (tmp_path / "mlperf_log_summary.txt").read_text()
+    assert "Result is : VALID" in summary, summary
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["min_query_count"] >= 480

@@ -65,7 +65,9 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
                         "doubling or halving to a bracket, then bisection to 3 %%), then run the tests at it. The "
                         "probes' logs go to DIR/find-peak/, the search to run.json (results.find_peak) and the "
                         "summary")
-    g.add_argument("--find-peak-probe-s", type=float, default=5.0, help="seconds of traffic per --find-peak probe")
+    g.add_argument("--find-peak-probe-s", type=float, default=5.0,
+                   help="seconds of traffic per --find-peak probe (at least 1000 queries: fewer cannot meet "
+                        "LoadGen's early stopping, so a slow probe lasts 1000/QPS seconds)")
     g.add_argument("--target-latency-ms", type=_number_or_auto,
                    help="SingleStream expected latency / Server latency bound; auto (SingleStream): the p90 latency "
                         "of the newest comparable SingleStream run")

@@ -140,10 +140,18 @@ def run_test(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, mode: str,
 SERVER_BOUND_NS = 130_000_000
 
 
-def probe_server(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, qps: float, duration_s: float,
-                 logdir: Path) -> dict[str, Any]:
-    """A short Server performance test at ``qps`` for ``--find-peak``: settings built by hand, not
-    by ``FromConfig`` (a second FromConfig in a process puts an ERROR into every later log)."""
+#: the fewest queries a ``--find-peak`` probe issues. LoadGen judges a Server run by early stopping
+#: as well as by its 99th percentile: with no query over the latency bound it needs about 460
+#: queries to call a run VALID (LoadGen 6.0.17, measured: 450 queries INVALID, "would need to run at
+#: least 9 more queries"; 480 VALID), more when some are late. The old floor of 100 made every probe
+#: below ~170 QPS (at 3 s) INVALID whatever the system did, so a search started high on a slow GPU
+#: halved down to a few QPS and found nothing (the 2026-11-30 H200 run). A slow probe lasts longer.
+PROBE_MIN_QUERIES = 1000
+
+
+def probe_settings(cfg: RunConfig, qsl_size: int, qps: float, duration_s: float) -> Any:
+    """The ``TestSettings`` of one ``--find-peak`` probe: built by hand, not by ``FromConfig`` (a
+    second FromConfig in a process puts an ERROR into every later log)."""
     import mlperf_loadgen as lg
 
     s = lg.TestSettings()
@@ -155,9 +163,16 @@ def probe_server(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, qps: f
         else SERVER_BOUND_NS
     s.server_target_latency_percentile = 0.99
     s.min_duration_ms = int(duration_s * 1000)
-    s.min_query_count = max(100, int(qps * duration_s))
+    s.min_query_count = max(PROBE_MIN_QUERIES, int(qps * duration_s))
     if qsl_size < DEV_FEATURES:
         s.performance_sample_count_override = qsl_size
+    return s
+
+
+def probe_server(cfg: RunConfig, coordinator: Coordinator, qsl_size: int, qps: float, duration_s: float,
+                 logdir: Path) -> dict[str, Any]:
+    """A short Server performance test at ``qps`` for ``--find-peak`` (settings: :func:`probe_settings`)."""
+    s = probe_settings(cfg, qsl_size, qps, duration_s)
     return _start(cfg, coordinator, qsl_size, s, logdir, "performance", False, str(logdir / "audit.config"))
 
 
