@@ -252,6 +252,19 @@ def test_a_hello_after_the_last_test_is_told_to_stop_and_not_waited_for(store, t
         while isinstance(answer, m.Heartbeat):
             answer = late.recv(10)
         assert isinstance(answer, m.Shutdown), f"a late Hello was answered with {answer!r}"
+        # a restart of worker 1, whose process said Bye and closed its connection: the Shutdown goes to
+        # the new connection (the old one is closed)
+        w1.join(10)
+        deadline = time.monotonic() + 5
+        while not transport._closed_peers and time.monotonic() < deadline:   # rank 0 saw the close
+            time.sleep(0.01)
+        assert transport._closed_peers, "rank 0 never saw worker 1's connection close"
+        late1 = ZmqWorkerTransport.connect(transport.endpoint, 1)
+        try:
+            answer = late1.recv(10)
+            assert isinstance(answer, m.Shutdown), f"a late restart's Hello was answered with {answer!r}"
+        finally:
+            late1.close()
         raw.send(m.Bye(rank=2, stats_json="{}"))
         stopper.join(15)
         took = time.monotonic() - t0

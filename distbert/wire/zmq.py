@@ -387,8 +387,8 @@ class _ZapHandler:
 class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
     """Rank 0's side. Build with :meth:`bind`; ``endpoint`` is what workers pass to ``connect``."""
 
-    #: handshake failures (strangers), and each connection's close (a lost worker, see the module doc)
-    EVENTS = _HANDSHAKES | int(zmq.EVENT_DISCONNECTED)
+    #: handshake failures (strangers), and each connection's open and close (a lost worker, see the module doc)
+    EVENTS = _HANDSHAKES | int(zmq.EVENT_ACCEPTED) | int(zmq.EVENT_DISCONNECTED)
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, endpoint: Endpoint, linger_s: float,
                  drops: DropLog, zap: _ZapHandler | None) -> None:
@@ -402,6 +402,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         # a monitor event names the descriptor only.
         self._fd_peer: dict[int, bytes] = {}
         self._peer_fd: dict[bytes, int] = {}
+        self._open_fds: set[int] = set()          # connections accepted and not closed (monitor order)
         self._closed_peers: set[bytes] = set()   # routing ids whose connection closed: nothing is sent to them
         # (when seen, worker, event): a close is reported after what that peer sent before it
         self._gone: collections.deque[tuple[float, int, PeerGone]] = collections.deque()
@@ -476,7 +477,11 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         return self
 
     def _on_event(self, event: int, endpoint: str, value: int) -> None:
+        if event == zmq.EVENT_ACCEPTED:
+            self._open_fds.add(value)
+            return
         if event == zmq.EVENT_DISCONNECTED:
+            self._open_fds.discard(value)
             ident = self._fd_peer.pop(value, None)
             if ident is not None:
                 del self._peer_fd[ident]
@@ -511,6 +516,8 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
                         "connection closes is found by the heartbeat only", exc)
             return
         self._read_monitor()   # a closed connection whose descriptor number this one reuses: its event first
+        if fd not in self._open_fds:
+            return   # sent before its connection closed (read after the close): that connection is gone
         earlier = self._fd_peer.get(fd)
         if earlier is not None and earlier != ident:   # its close event was missed: the number is reused
             del self._peer_fd[earlier]
