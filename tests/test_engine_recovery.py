@@ -484,3 +484,60 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# --- the transport's part: a closed connection is reported, once, for the right worker ---------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_zmq_reports_a_closed_connection_for_its_worker_and_sends_nothing_into_it(tmp_path, scheme):
+    """Worker 1's connection closes (its process would have died; here its transport closes) while
+    worker 2 stays: rank 0's transport returns PeerGone for worker 1 only, after what it sent before;
+    a send to it is dropped as "closed"; a restart's new connection that closes before its Ready is
+    reported as pending; a new connection for rank 1 works."""
+    from distbert.wire import messages as m
+    from distbert.wire.base import PeerGone
+    from distbert.wire.keys import new_session_key
+    from distbert.wire.zmq import ZmqCoordinatorTransport, ZmqWorkerTransport
+
+    address = f"tcp://127.0.0.1:{free_port()}" if scheme == "tcp" else f"ipc://{tmp_path}/r0.sock"
+    coord = ZmqCoordinatorTransport.bind(address, new_session_key())
+    peers = []
+
+    def recv() -> tuple:
+        got = coord.recv(5)
+        assert got is not None, "nothing within 5 s"
+        return got
+
+    try:
+        w1, w2 = (ZmqWorkerTransport.connect(coord.endpoint, r) for r in (1, 2))
+        peers += [w1, w2]
+        assert {recv()[0] for _ in range(2)} == {1, 2}          # the Hellos
+        w1.send(m.Heartbeat(1, 1.0))
+        w1.close()
+        t0 = time.monotonic()
+        assert recv() == (1, m.Heartbeat(1, 1.0))               # what it sent first comes first
+        worker, gone = recv()
+        assert worker == 1 and isinstance(gone, PeerGone) and not gone.pending, gone
+        assert time.monotonic() - t0 < 0.5
+        coord.send(1, m.Heartbeat(0, 1.0))
+        assert coord.drops.get("closed") == 1 and "unreachable" not in coord.drops
+        assert coord.recv(0.3) is None                          # once, and nothing for worker 2
+        pending = ZmqWorkerTransport.connect(coord.endpoint, 2)   # a restart of 2 (Hello only) ...
+        peers.append(pending)
+        assert recv()[0] == 2
+        pending.close()                                         # ... whose connection closes before Ready
+        worker, gone = recv()
+        assert worker == 2 and isinstance(gone, PeerGone) and gone.pending
+        coord.send(2, m.Heartbeat(0, 2.0))                      # worker 2's own connection is untouched
+        assert w2.recv(5) == m.Heartbeat(0, 2.0)
+        again = ZmqWorkerTransport.connect(coord.endpoint, 1)  # rank 1 again, on a new connection
+        peers.append(again)
+        assert recv()[0] == 1
+        coord.send(1, m.Setup("{}"))
+        assert again.recv(5) == m.Setup("{}")
+    finally:
+        for p in peers:
+            p.close()
+        coord.close()
