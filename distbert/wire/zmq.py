@@ -402,7 +402,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
         # a monitor event names the descriptor only.
         self._fd_peer: dict[int, bytes] = {}
         self._peer_fd: dict[bytes, int] = {}
-        self._open_fds: set[int] = set()          # connections accepted and not closed (monitor order)
+        self._closed_fds: set[int] = set()        # descriptors closed and not accepted again (monitor order)
         self._closed_peers: set[bytes] = set()   # routing ids whose connection closed: nothing is sent to them
         # (when seen, worker, event): a close is reported after what that peer sent before it
         self._gone: collections.deque[tuple[float, int, PeerGone]] = collections.deque()
@@ -478,10 +478,10 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
 
     def _on_event(self, event: int, endpoint: str, value: int) -> None:
         if event == zmq.EVENT_ACCEPTED:
-            self._open_fds.add(value)
+            self._closed_fds.discard(value)
             return
         if event == zmq.EVENT_DISCONNECTED:
-            self._open_fds.discard(value)
+            self._closed_fds.add(value)
             ident = self._fd_peer.pop(value, None)
             if ident is not None:
                 del self._peer_fd[ident]
@@ -516,7 +516,7 @@ class ZmqCoordinatorTransport(_ZmqPeer, CoordinatorTransport):
                         "connection closes is found by the heartbeat only", exc)
             return
         self._read_monitor()   # a closed connection whose descriptor number this one reuses: its event first
-        if fd not in self._open_fds:
+        if fd in self._closed_fds:
             return   # sent before its connection closed (read after the close): that connection is gone
         earlier = self._fd_peer.get(fd)
         if earlier is not None and earlier != ident:   # its close event was missed: the number is reused
