@@ -343,9 +343,11 @@ def first_after(times: np.ndarray, after: float, before: float) -> float | None:
     return float(hit.min()) if len(hit) else None
 
 
-def fault_timeline(f: Fault, until: float, lines: list[tuple[float, str]], tr: Trace, b: dict[str, np.ndarray],
-                   bound: float) -> dict[str, Any]:
-    """``f``'s recovery (seconds after the fault) from rank 0's log lines and trace, up to ``until``."""
+def fault_timeline(f: Fault, until: float, lines: list[tuple[float, str]], recv: tuple[np.ndarray, np.ndarray],
+                   b: dict[str, np.ndarray], bound: float) -> dict[str, Any]:
+    """``f``'s recovery (seconds after the fault) from rank 0's log lines and trace, up to ``until``:
+    ``recv`` = (worker, time) of every result rank 0 got, whichever test it was in (a fault can outlast
+    its test); ``b`` = the batches of the test the fault began in."""
     out: dict[str, Any] = {"kind": f.kind, "targets": f.targets, "fault_lasted_s": round(f.end - f.start, 3)}
 
     def rel(t: float | None) -> float | None:
@@ -362,7 +364,7 @@ def fault_timeline(f: Fault, until: float, lines: list[tuple[float, str]], tr: T
                          if any(w in line for w in ("lost worker", "hello again", "ready again", "heard from again",
                                                     "every worker", "no worker", "requeue", "hedge", "rejoin"))][:12]
     out["first_resend_s"] = rel(first_after(b["resend_t"], f.start, until))
-    r_key, r_worker, r_t = tr.rows["recv"]
+    r_worker, r_t = recv
     back: list[float] = []
     for r in f.targets:
         t = first_after(r_t[r_worker == r], f.end, until)
@@ -600,13 +602,15 @@ def analyse(c: Cluster, a: argparse.Namespace, faults: list[Fault], t0: float, r
         tests.append({"name": name, "scenario": a.scenario, "t_from": t_from, "t_to": t_to, "trace": tr,
                       "batches": tr.batches(), "issue_t": tr.rows["issue"][2]})
     timelines = []
+    recv = (np.concatenate([t["trace"].rows["recv"][1] for t in tests]) if tests else np.zeros(0),
+            np.concatenate([t["trace"].rows["recv"][2] for t in tests]) if tests else np.zeros(0))
     for i, f in enumerate(faults):
         until = faults[i + 1].start if i + 1 < len(faults) else time.monotonic()
         test = next((t for t in tests if t["t_from"] <= f.start < t["t_to"]), tests[-1] if tests else None)
         if test is None:
             continue
         bound = SERVER_BOUND_S if a.scenario == "Server" else float("inf")
-        f.timeline = fault_timeline(f, until, c.lines, test["trace"], test["batches"], bound)
+        f.timeline = fault_timeline(f, until, c.lines, recv, test["batches"], bound)
         f.timeline.update(index=i, test=test["name"], at_s=round(f.start - t0, 3))
         timelines.append(f.timeline)
     checks = check_run(run_dir, rc, expect_f1, n)
