@@ -122,11 +122,11 @@ def test_attempt_numbers_come_from_the_disk_and_calibration_follows_the_flags(tm
 
 
 def _verdicts(mode: str = "valid", f1: float | None = 91.0, benchmark: str = "bert-99", **tests) -> dict:
-    results = {"performance": {"result_validity": "VALID"}, "accuracy": {"f1": f1},
+    results: dict[str, dict | None] = {"performance": {"result_validity": "VALID"}, "accuracy": {"f1": f1},
                "TEST01": {"accuracy_pass": True, "first_element_pass": True, "performance_pass": True},
                "TEST05": {"performance_pass": True}}
     for name, verdict in tests.items():
-        results[name] = None if verdict is None else {**results[name], **verdict}
+        results[name] = None if verdict is None else {**(results[name] or {}), **verdict}
     return {"config": {"loadgen": {"execution_mode": mode, "benchmark": benchmark}},
             "results": {k: v for k, v in results.items() if v is not None}}
 
