@@ -221,6 +221,41 @@ def test_run_json_records_the_source_and_its_commit(runs):
             assert source["dirty"] is False and source["digest"] == source_digest(package_dir())[0]
 
 
+def test_the_code_folder_holds_no_name_the_official_checker_rejects(tmp_path):
+    """A checkout's package folder may hold an editor's swap file, a stray ``copy of x.py``, bytecode;
+    the official v4.1 checker rejects the whole submitter folder for a dot-name, a name with a space,
+    a ``__pycache__`` folder or an empty folder (notes/submission_check.md, session 11). None of them
+    ran, so none is source: not in the digest, not in the tree's code folder."""
+    from distbert.util.sysinfo import source_digest, source_facts, source_files
+
+    pkg = tmp_path / "distbert"
+    for rel in ("__init__.py", "run/rank0.py", "data/vocab.json"):
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(f"# {rel}\n")
+    clean = source_digest(pkg)
+    junk = (".build.py.swp", "run/.rank0.py.swp", ".DS_Store", ".idea/workspace.xml", "copy of build.py",
+            "run/a b/c.py", "run/__pycache__/rank0.cpython-311.pyc", "stale.pyc", "empty/")
+    for rel in junk:
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not rel.endswith("/"):
+            (pkg / rel).write_text("junk\n")
+    assert [p.as_posix() for p in source_files(pkg)] == ["__init__.py", "data/vocab.json", "run/rank0.py"]
+    assert source_digest(pkg) == clean          # junk appearing between the run and the build changes nothing
+
+    code = tmp_path / "tree" / "code" / "bert-99"
+    record = {"versions": {"distbert": "0", "python": "3"}, "command": ["distbert", "run"],
+              "config": {"loadgen": {"scenario": "Offline"}}}
+    build_mod._code_folder(code, [build_mod.Run(tmp_path, record)], "bert-99", source_facts(pkg))
+    tree = tmp_path / "tree"
+    names = [p.relative_to(tree) for p in tree.rglob("*")]
+    assert {p.as_posix() for p in names if (tree / p).is_file()} == {
+        "code/bert-99/README.md", "code/bert-99/source.json", "code/bert-99/distbert/__init__.py",
+        "code/bert-99/distbert/data/vocab.json", "code/bert-99/distbert/run/rank0.py"}
+    for p in names:     # the checker's folder rules, over every file and folder
+        assert not any(part.startswith(".") or " " in part or part == "__pycache__" for part in p.parts), p
+        assert (tree / p).is_file() or any((tree / p).iterdir()), f"empty folder {p}"
+
+
 def test_a_run_of_other_source_cannot_build_a_tree_whose_code_folder_would_not_hold_it(runs, tmp_path):
     """A run whose recorded digest is not the source building the tree (another commit, or a run made
     before distbert recorded its source) is refused, naming the fix; --allow-invalid lists why."""

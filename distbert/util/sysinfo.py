@@ -104,12 +104,21 @@ def package_dir() -> Path:
     return Path(distbert.__file__).resolve().parent
 
 
+def _is_source(rel: Path) -> bool:
+    """Whether a file under the package folder is source that can have run: not compiled bytecode, and
+    no part of its path hidden (an editor's ``.build.py.swp``, ``.DS_Store``) or holding whitespace
+    (``copy of build.py``); none of those can be imported, and the official v4.1 checker rejects a
+    whole submitter folder for a ``__pycache__`` folder, a dot-name or a name with a space in it."""
+    parts = rel.parts
+    return ("__pycache__" not in parts and rel.suffix not in (".pyc", ".pyo")
+            and not any(part.startswith(".") or any(c.isspace() for c in part) for part in parts))
+
+
 def source_files(root: Path | None = None) -> list[Path]:
     """The package's source files, relative to ``root`` (the package folder), sorted: every file but
-    compiled bytecode."""
+    compiled bytecode, hidden files and names with whitespace (:func:`_is_source`)."""
     root = root or package_dir()
-    return sorted(p.relative_to(root) for p in root.rglob("*")
-                  if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"))
+    return sorted(rel for p in root.rglob("*") if p.is_file() and _is_source(rel := p.relative_to(root)))
 
 
 def _git(top: Path, *args: str) -> str | None:
