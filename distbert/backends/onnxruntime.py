@@ -9,6 +9,20 @@ fails to initialise, and a CPU run reported as a GPU run is worse than no run.
 Inputs and outputs are matched by name (see :mod:`distbert.backends.onnx_io`); inputs are cast to
 the graph's integer type; a graph with a static sequence length gets padded inputs and sliced
 outputs.
+
+Warm-up (issue 19): on a GPU, ORT pays a first-use cost per input shape (kernel and algorithm
+choices, arena growth), so with a shape ladder (the default on a GPU provider, ``--shape-ladder N``
+on any) :meth:`OnnxRuntimeBackend.warmup_batches` is every ladder shape once, which the worker runs
+on each serving thread before the Ready, as it does the torch backend's. With exact trimming there is
+no bounded set of shapes: the old fixed warm-up stays.
+
+The device per thread: nothing to do here (read in ORT's source, not run on a GPU). Every
+``InferenceSession::Run`` calls ``OnRunStart`` on each EP of the session, and the CUDA EP's calls
+``cudaSetDevice(device_id)`` ("in case it runs in a worker thread"; the ROCm EP ``hipSetDevice``).
+The TensorRT EP's own ``OnRunStart`` does nothing, but a TensorRT session here also holds the CUDA EP
+when the build has it (:meth:`OnnxRuntimeBackend._open`). The CUDA EP's cuBLAS/cuDNN handles live in
+a per-thread context it returns to a pool after each run, and the I/O binding names the output's
+device. So :meth:`Backend.bind_thread` stays the base's no-op.
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import onnxruntime as ort
 
 from distbert import envs
 from distbert.backends import batching, onnx_io, seqlen
-from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs
+from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs, dummy_batch
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -264,10 +278,23 @@ class OnnxRuntimeBackend(Backend):
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
+    def warmup_batches(self) -> list[ModelInputs]:
+        """With a shape ladder: one batch per ladder shape, largest first (ORT's arena grows to the
+        first, so the rest fit in it), on any provider; the worker runs them on every serving thread
+        (module docstring). Exact trimming: none, and the worker calls :meth:`warmup` once."""
+        shapes = sorted(self.shape_ladder.shapes(), key=lambda s: (-s[0] * s[1], -s[0]))
+        return [dummy_batch(rows, length) for rows, length in shapes]
+
     def warmup(self) -> None:
+        """Every :meth:`warmup_batches` batch on this thread; exact trimming: one batch, and on a GPU
+        provider the common shapes too (GPU kernels are picked per shape)."""
+        batches = self.warmup_batches()
+        if batches:
+            for inputs in batches:
+                self.run(inputs)
+            return
         super().warmup()
         if self._provider in _GPU_PROVIDERS:
-            # GPU kernels are picked per shape: touch the common ones before the timed run
             for batch, length in ((8, 128), (32, 256), (8, 384)):
                 self.run(_dummy(batch, length))
 
@@ -286,7 +313,8 @@ class OnnxRuntimeBackend(Backend):
                     "inputs": [self._io.ids, self._io.mask, self._io.segments] if self._io else None,
                     "static_seq_len": self._io.fixed_len if self._io else None,
                     "seq_len_mode": self._seq_mode,
-                    "fused_ops": self._fused_ops})
+                    "fused_ops": self._fused_ops,
+                    "warmup_batches": len(self.shape_ladder.shapes())})
         return out
 
     def close(self) -> None:
