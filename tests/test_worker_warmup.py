@@ -380,3 +380,34 @@ def test_the_in_process_worker_on_cuda_1_sets_it_on_the_driver_and_on_the_start_
     assert {name for _, _, name, _, _ in log} == threads
     assert {device for *_, device in log} == {1}
     assert {name for name, index in cuda_standin if index == 1} >= threads
+
+
+def test_a_worker_without_rank_0s_feature_cache_at_that_path_fails_its_setup_naming_the_path(tmp_path):
+    """A worker on another host opens rank 0's cache path as it is: when the file is not there (no
+    shared filesystem), the setup fails with one line naming the path and the fix, before any Ready."""
+    hub = InprocHub(key="k")
+    missing = tmp_path / "not-shared" / "features"
+    cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline"), backend=BackendSpec("null"), batch=BATCHING,
+                    features_path=str(missing))
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker_run(hub.connect(1), 1, pin=False)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    try:
+        _expect(hub.coordinator, m.Hello, deadline)
+        hub.coordinator.send(1, m.Setup(config_json=cfg.to_json()))
+        got = None
+        while time.monotonic() < deadline:
+            got = hub.coordinator.recv(timeout=0.5)
+            if got is not None:
+                assert not isinstance(got[1], m.Ready), "Ready without a feature cache"
+                if isinstance(got[1], m.Failure):
+                    break
+        else:
+            pytest.fail("no Failure from the worker")
+        text = got[1].text
+        assert str(missing) in text and "DISTBERT_CACHE" in text and "\n" not in text
+        thread.join(timeout=10)
+        assert codes and codes[0] != 0
+    finally:
+        hub.close()

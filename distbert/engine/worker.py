@@ -199,6 +199,10 @@ class Worker:
 
         if cfg.features_path is None:
             raise UserError("run config has no feature cache path (rank 0 must set it)")
+        if not os.path.exists(cfg.features_path):
+            raise UserError(f"the feature cache {cfg.features_path} is not on host {socket.gethostname()}: every "
+                            f"worker opens rank 0's cache at the same path (put DISTBERT_CACHE on a shared "
+                            f"filesystem, or copy the cache there first)")
         self.store = FeatureStore.open(cfg.features_path)
         backend = self.backend = create(spec)
         backend.load()
