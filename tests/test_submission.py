@@ -377,3 +377,6 @@ def test_dry_run_tree_is_complete_truncated_and_checked(runs, env, store, tmp_pa
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 1 and "SUMMARY: submission has errors" in check.stdout
     assert check.stdout.count("ERROR closed/Org/results/box/bert-99/") == len(rules)
+    # pointed at the build's output folder, it says the official checker needs the unpacked tarball
+    assert "NOTE this folder is a build's output folder" in check.stdout
+    assert "NOTE this folder is a build's output folder" in proc.stdout   # the build says it too

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -411,6 +412,75 @@ def test_each_round_checks_its_own_seeds_and_layout(tree):
     assert {"seed", "src", "test01", "missing-file"} <= rules_hit
     assert any(p.path == f"{SUB}/compliance/{SYSTEM}/bert-99/Offline/TEST01" for p in v51.problems)
     assert any(p.path.startswith(f"{SUB}/measurements/{SYSTEM}/bert-99/") for p in v51.problems)
+
+
+# --- folder rules (v4.1's checker rejects a whole submitter folder, division or tree for each) ----
+
+def _write(path: Path, text: str = "x\n") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _big_files(folder: Path) -> None:
+    """Sparse files one byte over the 50 MB limit and exactly at it (only the first breaks it)."""
+    for name, size in (("big.bin", 50 * 1024 * 1024 + 1), ("limit.bin", 50 * 1024 * 1024)):
+        with (folder / name).open("wb") as f:
+            f.truncate(size)
+
+
+CODE = f"{SUB}/src/bert-99"
+FOLDER_EDITS = {   # case -> (rule, edit on the tree root, the path of the one problem it must add)
+    "broken-link": ("broken-link", lambda r: os.symlink("no-such-file", r / CODE / "gone.py"), f"{CODE}/gone.py"),
+    # valid from its own folder, but the official checker resolves a relative target from the tree root
+    "link-from-root": ("broken-link", lambda r: os.symlink("README.md", r / CODE / "link.md"), f"{CODE}/link.md"),
+    "file-size": ("file-size", lambda r: _big_files(r / SUB / "documentation"), f"{SUB}/documentation/big.bin"),
+    "dot-file": ("dot-name", lambda r: _write(r / CODE / ".build.py.swp"), f"{CODE}/.build.py.swp"),
+    "dot-folder": ("dot-name", lambda r: _write(r / CODE / ".ipynb_checkpoints" / "x.py"),
+                   f"{CODE}/.ipynb_checkpoints"),
+    "space-name": ("space-name", lambda r: _write(r / CODE / "copy of x.py"), f"{CODE}/copy of x.py"),
+    "pycache": ("pycache", lambda r: _write(r / CODE / "__pycache__" / "x.cpython-311.pyc"), f"{CODE}/__pycache__"),
+    "empty-folder": ("empty-folder", lambda r: (r / SUB / "documentation" / "extra").mkdir(),
+                     f"{SUB}/documentation/extra"),
+    "division-files": ("division-files", lambda r: _write(r / "closed" / "notes.txt"), "closed/notes.txt"),
+    "root-files": ("root-files", lambda r: _write(r / "summary.csv"), "summary.csv"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_EDITS))
+def test_each_folder_rule_is_one_problem_in_v41_and_none_in_v61(pristine, tree, case):
+    """One small edit of a copy of the tree per rule of the v4.1 checker's folder checks: under v4.1 it
+    adds exactly that one problem, naming the path; under v6.1 (whose stored checker has no folder
+    rules) nothing."""
+    rule, edit, path = FOLDER_EDITS[case]
+    edit(tree)
+    report = check_tree(tree, "v4.1")
+    assert kinds(report) - kinds(check_tree(pristine, "v4.1")) == {(rule, path)}
+    message = next(p.message for p in report.problems if p.rule == rule)
+    assert "\n" not in message and "official v4.1 checker rejects" in message
+    assert added(tree) == set()
+
+
+def test_pristine_tree_breaks_no_folder_rule_and_md_pdf_may_lie_beside_closed(pristine, tree):
+    folder_rules = {rule for rule, _, _ in FOLDER_EDITS.values()}
+    assert not {p.rule for p in check_tree(pristine, "v4.1").problems} & folder_rules
+    _write(tree / "README.md")
+    _write(tree / "system-notes.pdf")
+    assert kinds(check_tree(tree, "v4.1")) == kinds(check_tree(pristine, "v4.1"))
+
+
+def test_a_build_output_folder_gets_a_note_to_check_the_unpacked_tarball(pristine, tree):
+    """The build writes its tarball, summaries and plots beside closed/: no part of the submission, so
+    no root-files problem there, but a note that the official checker needs the unpacked tarball."""
+    for name in ("mlperf_submission.tar.gz", "summary.csv", "summary.txt", "Offline.png"):
+        _write(tree / name)
+    assert check_tree(pristine, "v4.1").notes == [] and check_tree(pristine).notes == []
+    v41 = check_tree(tree, "v4.1")
+    assert kinds(v41) == kinds(check_tree(pristine, "v4.1"))
+    assert len(v41.notes) == 1 and "tar xzf mlperf_submission.tar.gz -C tree" in v41.notes[0]
+    assert "v4.1 checker rejects whole for the 4 file(s) beside the division folders" in v41.notes[0]
+    v61 = check_tree(tree)
+    assert kinds(v61) == PRISTINE and len(v61.notes) == 1 and "tar xzf" in v61.notes[0]
+    assert "rejects" not in v61.notes[0]
 
 
 # --- scenario set --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -128,6 +129,14 @@ def test_campaign_builds_the_rounds_tree_and_resumes(env, data_flags, tmp_path, 
     report = check_tree(tree, version)
     assert {p.rule for p in report.problems} <= DRY_RUN_RULES, [str(p) for p in report.problems
                                                                  if p.rule not in DRY_RUN_RULES]
+    # the unpacked tarball, as the official checker must see it: the same verdict (v4.1's folder rules
+    # included), and no note; the output folder itself gets the note to check the unpacked tarball
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(tree / "mlperf_submission.tar.gz") as tar:
+        tar.extractall(unpacked, filter="data")
+    shipped = check_tree(unpacked, version)
+    assert sorted(map(str, shipped.problems)) == sorted(map(str, report.problems)) and shipped.notes == []
+    assert len(report.notes) == 1 and "tar xzf mlperf_submission.tar.gz" in report.notes[0]
     summary = json.loads((tree / "summary.json").read_text())
     assert summary["version"] == version and set(summary["scenarios"]) == set(scenarios)
     for scenario in scenarios:

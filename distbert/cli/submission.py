@@ -108,4 +108,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _print_report(report) -> None:
     for problem in report.problems:
         print(f"ERROR {problem.path}: {problem.message}")
+    for note in report.notes:
+        print(f"NOTE {note}")
     print("\n".join(report.summary_lines()))

@@ -17,14 +17,22 @@ marked invalid when a problem lies in that directory or on its benchmark directo
 scenario-set rule, which invalidates every scenario of the benchmark). A run of the official
 checker stays the final word; this one exists so that a submission can be checked where that one
 cannot be installed. Notes and the detail-log keys relied on: ``notes/submission_check.md``.
+
+Rounds whose checker has folder rules (``RuleSet.folder_rules``, v4.1) also get those: a broken
+symbolic link, a file over 50 MB, a name starting with '.' or holding a space, a ``__pycache__`` or
+an empty folder anywhere under a submitter folder (the official checker rejects the whole submitter
+folder), a file beside the submitter folders (the whole division) or beside the division folders
+(the whole tree; *.md and *.pdf excepted). A build's output folder, which holds the tarball and
+summaries beside ``closed/``, gets a note instead: the official checker must see the unpacked tarball.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +125,14 @@ RESULT_METRICS = {
     "MultiStream": ("early_stopping_latency_ms", "latency (ms)", 1e6),
 }
 
+# v4.1 checker (``tools/submission/submission_checker.py``; not in MLPERF.md), with ``folder_rules``: a
+# file over FILE_SIZE_LIMIT_MB MiB rejects the submitter folder; of the files beside the division
+# folders only these suffixes are allowed (any other rejects the whole tree)
+FILE_SIZE_LIMIT_BYTES = 50 * 1024 * 1024
+ROOT_FILE_SUFFIXES = (".md", ".pdf")
+# what `distbert submission build` writes beside closed/: its presence marks a build's output folder
+TARBALL = "mlperf_submission.tar.gz"
+
 DETAIL = "mlperf_log_detail.txt"
 SUMMARY = "mlperf_log_summary.txt"
 ACCURACY_LOG = "mlperf_log_accuracy.json"
@@ -154,6 +170,8 @@ class ResultRow:
 class CheckReport:
     problems: list[Problem]
     results: list[ResultRow]
+    #: advice that is no rule violation (one line each; the CLI prints them as NOTE)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -254,6 +272,7 @@ class _Checker:
         self.root = root
         self.rules = rules(version)
         self.problems: list[Problem] = []
+        self.notes: list[str] = []
         self.rows: list[tuple[ResultRow, str, str]] = []  # (row, benchmark path, scenario path)
 
     # -- bookkeeping
@@ -280,17 +299,88 @@ class _Checker:
         if not any(d.name in DIVISIONS for d in divisions):
             self.problems.append(Problem(".", "no closed/, open/ or network/ folder under the root: pass the "
                                               "folder that holds them", "division"))
+        else:
+            self.check_root_files()
         for div in divisions:
             if div.name not in DIVISIONS:
                 self.add(div, "division", f"unknown division folder {div.name!r}: use closed, open or network")
                 continue
+            if self.rules.folder_rules:
+                self.check_division_files(div)
             for sub in _subdirs(div):
+                if self.rules.folder_rules:
+                    self.check_folder(sub)
                 self.check_submitter(sub, div.name)
         results = []
         for row, bench, scen in self.rows:
             bad = any(p.path == bench or p.path == scen or p.path.startswith(scen + "/") for p in self.problems)
             results.append(replace(row, valid=not bad))
-        return CheckReport(problems=self.problems, results=results)
+        return CheckReport(problems=self.problems, results=results, notes=self.notes)
+
+    # -- folder rules (RuleSet.folder_rules: v4.1); the official checker rejects a whole folder for each
+
+    def check_root_files(self) -> None:
+        """Files beside the division folders are no part of the submission. In a build's output folder (the
+        tarball, summaries and plots beside closed/) a note says so; elsewhere v4.1's checker rejects the
+        whole tree for any such file but *.md and *.pdf."""
+        loose = sorted(p for p in self.root.iterdir() if p.is_file())
+        if (self.root / TARBALL).is_file():
+            rejects = (f", which the official {self.rules.version} checker rejects whole for the "
+                       f"{len(loose)} file(s) beside the division folders" if self.rules.folder_rules else "")
+            self.notes.append(f"this folder is a build's output folder ({TARBALL} and summaries beside the division "
+                              "folders), checked here as it lies; the submission is the tarball: run the official "
+                              f"checker on its unpacked contents (mkdir tree && tar xzf {TARBALL} -C tree), not on "
+                              f"this folder{rejects}")
+            return
+        if not self.rules.folder_rules:
+            return
+        for path in loose:
+            if not path.name.endswith(ROOT_FILE_SUFFIXES):
+                self.add(path, "root-files", f"file beside the division folders: the official {self.rules.version} "
+                         f"checker rejects the whole tree for it (only {' and '.join(ROOT_FILE_SUFFIXES)} files may "
+                         "be there): move it out of the tree")
+
+    def check_division_files(self, div: Path) -> None:
+        for path in sorted(div.iterdir()):
+            if path.is_file():
+                self.add(path, "division-files", f"file beside the submitter folders: the official "
+                         f"{self.rules.version} checker rejects all of {div.name}/ for it: move it out")
+
+    def check_folder(self, sub: Path) -> None:
+        """v4.1's folder rules over a whole submitter folder. Its checker rejects the folder (every result in
+        it) for any one violation and names only the first kind; here each violation is one problem. A
+        hidden or __pycache__ folder is reported once, not walked."""
+        whole = f"the official {self.rules.version} checker rejects all of {self.rel(sub)}/ for it"
+        for dirpath, dirnames, filenames in os.walk(sub):
+            here = Path(dirpath)
+            if not dirnames and not filenames:
+                self.add(here, "empty-folder", f"empty folder: {whole}: remove it")
+            for name in sorted(dirnames + filenames):
+                if name.startswith("."):
+                    self.add(here / name, "dot-name", f"name starts with '.' (hidden, which the checker calls "
+                                                      f"git unfriendly): {whole}: remove or rename it")
+                if " " in name:
+                    self.add(here / name, "space-name", f"space in the name: {whole}: rename it without spaces")
+            for name in sorted(dirnames):
+                if name.endswith("__pycache__"):
+                    self.add(here / name, "pycache", f"__pycache__ folder: {whole}: delete it (bytecode is no source)")
+            for name in sorted(filenames):
+                self.check_file(here / name, whole)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith("__pycache__"))
+
+    def check_file(self, path: Path, whole: str) -> None:
+        """A broken symbolic link, or a file over the size limit."""
+        if path.is_symlink():
+            target = os.readlink(path)
+            # the checker runs from the tree root and resolves a relative target from there
+            if not path.exists() or not (self.root / target).exists():
+                self.add(path, "broken-link", f"symbolic link to {target!r}, which does not exist (resolved from "
+                         f"the tree root, as the checker does): {whole}: put the file itself there")
+                return
+        size = path.stat().st_size
+        if size > FILE_SIZE_LIMIT_BYTES:
+            self.add(path, "file-size", f"{size} bytes, over the 50 MB limit ({FILE_SIZE_LIMIT_BYTES} bytes): "
+                                        f"{whole}: leave it out or make it smaller")
 
     # -- <division>/<Submitter>/
 

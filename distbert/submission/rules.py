@@ -8,7 +8,7 @@ a datacenter benchmark. Sources, by round (``mlcommons/inference``; notes/workfl
 * v6.0, v5.1, v5.0: ``tools/submission/submission_checker/constants.py`` (seeds, paths; v5.1's seeds
   also in that round's ``loadgen/mlperf.conf``);
 * v4.1: ``tools/submission/submission_checker.py`` (seeds, test05 seeds, required scenarios,
-  TEST01 + TEST05, mlperf.conf beside the measurements file).
+  TEST01 + TEST05, mlperf.conf beside the measurements file, the folder rules).
 
 A run made for a round must use that round's seeds: ``distbert run --mlperf-version`` sets them on
 LoadGen's ``TestSettings`` after the one ``FromConfig`` (the embedded mlperf.conf holds only the
@@ -51,6 +51,10 @@ class RuleSet:
     server_latency_ns: int | None = None
     #: the default system_type for a bert submission of this round
     default_system_type: str = "edge"
+    #: the round's checker rejects a whole submitter folder for a broken link, a file over 50 MB, a
+    #: dot-name, a space in a name, a __pycache__ or an empty folder, and the whole tree for a file
+    #: beside the division folders (v4.1's single-file checker; the stored v5.x/v6.x package has none)
+    folder_rules: bool = False
 
     @property
     def code_dir(self) -> str:
@@ -84,7 +88,7 @@ RULES: dict[str, RuleSet] = {
                                          "bert-99.9": ("Offline", "Server")}},
                     compliance_tests=("TEST01", "TEST05"),
                     test05_seeds=Seeds(16799458546791641818, 5453809927556429288, 5435552105434836064),
-                    server_latency_ns=130_000_000, default_system_type="datacenter"),
+                    server_latency_ns=130_000_000, default_system_type="datacenter", folder_rules=True),
 }
 
 
