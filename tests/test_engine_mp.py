@@ -205,6 +205,39 @@ def test_worker_killed_mid_run_work_is_requeued(env, squad_dev, vocab, n_feature
     _assert_none_outlived(tag)
 
 
+@pytest.mark.timeout(180)
+def test_every_local_worker_killed_fails_at_once_since_none_can_come_back(env, squad_dev, vocab, n_features,
+                                                                          tmp_path):
+    """Plain `distbert run`: its local workers are the only workers there can be (no --listen, no
+    launcher). When all of them are SIGKILLed mid-run, waiting --rejoin-timeout (60 s) for a rejoin
+    would only delay the failure: rank 0 fails within seconds, with one line, and every process ends."""
+    out = tmp_path / "run"
+    n = min(3000, n_features)
+    batch = max(2, round(16 * n / 3000))
+    cmd = [PY, "-m", "distbert", "run", "--dataset", str(squad_dev), "--vocab", str(vocab), "--output", str(out),
+           "--backend", "sim", "--sim-latency", "0.1", "--workers", "2", "--max-batch", str(batch),
+           "--scenario", "Offline", "--mode", "accuracy", "--max-examples", str(n)]
+    env, tag = _tagged(env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".run.partial-*/accuracy/mlperf_log_detail.txt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    time.sleep(0.5)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "--rank" in c.cmdline()]
+    assert len(workers) == 2, [c.cmdline() for c in workers]
+    killed_at = time.monotonic()
+    for child in workers:
+        child.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    took = time.monotonic() - killed_at
+    assert proc.returncode != 0
+    assert "none can come back: the local worker processes exited" in stderr.strip().splitlines()[-1]
+    assert took < 15, f"rank 0 took {took:.1f} s to fail (the --rejoin-timeout wait?)"
+    assert not out.exists()
+    _assert_none_outlived(tag)
+
+
 @pytest.mark.timeout(120)
 def test_multistream_is_refused_with_one_line(env, squad_dev, vocab, tmp_path):
     proc = subprocess.run([PY, "-m", "distbert", "run", "--scenario", "MultiStream", "--backend", "null",

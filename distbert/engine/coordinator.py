@@ -166,7 +166,7 @@ def _joined(ids: list[int], indices: list[int],
 class Coordinator:
     def __init__(self, cfg: RunConfig, transport: CoordinatorTransport, lengths: np.ndarray,
                  expected_workers: set[int], is_alive: Callable[[int], bool] | None = None,
-                 external_workers: int = 0, parent_pid: int | None = None) -> None:
+                 external_workers: int = 0, parent_pid: int | None = None, joinable: bool = True) -> None:
         self.cfg = cfg
         self.transport = transport
         self.lengths = lengths
@@ -174,6 +174,9 @@ class Coordinator:
         self.is_alive = is_alive
         self.external_workers = external_workers  # unknown ids that may join (distbert worker --connect)
         self.parent_pid = parent_pid  # the run ends when this process is no longer our parent (a watchdog)
+        # False when no worker can join but rank 0's own local processes (no --listen, no launched
+        # ranks, no external workers): once they have all exited, waiting for a rejoin is pointless
+        self.joinable = joinable
         self._no_worker_since: float | None = None   # every worker lost (or none yet in a test) since then
         self._began: float | None = None             # the test began then and no result has come yet
         self._rejoin_logged = 0.0
@@ -508,6 +511,12 @@ class Coordinator:
         pending = d.samples_issued - d.samples_completed
         if not pending:
             return   # nothing waits; the clock keeps running from the loss
+        if self._none_can_return():
+            self._fail(f"every worker is lost and none can come back: the local worker processes exited (see "
+                       f"their errors above); {pending} samples cannot be processed (--rejoin-timeout waits only "
+                       f"where a worker can rejoin: --listen, external or launched workers)")
+            self._abort_outstanding()
+            return
         deadline = since + self.cfg.rejoin_timeout_s
         for h in self.workers.values():
             if h.restart_since is not None:
@@ -521,6 +530,13 @@ class Coordinator:
             log.warning("no worker for %.0f s: %d samples pending; waiting %.0f s more for a worker to join or "
                         "return (--rejoin-timeout %g s)%s", now - since, pending, deadline - now,
                         self.cfg.rejoin_timeout_s, ": a restart is loading" if self._restart_pending() else "")
+
+    def _none_can_return(self) -> bool:
+        """No worker can join (``joinable`` False) and every worker of this run is a local process
+        that has exited, with no restart pending."""
+        if self.joinable or self.is_alive is None or self._restart_pending():
+            return False
+        return all(not self.is_alive(w) for w in self.expected | set(self.workers))
 
     def _workers_gone(self, now: float) -> None:
         """The last live worker is gone: the clock of --rejoin-timeout starts (if not running)."""

@@ -216,7 +216,8 @@ class Rank0Run:
             expected |= self.local.ranks
         self.coordinator = Coordinator(cfg, self.transport, self.store.lengths[: self.qsl_size], expected,
                                        is_alive=self.local.is_alive if self.local else None,
-                                       external_workers=cfg.expect_workers, parent_pid=envs.parent_pid())
+                                       external_workers=cfg.expect_workers, parent_pid=envs.parent_pid(),
+                                       joinable=comm is not None or bool(cfg.expect_workers or cfg.listen))
         t0 = time.monotonic()
         self.coordinator.start()
         ready = sum(1 for h in self.coordinator.workers.values() if h.ready)
