@@ -170,8 +170,8 @@ def add_run_arguments(p: argparse.ArgumentParser, skip: frozenset[str] = frozens
     g.add_argument("--rejoin-timeout", type=float,
                    help="how long a lost party may take to come back (default 60, or --heartbeat-timeout if longer): "
                         "with every worker lost, rank 0 waits this long for one to join or return before the run "
-                        "fails (0: fails at once; a plain run whose local workers all exited fails at once too, as none "
-                        "can rejoin); a worker whose link to rank 0 is down keeps trying this long "
+                        "fails (0: fails at once; a plain run whose local workers all exited fails at once too, "
+                        "as none can rejoin); a worker whose link to rank 0 is down keeps trying this long "
                         "before it exits (status 3); a rank 0 that is gone (its port refuses) is noticed within "
                         "seconds. See docs/faults.md")
     g = _Group("data")
