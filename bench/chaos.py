@@ -117,9 +117,8 @@ class Cluster:
         say(f"hosts: namespaces {', '.join(self.lan.names)} on switch {self.lan.switch}")
         self.rank0: subprocess.Popen | None = None
         self.workers: dict[int, subprocess.Popen] = {}
-        self.others: list[subprocess.Popen] = []         # hogs, exited workers' replacements' parents
+        self.others: list[subprocess.Popen] = []         # the hog fault's busy processes
         self.stopped: set[int] = set()
-        self.lossy: set[int] = set()
         self.lines: list[tuple[float, str]] = []         # rank 0's stderr, stamped on arrival
         self._reader: threading.Thread | None = None
         self._generation: dict[int, int] = {}
@@ -183,11 +182,9 @@ class Cluster:
                      f" oifname \"eth0\" numgen random mod 100 < {LOSS_PERCENT} drop; }}\n}}\n")
             subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True,
                            capture_output=True, timeout=30)
-            self.lossy.add(rank)
         else:
             subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", NFT_TABLE], check=True,
                            capture_output=True, timeout=30)
-            self.lossy.discard(rank)
 
     def sample_rss(self, at: float) -> None:
         """Rank 0's resident memory now (MB), for the report: it must stay flat through the faults."""
@@ -203,10 +200,10 @@ class Cluster:
     def rank0_alive(self) -> bool:
         return self.rank0 is not None and self.rank0.poll() is None
 
-    def wait_line(self, text: str, timeout: float, count: int = 1) -> bool:
+    def wait_line(self, text: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sum(text in line for _, line in self.lines) >= count:
+            if any(text in line for _, line in self.lines):
                 return True
             if not self.rank0_alive():
                 return False
