@@ -98,8 +98,9 @@ def _section(path: tuple[str, ...], parser: argparse.ArgumentParser, summary: st
     if subs:
         out += ["Subcommands: " + ", ".join(f"[`{n}`](#{_anchor((*path, n))})" for n, _ in subs) + ".", ""]
     formatter = parser._get_formatter()
-    for title, actions in _groups(parser):
-        if title not in ("options", "optional arguments", "positional arguments") or len(list(_groups(parser))) > 1:
+    groups = list(_groups(parser))
+    for title, actions in groups:
+        if title not in ("options", "optional arguments", "positional arguments") or len(groups) > 1:
             out += [f"**{title}**", ""]
         out += ["| flag | default | meaning |", "|---|---|---|"]
         out += [f"| {_flag(a)} | {_cell(_default(a))} | {_cell(_meaning(a, formatter))} |" for a in actions]
