@@ -207,3 +207,25 @@ def test_run_flags_carry_every_kind_of_flag_to_the_runs():
     assert run_flags(args, args.run_actions) == ["--in-process-worker"]
     args = parser.parse_args(base)   # left unset: each run decides (SingleStream on a GPU: in rank 0)
     assert run_flags(args, args.run_actions) == []
+
+
+def test_an_accuracy_redo_beside_a_test01_folder_without_a_result_keeps_test01_for_its_own_redo(tmp_path):
+    """A run whose TEST01 folder exists but whose run.json has no TEST01 result: the accuracy redo
+    must not crash re-verifying a TEST01 it has no verdict for; TEST01's own redo is left to come next.
+    The runner is a stand-in that writes the redo's run.json and accuracy folder (no run here)."""
+    out = tmp_path / "c"
+    final = out / "runs" / "Offline"
+    (final / "TEST01").mkdir(parents=True)
+    record = _verdicts(f1=10.0, TEST01=None)
+
+    def runner(argv: list[str], log_path: Path) -> int:
+        redo = Path(argv[argv.index("--output") + 1])
+        (redo / "accuracy").mkdir(parents=True)
+        (redo / "run.json").write_text(json.dumps({"results": {"accuracy": {"f1": 91.0}}, "source": {"digest": "d"}}))
+        return 0
+
+    c = _campaign(out, runner)
+    c._redo("Offline", final, {"flags": ["--backend", "null"]}, "accuracy", record)
+    written = json.loads((final / "run.json").read_text())
+    assert written["results"]["accuracy"]["f1"] == 91.0 and "TEST01" not in written["results"]
+    assert _gaps(written) == [("TEST01", "TEST01")]

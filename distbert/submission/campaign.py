@@ -467,7 +467,7 @@ class Campaign:
         results = record.setdefault("results", {})
         results[part] = {**((redone.get("results") or {}).get("performance" if part == "TEST01" else part) or {}),
                          "redo": redo.name, "source_digest": (redone.get("source") or {}).get("digest")}
-        if (final / "TEST01").is_dir():
+        if (final / "TEST01").is_dir() and "TEST01" in results:   # no result yet: TEST01's own redo comes next
             results["TEST01"].update(self._verify_test01(final, record))
         atomic_write_text(final / "run.json", json.dumps(record, indent=2, default=str) + "\n")
         self._say(f"{scenario}: {part} redone in {redo.name}; the failed one is kept as {final.name}/{kept.name}")
