@@ -10,7 +10,6 @@ Root only (namespaces); skipped elsewhere with the reason.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import launchers_unavailable
+from tests.run_checks import finished_run
 from tests.test_engine_mp import _assert_none_outlived, _direct_oracle_f1, _tagged, env, n_features  # noqa: F401
 
 PY = sys.executable
@@ -75,14 +75,8 @@ class NetRun:
 
     def finish(self, squad_dev: Path, vocab: Path, session_cache: Path, timeout: float = 180) -> dict:
         assert self.rank0 is not None
-        rc = self.rank0.wait(timeout)
-        assert rc == 0, f"rank 0 exit {rc}:\n{self.log()[-4000:]}"
-        for p in self.workers.values():
-            p.wait(30)
-        _assert_none_outlived(self.tag)
-        entries = json.loads((self.out / "accuracy" / "mlperf_log_accuracy.json").read_text())
-        assert sorted(e["qsl_idx"] for e in entries) == list(range(self.n))   # every sample exactly once
-        record = json.loads((self.out / "run.json").read_text())
+        record = finished_run(self.rank0, self.workers.values(), self.logs / "rank0.err", self.tag, self.out,
+                              self.n, timeout)
         f1 = record["results"]["accuracy"]["f1"]
         assert abs(f1 - _direct_oracle_f1(squad_dev, vocab, session_cache, self.n)) < 1e-9
         return record

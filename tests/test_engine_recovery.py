@@ -12,7 +12,6 @@ Runs on the data set in use (official or synthetic): sizes come from it.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import pytest
 from distbert.backends.base import BackendSpec
 from distbert.config import BatchConfig, LoadGenConfig, RunConfig
 from distbert.engine.dispatcher import BatchPolicy, Dispatcher, NoWorkers, SendBatch
+from tests.run_checks import finished_run
 from tests.test_engine_mp import _assert_none_outlived, _direct_oracle_f1, _tagged, env, n_features  # noqa: F401
 from tests.wire_peers import free_port
 
@@ -83,14 +83,8 @@ class Run:
     def finish(self, squad_dev: Path, vocab: Path, session_cache: Path, timeout: float = 120) -> dict:
         """Rank 0 exits 0; every sample answered exactly once with the oracle's F1; nothing outlives it."""
         assert self.rank0 is not None
-        rc = self.rank0.wait(timeout)
-        assert rc == 0, f"rank 0 exit {rc}:\n{self.log()[-4000:]}"
-        for p in self.workers.values():
-            p.wait(30)
-        _assert_none_outlived(self.tag)
-        entries = json.loads((self.out / "accuracy" / "mlperf_log_accuracy.json").read_text())
-        assert sorted(e["qsl_idx"] for e in entries) == list(range(self.n))   # every sample exactly once
-        record = json.loads((self.out / "run.json").read_text())
+        record = finished_run(self.rank0, self.workers.values(), self.logs / "rank0.err", self.tag, self.out,
+                              self.n, timeout)
         assert record["results"]["accuracy"]["loadgen_errors"] == 0
         assert record["results"]["accuracy"]["f1"] == pytest.approx(
             _direct_oracle_f1(squad_dev, vocab, session_cache, self.n), abs=1e-9)
