@@ -38,6 +38,7 @@ import onnxruntime as ort
 from distbert import envs
 from distbert.backends import batching, onnx_io, seqlen
 from distbert.backends.base import Backend, BackendSpec, BatchHint, ModelInputs, dummy_batch
+from distbert.backends.shapes import COMMON_SHAPES, largest_first
 from distbert.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -282,8 +283,7 @@ class OnnxRuntimeBackend(Backend):
         """With a shape ladder: one batch per ladder shape, largest first (ORT's arena grows to the
         first, so the rest fit in it), on any provider; the worker runs them on every serving thread
         (module docstring). Exact trimming: none, and the worker calls :meth:`warmup` once."""
-        shapes = sorted(self.shape_ladder.shapes(), key=lambda s: (-s[0] * s[1], -s[0]))
-        return [dummy_batch(rows, length) for rows, length in shapes]
+        return [dummy_batch(rows, length) for rows, length in largest_first(self.shape_ladder.shapes())]
 
     def warmup(self) -> None:
         """Every :meth:`warmup_batches` batch on this thread; exact trimming: one batch, and on a GPU
@@ -295,8 +295,8 @@ class OnnxRuntimeBackend(Backend):
             return
         super().warmup()
         if self._provider in _GPU_PROVIDERS:
-            for batch, length in ((8, 128), (32, 256), (8, 384)):
-                self.run(_dummy(batch, length))
+            for rows, length in COMMON_SHAPES:
+                self.run(dummy_batch(rows, length, padded=False))
 
     # ---------------------------------------------------------------------------------- meta
     def batch_hint(self) -> BatchHint:
@@ -319,10 +319,3 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._session = None
-
-
-def _dummy(batch: int, length: int) -> ModelInputs:
-    ids = np.full((batch, length), 1000, np.int64)
-    ids[:, 0] = 101
-    return ModelInputs(np.arange(batch, dtype=np.int64), ids, np.ones_like(ids), np.zeros_like(ids),
-                       np.full(batch, length, np.int32))

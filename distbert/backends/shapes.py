@@ -29,6 +29,7 @@ power-of-two rows plan the Offline dev set into 20 shapes with 5.5 % padding (st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -173,6 +174,16 @@ class ShapeLadder:
 
 
 EXACT = ShapeLadder(0, ())
+
+#: what a GPU backend warms under exact trimming (no bounded set of shapes): the common ones
+COMMON_SHAPES: tuple[tuple[int, int], ...] = ((8, 128), (32, 256), (8, 384))
+
+
+def largest_first(shapes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``shapes`` without repeats, largest (rows x length, then rows) first: the order a warm-up runs
+    them in, since an allocator's biggest block (ORT's arena, torch's caching allocator and graph
+    pool) is sized by the first."""
+    return sorted(set(shapes), key=lambda s: (-s[0] * s[1], -s[0]))
 
 
 #: a shape summary lists the count per shape when at most this many distinct shapes ran

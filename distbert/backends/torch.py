@@ -71,7 +71,7 @@ from distbert.backends.graphs import (
     plan,
     unpad,
 )
-from distbert.backends.shapes import ShapeLadder
+from distbert.backends.shapes import COMMON_SHAPES, ShapeLadder, largest_first
 from distbert.backends.staging import StagingRing
 from distbert.errors import UserError
 
@@ -666,10 +666,10 @@ class TorchBackend(Backend):
         if not shapes:
             # exact trimming: no bounded set to warm; the common shapes, and SingleStream's whole
             # working set with graphs (batch 1 at every length rung)
-            shapes = [(8, 128), (32, 256), (8, 384)]
+            shapes = list(COMMON_SHAPES)
             if self._graphed is not None:
                 shapes += [(1, length) for length in range(LENGTH_STEP, MAX_LENGTH + 1, LENGTH_STEP)]
-        return sorted(set(shapes), key=lambda s: (-s[0] * s[1], -s[0]))
+        return largest_first(shapes)
 
     def _warm_plan(self) -> list[tuple[int, int, bool]]:
         """(rows, length, padded) of each warm-up batch. CUDA (or compile=1): every shape a batch can
