@@ -234,12 +234,12 @@ class Coordinator:
         largest = max(h.max_batch for h in ready)
         max_batch = self.cfg.batch.max_batch or largest
         ladder = run_ladder(self.cfg, largest, hinted_budget)
+        ours = ladder_json(ladder)
         for h in ready:   # the same spec on every worker gives the same ladder; a calibrated one may differ
             theirs = h.info.get("shape_ladder")
-            if theirs is not None and theirs != ladder_json(ladder):
+            if theirs is not None and theirs != ours:
                 log.warning("worker %d pads to the shape ladder %s, rank 0 plans with %s (--calibrate gave "
-                            "it another batching?): its batches run at its own shapes", h.worker, theirs,
-                            ladder_json(ladder))
+                            "it another batching?): its batches run at its own shapes", h.worker, theirs, ours)
         return BatchPolicy(max_batch=max_batch, token_budget=budget,
                            max_wait_s=self.cfg.batch.max_wait_ms / 1000.0, credits=self.cfg.batch.credits,
                            batch_timeout_s=self.cfg.batch.batch_timeout_s, ladder=ladder)
