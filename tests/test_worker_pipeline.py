@@ -30,6 +30,7 @@ from distbert.config import BatchConfig, LoadGenConfig, RunConfig
 from distbert.engine.worker import worker_run
 from distbert.wire import messages as m
 from distbert.wire.inproc import InprocHub
+from tests.batches import StandInBackend
 
 PREPARE_S = 0.03   # fake gather + copy
 RUN_S = 0.06       # fake device compute
@@ -51,24 +52,16 @@ def _logits(inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray]:
     return start, end
 
 
-class FakeDeviceBackend(Backend):
+class FakeDeviceBackend(StandInBackend):
     """Fake device clock (see the module docstring). Batches are named by their first QSL index;
     ``fail_prepare`` / ``fail_run`` name the batches whose stage raises."""
 
     name = "fake-device"
 
     def __init__(self, spec: BackendSpec, overlaps: bool = True, fail_prepare: int = -1, fail_run: int = -1) -> None:
-        super().__init__(spec)
-        self.overlaps = overlaps
+        super().__init__(spec, overlaps)
         self.fail_prepare, self.fail_run = fail_prepare, fail_run
         self.log: list[tuple[str, int, str, float, float]] = []   # (stage, batch, thread, start, end)
-
-    @property
-    def overlap_prepare(self) -> bool:
-        return self.overlaps
-
-    def load(self) -> None:
-        pass
 
     def warmup(self) -> None:
         pass   # nothing recorded before the test's batches
