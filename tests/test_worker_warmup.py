@@ -34,6 +34,7 @@ from distbert.config import BatchConfig, LoadGenConfig, RunConfig
 from distbert.engine.worker import worker_run
 from distbert.wire import messages as m
 from distbert.wire.inproc import InprocHub
+from tests.batches import StandInBackend
 from tests.test_worker_pipeline import _expect
 
 IO_THREAD = "test-worker-io"
@@ -72,21 +73,14 @@ class Calls:
         return self.log[self.ready_at:]
 
 
-class RecordingBackend(Backend):
+class RecordingBackend(StandInBackend):
     """The instrumented eager stand-in of (a): warms every ladder shape, records every call."""
 
     name = "recording"
 
     def __init__(self, spec: BackendSpec, calls: Calls, overlaps: bool) -> None:
-        super().__init__(spec)
-        self.calls, self.overlaps = calls, overlaps
-
-    @property
-    def overlap_prepare(self) -> bool:
-        return self.overlaps
-
-    def load(self) -> None:
-        pass
+        super().__init__(spec, overlaps)
+        self.calls = calls
 
     def batch_hint(self) -> BatchHint:
         return BatchHint(max_batch=MAX_BATCH)
@@ -210,9 +204,18 @@ def test_a_warm_up_failure_on_a_serving_thread_fails_the_setup_before_the_ready(
             raise RuntimeError("injected warm-up failure on the compute thread")
 
     monkeypatch.setattr(worker_module, "create", lambda spec: Broken(spec, calls, overlaps=True))
-    hub = InprocHub(key="k")
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline"), backend=BackendSpec("null"), batch=BATCHING,
                     features_path=str(store.path))
+    failure, codes = _failed_setup(cfg, "Ready despite a failed warm-up")
+    assert failure.text == "injected warm-up failure on the compute thread" and failure.batch_id == -1
+    assert codes == [1]
+
+
+def _failed_setup(cfg: RunConfig, ready_means: str) -> tuple[m.Failure, list[int]]:
+    """Start a worker on an in-process hub, send it ``cfg`` and wait for the Failure of its setup (a
+    Ready instead fails the test with ``ready_means``); that Failure and the worker's exit codes,
+    once it has exited (bounded)."""
+    hub = InprocHub(key="k")
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(worker_run(hub.connect(1), 1, pin=False)), daemon=True)
     thread.start()
@@ -223,14 +226,13 @@ def test_a_warm_up_failure_on_a_serving_thread_fails_the_setup_before_the_ready(
         while time.monotonic() < deadline:
             got = hub.coordinator.recv(timeout=0.5)
             if got is not None:
-                assert not isinstance(got[1], m.Ready), "Ready despite a failed warm-up"
+                assert not isinstance(got[1], m.Ready), ready_means
                 if isinstance(got[1], m.Failure):
                     break
         else:
             pytest.fail("no Failure from the worker")
-        assert got[1].text == "injected warm-up failure on the compute thread" and got[1].batch_id == -1
         thread.join(timeout=10)
-        assert codes == [1]
+        return got[1], codes
     finally:
         hub.close()
 
@@ -385,29 +387,10 @@ def test_the_in_process_worker_on_cuda_1_sets_it_on_the_driver_and_on_the_start_
 def test_a_worker_without_rank_0s_feature_cache_at_that_path_fails_its_setup_naming_the_path(tmp_path):
     """A worker on another host opens rank 0's cache path as it is: when the file is not there (no
     shared filesystem), the setup fails with one line naming the path and the fix, before any Ready."""
-    hub = InprocHub(key="k")
     missing = tmp_path / "not-shared" / "features"
     cfg = RunConfig(loadgen=LoadGenConfig(scenario="Offline"), backend=BackendSpec("null"), batch=BATCHING,
                     features_path=str(missing))
-    codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(worker_run(hub.connect(1), 1, pin=False)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    try:
-        _expect(hub.coordinator, m.Hello, deadline)
-        hub.coordinator.send(1, m.Setup(config_json=cfg.to_json()))
-        got = None
-        while time.monotonic() < deadline:
-            got = hub.coordinator.recv(timeout=0.5)
-            if got is not None:
-                assert not isinstance(got[1], m.Ready), "Ready without a feature cache"
-                if isinstance(got[1], m.Failure):
-                    break
-        else:
-            pytest.fail("no Failure from the worker")
-        text = got[1].text
-        assert str(missing) in text and "DISTBERT_CACHE" in text and "\n" not in text
-        thread.join(timeout=10)
-        assert codes and codes[0] != 0
-    finally:
-        hub.close()
+    failure, codes = _failed_setup(cfg, "Ready without a feature cache")
+    text = failure.text
+    assert str(missing) in text and "DISTBERT_CACHE" in text and "\n" not in text
+    assert codes and codes[0] != 0
